@@ -1,0 +1,269 @@
+//! virtio-mmio transport, version 2 (virtio 1.x "modern" register layout).
+
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::bus::{BusDevice, DeviceAction};
+use crate::Interrupt;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR: u32 = 0x5354_4e43; // "STNC"
+
+const S_DRIVER: u32 = 2;
+const S_DRIVER_OK: u32 = 4;
+const S_FEATURES_OK: u32 = 8;
+const S_NEEDS_RESET: u32 = 0x40;
+const S_FAILED: u32 = 0x80;
+
+const INT_USED: u32 = 1;
+const INT_CONFIG: u32 = 2;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: Arc<dyn Interrupt>,
+    queues: Vec<Queue>,
+    status: u32,
+    dev_features_sel: u32,
+    drv_features_sel: u32,
+    drv_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+/// Versioned, serializable transport state (queue positions included).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MmioState {
+    pub version: u32,
+    pub status: u32,
+    pub drv_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Arc<dyn Interrupt>) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|m| Queue::new(*m).ok())
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            status: 0,
+            dev_features_sel: 0,
+            drv_features_sel: 0,
+            drv_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            version: 1,
+            status: self.status,
+            drv_features: self.drv_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                })
+                .collect(),
+        }
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.drv_features = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+    }
+
+    /// The driver may only configure queues between FEATURES_OK and DRIVER_OK.
+    fn queue_config_allowed(&self) -> bool {
+        self.status & S_FEATURES_OK != 0 && self.status & S_DRIVER_OK == 0
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // Bits may only be added, never cleared, except by reset.
+        if v & self.status != self.status {
+            self.status |= S_FAILED;
+            return;
+        }
+        let newly = v & !self.status;
+        if newly & S_FEATURES_OK != 0 {
+            // Refuse features we never offered, or a driver without VERSION_1.
+            let ok = self.drv_features & !self.device_features() == 0 && self.drv_features & VIRTIO_F_VERSION_1 != 0;
+            self.status = if ok { v } else { v & !S_FEATURES_OK };
+            return;
+        }
+        if newly & S_DRIVER_OK != 0 {
+            let valid = self.status & S_FEATURES_OK != 0
+                && self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
+            if !valid {
+                self.status |= S_FAILED;
+                return;
+            }
+            self.device.activate(self.drv_features);
+        }
+        self.status = v;
+    }
+
+    fn notify(&mut self, index: u32) {
+        if self.status & S_DRIVER_OK == 0 || self.status & (S_NEEDS_RESET | S_FAILED) != 0 {
+            return;
+        }
+        let Some(q) = self.queues.get_mut(index as usize) else { return };
+        if !q.ready() {
+            return;
+        }
+        match self.device.process_queue(index as usize, q, &self.mem) {
+            Ok(true) => {
+                self.interrupt_status |= INT_USED;
+                self.irq.trigger();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "virtio device needs reset");
+                self.status |= S_NEEDS_RESET;
+                self.interrupt_status |= INT_CONFIG;
+                self.config_generation = self.config_generation.wrapping_add(1);
+                self.irq.trigger();
+            }
+        }
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        match offset {
+            0x000 => MAGIC,
+            0x004 => 2,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR,
+            0x010 => {
+                let f = self.device_features();
+                match self.dev_features_sel {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x034 => self.queue().map(|q| q.max_size() as u32).unwrap_or(0),
+            0x044 => self.queue().map(|q| q.ready() as u32).unwrap_or(0),
+            0x060 => self.interrupt_status,
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        let allowed = self.queue_config_allowed();
+        match offset {
+            0x014 => self.dev_features_sel = v,
+            0x020 => {
+                if self.status & S_DRIVER != 0 && self.status & S_FEATURES_OK == 0 {
+                    match self.drv_features_sel {
+                        0 => self.drv_features = (self.drv_features & !0xffff_ffff) | v as u64,
+                        1 => self.drv_features = (self.drv_features & 0xffff_ffff) | ((v as u64) << 32),
+                        _ => {}
+                    }
+                }
+            }
+            0x024 => self.drv_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 if allowed => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v.min(u16::MAX as u32) as u16);
+                }
+            }
+            0x044 if allowed => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x050 => self.notify(v),
+            0x064 => self.interrupt_status &= !v,
+            0x070 => self.set_status(v),
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if allowed => {
+                let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                if let Some(q) = self.queue() {
+                    match offset & !4 {
+                        0x080 => q.set_desc_table_address(lo, hi),
+                        0x090 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> DeviceAction {
+        if offset >= 0x100 {
+            self.device.write_config(offset - 0x100, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.write_reg(offset, v);
+        }
+        DeviceAction::Continue
+    }
+}

@@ -1,0 +1,341 @@
+//! vCPU setup and the vCPU thread's state machine.
+//!
+//! States: Created -> Running <-> Paused -> Stopped. Another thread asks for
+//! a transition by setting `requested` and kicking the vCPU out of KVM_RUN
+//! (immediate_exit in the shared kvm_run page, then a signal in case the
+//! thread is already inside the guest).
+
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_segment, Msrs, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use staunch_boot::{CpuBootState, Segment};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {index}: {what} failed: {err}")]
+    Setup { index: u8, what: &'static str, err: kvm_ioctls::Error },
+    #[error("vCPU {0}: cannot install the kick signal handler: {1}")]
+    Signal(u8, String),
+}
+
+/// Why a vCPU (and with it the VM) stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote its exit code to the power port.
+    PowerOff(u8),
+    /// The guest asked for a reset (i8042 or KVM system event).
+    Reset,
+    /// Triple fault.
+    TripleFault,
+    /// The VMM asked this vCPU to stop.
+    Requested,
+    /// KVM reported something the VMM cannot continue from.
+    Error(String),
+}
+
+/// Decoded exits, answered by the VMM's device buses.
+pub trait ExitHandler: Send + Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]) -> Option<StopReason>;
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<StopReason>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+const REQ_RUN: u8 = 0;
+const REQ_PAUSE: u8 = 1;
+const REQ_STOP: u8 = 2;
+
+/// Shared between a vCPU thread and whoever controls it.
+pub struct VcpuControl {
+    pub index: u8,
+    requested: AtomicU8,
+    state: Mutex<VcpuState>,
+    changed: Condvar,
+    run_page: AtomicPtr<kvm_run>,
+    thread: AtomicU64,
+    /// Exits handled so far: a progress counter for watchdogs and benchmarks.
+    pub exits: AtomicU64,
+}
+
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<(), String> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string());
+    });
+    res
+}
+
+impl VcpuControl {
+    pub fn new(index: u8) -> Arc<Self> {
+        Arc::new(VcpuControl {
+            index,
+            requested: AtomicU8::new(REQ_RUN),
+            state: Mutex::new(VcpuState::Created),
+            changed: Condvar::new(),
+            run_page: AtomicPtr::new(std::ptr::null_mut()),
+            thread: AtomicU64::new(0),
+            exits: AtomicU64::new(0),
+        })
+    }
+
+    pub fn state(&self) -> VcpuState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, s: VcpuState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.changed.notify_all();
+    }
+
+    fn kick(&self) {
+        let p = self.run_page.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: the kvm_run page stays mapped while the vCPU fd lives;
+            // the pointer is cleared before the thread drops the fd. A byte
+            // store is what KVM expects from another thread here.
+            unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+        }
+        let t = self.thread.load(Ordering::Acquire);
+        if t != 0 {
+            // SAFETY: t is the pthread id of the live vCPU thread (cleared on exit).
+            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        }
+    }
+
+    /// Ask the vCPU to pause and wait until it has left the guest.
+    pub fn pause(&self) {
+        self.requested.store(REQ_PAUSE, Ordering::SeqCst);
+        self.kick();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while *s == VcpuState::Running || *s == VcpuState::Created {
+            let (g, _) = self
+                .changed
+                .wait_timeout(s, std::time::Duration::from_millis(5))
+                .unwrap_or_else(|p| p.into_inner());
+            s = g;
+            if *s == VcpuState::Running {
+                drop(s);
+                self.kick();
+                s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        self.requested.store(REQ_RUN, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    pub fn stop(&self) {
+        self.requested.store(REQ_STOP, Ordering::SeqCst);
+        self.changed.notify_all();
+        self.kick();
+    }
+
+    fn wait_while_paused(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *s = VcpuState::Paused;
+        self.changed.notify_all();
+        while self.requested.load(Ordering::SeqCst) == REQ_PAUSE {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn seg(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present as u8,
+        dpl: s.dpl,
+        db: s.db as u8,
+        s: s.s as u8,
+        l: s.l as u8,
+        g: s.g as u8,
+        avl: 0,
+        unusable: (!s.present) as u8,
+        padding: 0,
+    }
+}
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+/// Put a vCPU in long mode at the boot entry (BSP, or an AP of an image that
+/// asked for direct SMP start), or leave an AP waiting for INIT/SIPI.
+pub fn configure(fd: &VcpuFd, index: u8, boot: &CpuBootState, start_now: bool) -> Result<(), VcpuError> {
+    let err = |what| move |err| VcpuError::Setup { index, what, err };
+    // LAPIC: LINT0 as ExtINT (the PIC), LINT1 as NMI, as a PC wires them.
+    let mut lapic = fd.get_lapic().map_err(err("get LAPIC"))?;
+    let reg = |l: &kvm_bindings::kvm_lapic_state, off: usize| {
+        u32::from_le_bytes([l.regs[off] as u8, l.regs[off + 1] as u8, l.regs[off + 2] as u8, l.regs[off + 3] as u8])
+    };
+    let set = |l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32| {
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            l.regs[off + i] = *b as libc::c_char;
+        }
+    };
+    const LINT0: usize = 0x350;
+    const LINT1: usize = 0x360;
+    let v = reg(&lapic, LINT0);
+    set(&mut lapic, LINT0, (v & !0x700) | 0x700);
+    let v = reg(&lapic, LINT1);
+    set(&mut lapic, LINT1, (v & !0x700) | 0x400);
+    fd.set_lapic(&lapic).map_err(err("set LAPIC"))?;
+
+    let entries = [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, 1),
+        (MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
+    ];
+    let list: Vec<_> = entries
+        .iter()
+        .map(|(i, d)| kvm_bindings::kvm_msr_entry { index: *i, data: *d, ..Default::default() })
+        .collect();
+    let msrs = Msrs::from_entries(&list).map_err(|_| VcpuError::Setup {
+        index,
+        what: "build MSR list",
+        err: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    fd.set_msrs(&msrs).map_err(err("set MSRs"))?;
+
+    if !start_now {
+        return Ok(());
+    }
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    fd.set_fpu(&fpu).map_err(err("set FPU"))?;
+    let regs = kvm_regs {
+        rip: boot.rip,
+        rsp: boot.rsp,
+        rbp: boot.rsp,
+        rsi: boot.rsi,
+        rdi: boot.rdi,
+        rflags: boot.rflags,
+        ..Default::default()
+    };
+    fd.set_regs(&regs).map_err(err("set registers"))?;
+    let mut sregs = fd.get_sregs().map_err(err("get special registers"))?;
+    sregs.cs = seg(&boot.code);
+    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
+        *s = seg(&boot.data);
+    }
+    sregs.tr = seg(&boot.tss);
+    sregs.gdt.base = boot.gdt.0;
+    sregs.gdt.limit = boot.gdt.1;
+    sregs.idt.base = boot.idt.0;
+    sregs.idt.limit = boot.idt.1;
+    sregs.cr0 = boot.cr0;
+    sregs.cr3 = boot.cr3;
+    sregs.cr4 = boot.cr4;
+    sregs.efer = boot.efer;
+    fd.set_sregs(&sregs).map_err(err("set special registers"))?;
+    if index != 0 {
+        fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(err("set MP state"))?;
+    }
+    Ok(())
+}
+
+/// The vCPU thread body: runs until the guest powers off, resets, faults, or
+/// the VMM asks it to stop. Returns why.
+pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> StopReason {
+    if let Err(e) = install_kick_handler() {
+        return StopReason::Error(format!("vCPU {}: kick handler: {e}", ctl.index));
+    }
+    ctl.run_page.store(fd.get_kvm_run() as *mut kvm_run, Ordering::Release);
+    // SAFETY: pthread_self has no preconditions.
+    ctl.thread.store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
+    let reason = loop {
+        match ctl.requested.load(Ordering::SeqCst) {
+            REQ_STOP => break StopReason::Requested,
+            REQ_PAUSE => {
+                fd.set_kvm_immediate_exit(0);
+                ctl.wait_while_paused();
+                continue;
+            }
+            _ => {}
+        }
+        if ctl.state() != VcpuState::Running {
+            ctl.set_state(VcpuState::Running);
+        }
+        let exit = match fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                continue;
+            }
+            Err(e) => break StopReason::Error(format!("KVM_RUN: {e}")),
+        };
+        ctl.exits.fetch_add(1, Ordering::Relaxed);
+        let stop = match exit {
+            VcpuExit::IoIn(port, data) => {
+                handler.pio_read(port, data);
+                None
+            }
+            VcpuExit::IoOut(port, data) => handler.pio_write(port, data),
+            VcpuExit::MmioRead(addr, data) => {
+                handler.mmio_read(addr, data);
+                None
+            }
+            VcpuExit::MmioWrite(addr, data) => handler.mmio_write(addr, data),
+            VcpuExit::Hlt => None,
+            VcpuExit::Intr => None,
+            VcpuExit::Shutdown => Some(StopReason::TripleFault),
+            VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff(0),
+                k => StopReason::Error(format!("system event {k}")),
+            }),
+            VcpuExit::FailEntry(reason, cpu) => {
+                Some(StopReason::Error(format!("entry failed: reason {reason:#x} on cpu {cpu}")))
+            }
+            VcpuExit::InternalError => Some(StopReason::Error("KVM internal error (emulation failure)".into())),
+            other => Some(StopReason::Error(format!("unhandled exit {other:?}"))),
+        };
+        if let Some(r) = stop {
+            if let StopReason::Error(msg) = r {
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                break StopReason::Error(format!("{msg} at rip {rip:#x}"));
+            }
+            break r;
+        }
+    };
+    ctl.run_page.store(std::ptr::null_mut(), Ordering::Release);
+    ctl.thread.store(0, Ordering::Release);
+    ctl.set_state(VcpuState::Stopped);
+    reason
+}

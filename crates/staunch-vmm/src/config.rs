@@ -1,0 +1,165 @@
+//! VM configuration: from command-line options or a TOML/JSON file.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("config file {path}: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("invalid disk spec '{0}': expected PATH or PATH,ro")]
+    Disk(String),
+    #[error("invalid serial spec '{0}': expected stdio, null, file:PATH or unix:PATH")]
+    Serial(String),
+    #[error("--mem {0} MiB: must be between 16 and 1048576")]
+    Mem(u64),
+    #[error("--vcpus {0}: must be between 1 and {1}")]
+    Vcpus(u8, u8),
+    #[error("no kernel given (--kernel PATH or `kernel` in the config file)")]
+    NoKernel,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let mut parts = spec.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::Disk(spec.into()))?;
+        let mut read_only = false;
+        for opt in parts {
+            match opt {
+                "ro" => read_only = true,
+                "rw" => read_only = false,
+                _ => return Err(ConfigError::Disk(spec.into())),
+            }
+        }
+        Ok(DiskConfig { path: path.into(), read_only })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialConfig {
+    #[default]
+    Stdio,
+    Null,
+    File(PathBuf),
+    Unix(PathBuf),
+}
+
+impl SerialConfig {
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        match spec.split_once(':') {
+            None if spec == "stdio" => Ok(SerialConfig::Stdio),
+            None if spec == "null" => Ok(SerialConfig::Null),
+            Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(p.into())),
+            Some(("unix", p)) if !p.is_empty() => Ok(SerialConfig::Unix(p.into())),
+            _ => Err(ConfigError::Serial(spec.into())),
+        }
+    }
+}
+
+fn default_mem() -> u64 {
+    256
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_kvm() -> String {
+    "/dev/kvm".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// The KVM device node (tests point it elsewhere to check the error).
+    #[serde(default = "default_kvm")]
+    pub kvm_device: String,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: default_mem(),
+            vcpus: default_vcpus(),
+            disks: Vec::new(),
+            serial: SerialConfig::default(),
+            kvm_device: default_kvm(),
+        }
+    }
+
+    /// Read a TOML (`.toml`) or JSON (anything else) config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
+        let parsed = if path.extension().is_some_and(|e| e == "toml") {
+            toml::from_str(&text).map_err(|e| e.to_string())
+        } else {
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        };
+        parsed.map_err(|msg| ConfigError::Parse { path: p, msg })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
+        }
+        if !(16..=1 << 20).contains(&self.mem_mib) {
+            return Err(ConfigError::Mem(self.mem_mib));
+        }
+        let max = staunch_kvm::vm::MAX_VCPUS;
+        if self.vcpus == 0 || self.vcpus > max {
+            return Err(ConfigError::Vcpus(self.vcpus, max));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(DiskConfig::parse("a.img,ro").unwrap(), DiskConfig { path: "a.img".into(), read_only: true });
+        assert!(DiskConfig::parse(",ro").is_err());
+        assert!(DiskConfig::parse("a,rx").is_err());
+        assert_eq!(SerialConfig::parse("file:/x").unwrap(), SerialConfig::File("/x".into()));
+        assert!(SerialConfig::parse("tcp:1").is_err());
+        assert!(SerialConfig::parse("file:").is_err());
+    }
+
+    #[test]
+    fn toml_and_unknown_fields() {
+        let c: VmConfig = toml::from_str("kernel = \"k\"\nvcpus = 2\n[[disks]]\npath = \"d\"\nread_only = true\n").unwrap();
+        assert_eq!(c.vcpus, 2);
+        assert!(c.disks[0].read_only);
+        assert!(toml::from_str::<VmConfig>("kernel = \"k\"\nbogus = 1\n").is_err());
+        let j: VmConfig = serde_json::from_str(r#"{"kernel":"k","serial":{"file":"/tmp/s"}}"#).unwrap();
+        assert_eq!(j.serial, SerialConfig::File("/tmp/s".into()));
+    }
+}

@@ -1,0 +1,9 @@
+//! One VM: configuration, assembly of memory, KVM, devices and vCPU threads,
+//! and the control handle (pause, resume, stop) other threads use.
+
+pub mod config;
+pub mod serial_out;
+pub mod vm;
+
+pub use config::{ConfigError, DiskConfig, SerialConfig, VmConfig};
+pub use vm::{RunningVm, VmExit, VmmError};

@@ -1,0 +1,165 @@
+//! `staunch`: one binary, one subcommand per component.
+
+mod bench;
+mod demo;
+mod guestrun;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use staunch_kvm::StopReason;
+use staunch_vmm::{DiskConfig, RunningVm, SerialConfig, VmConfig};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "staunch", version, about = "A KVM VMM whose every part can crash, hang or be upgraded while its guests keep running")]
+struct Cli {
+    /// Log as JSON lines (for supervisors and log pipelines).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The per-VM monitor process.
+    Vmm {
+        #[command(subcommand)]
+        cmd: VmmCmd,
+    },
+    /// Boot the test guest with a disk, show it working, shut it down.
+    Demo(demo::DemoArgs),
+    /// Benchmarks, side by side with QEMU where it is installed.
+    Bench(bench::BenchArgs),
+    /// Write the built-in test guest image to a file.
+    Testguest {
+        /// Directory to write `staunch-testguest.elf` into.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmmCmd {
+    /// Run one VM in this process until the guest powers off or resets.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML (.toml) or JSON config file; command-line options override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: ELF with a 64-bit entry (or PVH note), or a bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    mem: Option<u64>,
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// PATH[,ro]; repeat for more disks.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// stdio | null | file:PATH | unix:PATH
+    #[arg(long)]
+    serial: Option<String>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => VmConfig::from_file(p)?,
+            None => VmConfig::new(PathBuf::new()),
+        };
+        if let Some(k) = self.kernel {
+            cfg.kernel = k;
+        }
+        if self.initrd.is_some() {
+            cfg.initrd = self.initrd;
+        }
+        if let Some(c) = self.cmdline {
+            cfg.cmdline = c;
+        }
+        if let Some(m) = self.mem {
+            cfg.mem_mib = m;
+        }
+        if let Some(v) = self.vcpus {
+            cfg.vcpus = v;
+        }
+        for d in &self.disks {
+            cfg.disks.push(DiskConfig::parse(d)?);
+        }
+        if let Some(s) = &self.serial {
+            cfg.serial = SerialConfig::parse(s)?;
+        }
+        if let Ok(dev) = std::env::var("STAUNCH_KVM_DEVICE") {
+            cfg.kvm_device = dev;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STAUNCH_LOG").unwrap_or_else(|_| "warn".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn vmm_run(args: RunArgs) -> Result<i32> {
+    let cfg = args.into_config()?;
+    let vm = RunningVm::start(&cfg)?;
+    let exit = vm.wait(None);
+    let first = exit.first_output.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "never".into());
+    let summary = format!(
+        "first serial output after {first}, ran {:.2} s, {} exits",
+        exit.runtime.as_secs_f64(),
+        exit.exits
+    );
+    match exit.reason {
+        StopReason::PowerOff(code) => {
+            eprintln!("staunch: guest powered off with exit code {code}; {summary}");
+            Ok(0)
+        }
+        StopReason::Reset => {
+            eprintln!("staunch: guest requested a reset; {summary}");
+            Ok(0)
+        }
+        other => {
+            eprintln!("staunch: VM stopped: {other:?}; {summary}");
+            Ok(1)
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let res = match cli.cmd {
+        Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Testguest { dir } => staunch_testguest::install(&dir)
+            .with_context(|| format!("writing the test guest to {}", dir.display()))
+            .map(|p| {
+                println!("{}", p.display());
+                0
+            }),
+    };
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("staunch: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
