@@ -108,6 +108,12 @@ fn feed(serial: &Mutex<Serial>, mut bytes: &[u8]) {
 impl RunningVm {
     /// Build the VM from `cfg` and start its vCPUs.
     pub fn start(cfg: &VmConfig) -> Result<Self, VmmError> {
+        Self::start_with_output(cfg, None)
+    }
+
+    /// Like [`start`](Self::start), but serial output goes to `output`
+    /// (overriding `cfg.serial`); for embedding the VMM in tools.
+    pub fn start_with_output(cfg: &VmConfig, output: Option<Box<dyn Write + Send>>) -> Result<Self, VmmError> {
         cfg.validate()?;
         let started = Instant::now();
         staunch_boot::detect(&cfg.kernel)?;
@@ -128,7 +134,9 @@ impl RunningVm {
         };
 
         // Serial: output sink first, then the UART, then input sources.
-        let sink: Box<dyn Write + Send> = match &cfg.serial {
+        let sink: Box<dyn Write + Send> = match (&cfg.serial, output) {
+            (_, Some(out)) => out,
+            (serial, None) => match serial {
             SerialConfig::Stdio => Box::new(StdoutNow),
             SerialConfig::Null => Box::new(std::io::sink()),
             SerialConfig::File(p) => Box::new(std::fs::File::create(p).map_err(|err| VmmError::Serial {
@@ -136,6 +144,7 @@ impl RunningVm {
                 err,
             })?),
             SerialConfig::Unix(_) => Box::new(std::io::sink()),
+            },
         };
         let stamped = Stamped::new(sink);
         let first_output = stamped.first.clone();
