@@ -39,7 +39,7 @@ while read -r kind name pkg ver sum; do
     case "$kind" in
     linux)
         out="$STAUNCH_CACHE/linux"
-        if [[ -s "$out/vmlinuz" && -f "$out/.version" && "$(cat "$out/.version")" == "$pkg $ver" ]]; then
+        if [[ -s "$out/vmlinuz" && -s "$out/vmlinux" && -f "$out/.version" && "$(cat "$out/.version")" == "$pkg $ver" ]]; then
             continue
         fi
         deb="$(fetch_deb "$pkg" "$ver" "$sum")"
@@ -48,6 +48,9 @@ while read -r kind name pkg ver sum; do
         mkdir -p "$out"
         cp "$tmp"/boot/vmlinuz-* "$out/vmlinuz"
         rm -rf "$tmp"
+        # Also the uncompressed ELF vmlinux inside the bzImage: decompressing
+        # takes minutes where guest kernel code is emulated (KVM-PVM).
+        python3 "$ROOT/scripts/extract-vmlinux.py" "$out/vmlinuz" "$out/vmlinux"
         echo "$pkg $ver" >"$out/.version"
         say "Linux kernel ready: $out/vmlinuz ($pkg $ver)"
         ;;

@@ -1,8 +1,8 @@
 //! COM1: a 16550 UART (vm-superio) with output to any writer and input
 //! pushed in by the VMM.
 
-use crate::bus::{BusDevice, DeviceAction};
 use crate::Interrupt;
+use crate::bus::{BusDevice, DeviceAction};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::sync::Arc;
@@ -39,7 +39,9 @@ pub struct SerialState {
 
 impl Serial {
     pub fn new(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>) -> Self {
-        Serial { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
+        Serial {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        }
     }
 
     /// Queue input for the guest; returns how many bytes fit in the FIFO.

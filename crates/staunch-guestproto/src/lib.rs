@@ -54,7 +54,7 @@ pub fn fill_block(buf: &mut [u8; BLOCK_SIZE], seq: u64, lba: u64) {
     buf[8..16].copy_from_slice(&seq.to_le_bytes());
     buf[16..24].copy_from_slice(&lba.to_le_bytes());
     buf[24..32].copy_from_slice(&0u64.to_le_bytes());
-    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ lba ^ 0x5157_4e43_48;
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ lba ^ 0x0051_574e_4348;
     if x == 0 {
         x = 1;
     }

@@ -48,15 +48,28 @@ impl GuestRam {
             }
             // SAFETY: fd is a fresh descriptor we own.
             let file = unsafe { File::from_raw_fd(fd) };
-            file.set_len(size).map_err(|err| MemError::Truncate { size, err })?;
+            file.set_len(size)
+                .map_err(|err| MemError::Truncate { size, err })?;
             regions.push(RamRegion { gpa, size, file });
         }
         let mut ranges = Vec::new();
         for r in &regions {
-            let f = r.file.try_clone().map_err(|e| MemError::Map(e.to_string()))?;
-            ranges.push((GuestAddress(r.gpa), r.size as usize, Some(FileOffset::new(f, 0))));
+            let f = r
+                .file
+                .try_clone()
+                .map_err(|e| MemError::Map(e.to_string()))?;
+            ranges.push((
+                GuestAddress(r.gpa),
+                r.size as usize,
+                Some(FileOffset::new(f, 0)),
+            ));
         }
-        let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemError::Map(e.to_string()))?;
-        Ok(GuestRam { regions, mem, bytes })
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
+            .map_err(|e| MemError::Map(e.to_string()))?;
+        Ok(GuestRam {
+            regions,
+            mem,
+            bytes,
+        })
     }
 }

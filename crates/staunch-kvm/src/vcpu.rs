@@ -5,7 +5,9 @@
 //! (immediate_exit in the shared kvm_run page, then a signal in case the
 //! thread is already inside the guest).
 
-use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_segment, Msrs, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_segment, Msrs, KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use staunch_boot::{CpuBootState, Segment};
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
@@ -14,7 +16,11 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {index}: {what} failed: {err}")]
-    Setup { index: u8, what: &'static str, err: kvm_ioctls::Error },
+    Setup {
+        index: u8,
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
     #[error("vCPU {0}: cannot install the kick signal handler: {1}")]
     Signal(u8, String),
 }
@@ -76,7 +82,8 @@ fn install_kick_handler() -> Result<(), String> {
     static ONCE: Once = Once::new();
     let mut res = Ok(());
     ONCE.call_once(|| {
-        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string());
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| e.to_string());
     });
     res
 }
@@ -190,12 +197,22 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
 /// Put a vCPU in long mode at the boot entry (BSP, or an AP of an image that
 /// asked for direct SMP start), or leave an AP waiting for INIT/SIPI.
-pub fn configure(fd: &VcpuFd, index: u8, boot: &CpuBootState, start_now: bool) -> Result<(), VcpuError> {
+pub fn configure(
+    fd: &VcpuFd,
+    index: u8,
+    boot: &CpuBootState,
+    start_now: bool,
+) -> Result<(), VcpuError> {
     let err = |what| move |err| VcpuError::Setup { index, what, err };
     // LAPIC: LINT0 as ExtINT (the PIC), LINT1 as NMI, as a PC wires them.
     let mut lapic = fd.get_lapic().map_err(err("get LAPIC"))?;
     let reg = |l: &kvm_bindings::kvm_lapic_state, off: usize| {
-        u32::from_le_bytes([l.regs[off] as u8, l.regs[off + 1] as u8, l.regs[off + 2] as u8, l.regs[off + 3] as u8])
+        u32::from_le_bytes([
+            l.regs[off] as u8,
+            l.regs[off + 1] as u8,
+            l.regs[off + 2] as u8,
+            l.regs[off + 3] as u8,
+        ])
     };
     let set = |l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32| {
         for (i, b) in v.to_le_bytes().iter().enumerate() {
@@ -225,7 +242,11 @@ pub fn configure(fd: &VcpuFd, index: u8, boot: &CpuBootState, start_now: bool) -
     ];
     let list: Vec<_> = entries
         .iter()
-        .map(|(i, d)| kvm_bindings::kvm_msr_entry { index: *i, data: *d, ..Default::default() })
+        .map(|(i, d)| kvm_bindings::kvm_msr_entry {
+            index: *i,
+            data: *d,
+            ..Default::default()
+        })
         .collect();
     let msrs = Msrs::from_entries(&list).map_err(|_| VcpuError::Setup {
         index,
@@ -237,7 +258,11 @@ pub fn configure(fd: &VcpuFd, index: u8, boot: &CpuBootState, start_now: bool) -
     if !start_now {
         return Ok(());
     }
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     fd.set_fpu(&fpu).map_err(err("set FPU"))?;
     let regs = kvm_regs {
         rip: boot.rip,
@@ -251,7 +276,13 @@ pub fn configure(fd: &VcpuFd, index: u8, boot: &CpuBootState, start_now: bool) -
     fd.set_regs(&regs).map_err(err("set registers"))?;
     let mut sregs = fd.get_sregs().map_err(err("get special registers"))?;
     sregs.cs = seg(&boot.code);
-    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
         *s = seg(&boot.data);
     }
     sregs.tr = seg(&boot.tss);
@@ -265,7 +296,10 @@ pub fn configure(fd: &VcpuFd, index: u8, boot: &CpuBootState, start_now: bool) -
     sregs.efer = boot.efer;
     fd.set_sregs(&sregs).map_err(err("set special registers"))?;
     if index != 0 {
-        fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(err("set MP state"))?;
+        fd.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(err("set MP state"))?;
     }
     Ok(())
 }
@@ -276,9 +310,11 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
     if let Err(e) = install_kick_handler() {
         return StopReason::Error(format!("vCPU {}: kick handler: {e}", ctl.index));
     }
-    ctl.run_page.store(fd.get_kvm_run() as *mut kvm_run, Ordering::Release);
+    ctl.run_page
+        .store(fd.get_kvm_run() as *mut kvm_run, Ordering::Release);
     // SAFETY: pthread_self has no preconditions.
-    ctl.thread.store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
+    ctl.thread
+        .store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
     let reason = loop {
         match ctl.requested.load(Ordering::SeqCst) {
             REQ_STOP => break StopReason::Requested,
@@ -320,10 +356,12 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff(0),
                 k => StopReason::Error(format!("system event {k}")),
             }),
-            VcpuExit::FailEntry(reason, cpu) => {
-                Some(StopReason::Error(format!("entry failed: reason {reason:#x} on cpu {cpu}")))
-            }
-            VcpuExit::InternalError => Some(StopReason::Error("KVM internal error (emulation failure)".into())),
+            VcpuExit::FailEntry(reason, cpu) => Some(StopReason::Error(format!(
+                "entry failed: reason {reason:#x} on cpu {cpu}"
+            ))),
+            VcpuExit::InternalError => Some(StopReason::Error(
+                "KVM internal error (emulation failure)".into(),
+            )),
             other => Some(StopReason::Error(format!("unhandled exit {other:?}"))),
         };
         if let Some(r) = stop {

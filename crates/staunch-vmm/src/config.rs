@@ -32,7 +32,10 @@ pub struct DiskConfig {
 impl DiskConfig {
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut parts = spec.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::Disk(spec.into()))?;
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ConfigError::Disk(spec.into()))?;
         let mut read_only = false;
         for opt in parts {
             match opt {
@@ -41,7 +44,10 @@ impl DiskConfig {
                 _ => return Err(ConfigError::Disk(spec.into())),
             }
         }
-        Ok(DiskConfig { path: path.into(), read_only })
+        Ok(DiskConfig {
+            path: path.into(),
+            read_only,
+        })
     }
 }
 
@@ -115,7 +121,10 @@ impl VmConfig {
     /// Read a TOML (`.toml`) or JSON (anything else) config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: p.clone(),
+            err,
+        })?;
         let parsed = if path.extension().is_some_and(|e| e == "toml") {
             toml::from_str(&text).map_err(|e| e.to_string())
         } else {
@@ -145,21 +154,34 @@ mod tests {
 
     #[test]
     fn specs() {
-        assert_eq!(DiskConfig::parse("a.img,ro").unwrap(), DiskConfig { path: "a.img".into(), read_only: true });
+        assert_eq!(
+            DiskConfig::parse("a.img,ro").unwrap(),
+            DiskConfig {
+                path: "a.img".into(),
+                read_only: true
+            }
+        );
         assert!(DiskConfig::parse(",ro").is_err());
         assert!(DiskConfig::parse("a,rx").is_err());
-        assert_eq!(SerialConfig::parse("file:/x").unwrap(), SerialConfig::File("/x".into()));
+        assert_eq!(
+            SerialConfig::parse("file:/x").unwrap(),
+            SerialConfig::File("/x".into())
+        );
         assert!(SerialConfig::parse("tcp:1").is_err());
         assert!(SerialConfig::parse("file:").is_err());
     }
 
     #[test]
     fn toml_and_unknown_fields() {
-        let c: VmConfig = toml::from_str("kernel = \"k\"\nvcpus = 2\n[[disks]]\npath = \"d\"\nread_only = true\n").unwrap();
+        let c: VmConfig = toml::from_str(
+            "kernel = \"k\"\nvcpus = 2\n[[disks]]\npath = \"d\"\nread_only = true\n",
+        )
+        .unwrap();
         assert_eq!(c.vcpus, 2);
         assert!(c.disks[0].read_only);
         assert!(toml::from_str::<VmConfig>("kernel = \"k\"\nbogus = 1\n").is_err());
-        let j: VmConfig = serde_json::from_str(r#"{"kernel":"k","serial":{"file":"/tmp/s"}}"#).unwrap();
+        let j: VmConfig =
+            serde_json::from_str(r#"{"kernel":"k","serial":{"file":"/tmp/s"}}"#).unwrap();
         assert_eq!(j.serial, SerialConfig::File("/tmp/s".into()));
     }
 }

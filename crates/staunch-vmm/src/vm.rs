@@ -1,16 +1,18 @@
 //! Assemble and run one VM.
 
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::serial_out::{pump, Stamped, StdoutNow, UnixConsole};
-use staunch_boot::{layout, BootError};
-use staunch_devices::legacy::{I8042, PowerPort, POWER_PORT};
+use crate::serial_out::{Stamped, StdoutNow, UnixConsole, pump};
+use staunch_boot::{BootError, layout};
+use staunch_devices::legacy::{I8042, POWER_PORT, PowerPort};
 use staunch_devices::serial::Serial;
 use staunch_devices::virtio::blk::{BlkError, Block};
 use staunch_devices::virtio::mmio::MmioTransport;
 use staunch_devices::{Bus, BusError, DeviceAction, Interrupt};
-use staunch_kvm::{ExitHandler, GuestRam, MemError, StopReason, VcpuControl, VcpuError, Vm, VmError};
+use staunch_kvm::{
+    ExitHandler, GuestRam, MemError, StopReason, VcpuControl, VcpuError, Vm, VmError,
+};
 use std::io::Write;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -97,7 +99,10 @@ pub struct RunningVm {
 /// Feed bytes to the UART, waiting while its FIFO is full (the guest drains it).
 fn feed(serial: &Mutex<Serial>, mut bytes: &[u8]) {
     while !bytes.is_empty() {
-        let n = serial.lock().unwrap_or_else(|p| p.into_inner()).push_input(bytes);
+        let n = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_input(bytes);
         bytes = &bytes[n..];
         if n == 0 {
             std::thread::sleep(Duration::from_millis(1));
@@ -113,7 +118,10 @@ impl RunningVm {
 
     /// Like [`start`](Self::start), but serial output goes to `output`
     /// (overriding `cfg.serial`); for embedding the VMM in tools.
-    pub fn start_with_output(cfg: &VmConfig, output: Option<Box<dyn Write + Send>>) -> Result<Self, VmmError> {
+    pub fn start_with_output(
+        cfg: &VmConfig,
+        output: Option<Box<dyn Write + Send>>,
+    ) -> Result<Self, VmmError> {
         cfg.validate()?;
         let started = Instant::now();
         staunch_boot::detect(&cfg.kernel)?;
@@ -126,8 +134,14 @@ impl RunningVm {
 
         let mut irqs = Vec::new();
         let mut irq = |gsi: u32| -> Result<Arc<EventFd>, VmmError> {
-            let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Irq { gsi, err: e.to_string() })?;
-            vm.fd.register_irqfd(&e, gsi).map_err(|e| VmmError::Irq { gsi, err: e.to_string() })?;
+            let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Irq {
+                gsi,
+                err: e.to_string(),
+            })?;
+            vm.fd.register_irqfd(&e, gsi).map_err(|e| VmmError::Irq {
+                gsi,
+                err: e.to_string(),
+            })?;
             let e = Arc::new(e);
             irqs.push(e.clone());
             Ok(e)
@@ -137,13 +151,15 @@ impl RunningVm {
         let sink: Box<dyn Write + Send> = match (&cfg.serial, output) {
             (_, Some(out)) => out,
             (serial, None) => match serial {
-            SerialConfig::Stdio => Box::new(StdoutNow),
-            SerialConfig::Null => Box::new(std::io::sink()),
-            SerialConfig::File(p) => Box::new(std::fs::File::create(p).map_err(|err| VmmError::Serial {
-                what: format!("file {}", p.display()),
-                err,
-            })?),
-            SerialConfig::Unix(_) => Box::new(std::io::sink()),
+                SerialConfig::Stdio => Box::new(StdoutNow),
+                SerialConfig::Null => Box::new(std::io::sink()),
+                SerialConfig::File(p) => {
+                    Box::new(std::fs::File::create(p).map_err(|err| VmmError::Serial {
+                        what: format!("file {}", p.display()),
+                        err,
+                    })?)
+                }
+                SerialConfig::Unix(_) => Box::new(std::io::sink()),
             },
         };
         let stamped = Stamped::new(sink);
@@ -161,11 +177,19 @@ impl RunningVm {
             }
             SerialConfig::Unix(path) => {
                 let s = serial.clone();
-                let console = UnixConsole::bind(path, move |b| feed(&s, b))
-                    .map_err(|err| VmmError::Serial { what: format!("socket {}", path.display()), err })?;
-                let stamped = Stamped { inner: console, first: first_output.clone() };
+                let console = UnixConsole::bind(path, move |b| feed(&s, b)).map_err(|err| {
+                    VmmError::Serial {
+                        what: format!("socket {}", path.display()),
+                        err,
+                    }
+                })?;
+                let stamped = Stamped {
+                    inner: console,
+                    first: first_output.clone(),
+                };
                 let irq: Arc<dyn Interrupt> = com1.clone();
-                *serial.lock().unwrap_or_else(|p| p.into_inner()) = Serial::new(irq, Box::new(stamped));
+                *serial.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Serial::new(irq, Box::new(stamped));
             }
             _ => {}
         }
@@ -186,7 +210,13 @@ impl RunningVm {
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         }
 
-        let boot = staunch_boot::load(&ram.mem, ram.bytes, &cfg.kernel, cfg.initrd.as_deref(), cmdline.trim())?;
+        let boot = staunch_boot::load(
+            &ram.mem,
+            ram.bytes,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+            cmdline.trim(),
+        )?;
         let handler = Arc::new(Exits { pio, mmio });
         let (tx, stopped) = channel();
         let mut vcpus = Vec::new();
@@ -213,7 +243,17 @@ impl RunningVm {
             threads.push(t);
         }
         tracing::info!(vcpus = cfg.vcpus, mem_mib = cfg.mem_mib, entry = format_args!("{:#x}", boot.entry), format = ?boot.format, "VM started");
-        Ok(RunningVm { vcpus, threads, stopped, started, first_output, serial, _vm: vm, _ram: ram, _irqs: irqs })
+        Ok(RunningVm {
+            vcpus,
+            threads,
+            stopped,
+            started,
+            first_output,
+            serial,
+            _vm: vm,
+            _ram: ram,
+            _irqs: irqs,
+        })
     }
 
     pub fn pause(&self) {
@@ -259,10 +299,17 @@ impl RunningVm {
         for t in self.threads {
             let _ = t.join();
         }
-        let exits = self.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        let exits = self
+            .vcpus
+            .iter()
+            .map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
         VmExit {
             reason,
-            first_output: self.first_output.get().map(|t| t.duration_since(self.started)),
+            first_output: self
+                .first_output
+                .get()
+                .map(|t| t.duration_since(self.started)),
             runtime: self.started.elapsed(),
             exits,
         }

@@ -55,7 +55,13 @@ pub fn guest_config(kernel: &Path, cmdline: &str, vcpus: u8, disks: &[PathBuf]) 
     cfg.cmdline = cmdline.into();
     cfg.vcpus = vcpus;
     cfg.serial = SerialConfig::Null;
-    cfg.disks = disks.iter().map(|p| staunch_vmm::DiskConfig { path: p.clone(), read_only: false }).collect();
+    cfg.disks = disks
+        .iter()
+        .map(|p| staunch_vmm::DiskConfig {
+            path: p.clone(),
+            read_only: false,
+        })
+        .collect();
     cfg
 }
 
@@ -63,7 +69,13 @@ impl GuestRun {
     pub fn start(cfg: &VmConfig) -> Result<Self> {
         let (tx, lines) = channel();
         let started = Instant::now();
-        let vm = RunningVm::start_with_output(cfg, Some(Box::new(LineSink { buf: Vec::new(), tx })))?;
+        let vm = RunningVm::start_with_output(
+            cfg,
+            Some(Box::new(LineSink {
+                buf: Vec::new(),
+                tx,
+            })),
+        )?;
         Ok(GuestRun { vm, started, lines })
     }
 
@@ -79,13 +91,20 @@ impl GuestRun {
 
     /// Feed every line to `f` until the guest prints `STAUNCH done`, then
     /// wait for the VM to stop.
-    pub fn run_to_end(self, timeout: Duration, mut f: impl FnMut(Instant, &str)) -> Result<(VmExit, Vec<(Instant, String)>)> {
+    pub fn run_to_end(
+        self,
+        timeout: Duration,
+        mut f: impl FnMut(Instant, &str),
+    ) -> Result<(VmExit, Vec<(Instant, String)>)> {
         let deadline = Instant::now() + timeout;
         let mut all = Vec::new();
         loop {
             let Some((t, line)) = self.next_line(deadline)? else {
                 let exit = self.vm.stop();
-                bail!("guest did not finish within {timeout:?} (stopped: {:?})", exit.reason);
+                bail!(
+                    "guest did not finish within {timeout:?} (stopped: {:?})",
+                    exit.reason
+                );
             };
             f(t, &line);
             let done = line.starts_with("STAUNCH done");

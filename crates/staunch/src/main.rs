@@ -11,7 +11,11 @@ use staunch_vmm::{DiskConfig, RunningVm, SerialConfig, VmConfig};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "staunch", version, about = "A KVM VMM whose every part can crash, hang or be upgraded while its guests keep running")]
+#[command(
+    name = "staunch",
+    version,
+    about = "A KVM VMM whose every part can crash, hang or be upgraded while its guests keep running"
+)]
 struct Cli {
     /// Log as JSON lines (for supervisors and log pipelines).
     #[arg(long, global = true)]
@@ -106,8 +110,11 @@ impl RunArgs {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STAUNCH_LOG").unwrap_or_else(|_| "warn".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STAUNCH_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -119,7 +126,10 @@ fn vmm_run(args: RunArgs) -> Result<i32> {
     let cfg = args.into_config()?;
     let vm = RunningVm::start(&cfg)?;
     let exit = vm.wait(None);
-    let first = exit.first_output.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "never".into());
+    let first = exit
+        .first_output
+        .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+        .unwrap_or_else(|| "never".into());
     let summary = format!(
         "first serial output after {first}, ran {:.2} s, {} exits",
         exit.runtime.as_secs_f64(),
@@ -145,7 +155,9 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let res = match cli.cmd {
-        Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(a),
+        Cmd::Vmm {
+            cmd: VmmCmd::Run(a),
+        } => vmm_run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Testguest { dir } => staunch_testguest::install(&dir)

@@ -12,19 +12,29 @@ fn counter(vcpus: u8) -> Run {
     let d = tmpdir(&format!("counter{vcpus}"));
     let g = guest(&d);
     let r = run(
-        staunch().args(["vmm", "run", "--vcpus", &vcpus.to_string(), "--kernel"]).arg(&g).args([
-            "--cmdline",
-            "staunch.work=counter staunch.reports=6 staunch.chunk=1M",
-        ]),
+        staunch()
+            .args(["vmm", "run", "--vcpus", &vcpus.to_string(), "--kernel"])
+            .arg(&g)
+            .args([
+                "--cmdline",
+                "staunch.work=counter staunch.reports=6 staunch.chunk=1M",
+            ]),
         None,
         T,
     );
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("guest powered off with exit code 0"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("guest powered off with exit code 0"),
+        "{}",
+        r.stderr
+    );
     let ticks = r.report_with("counter=");
     assert_eq!(ticks.len(), 6, "{}", r.stdout);
     let values: Vec<u64> = ticks.iter().map(|l| field(l, "counter")).collect();
-    assert!(values.windows(2).all(|w| w[1] == w[0] + (1 << 20)), "counter not monotonic: {values:?}");
+    assert!(
+        values.windows(2).all(|w| w[1] == w[0] + (1 << 20)),
+        "counter not monotonic: {values:?}"
+    );
     assert!(r.report_with("done code=0").len() == 1);
     r
 }
@@ -32,7 +42,10 @@ fn counter(vcpus: u8) -> Run {
 #[test]
 fn kvm_counter_one_vcpu() {
     let r = counter(1);
-    assert!(r.report_with("counter=").iter().all(|l| field(l, "cpus") == 1));
+    assert!(r
+        .report_with("counter=")
+        .iter()
+        .all(|l| field(l, "cpus") == 1));
 }
 
 #[test]
@@ -40,7 +53,10 @@ fn kvm_counter_two_vcpus_both_run() {
     let r = counter(2);
     // After the first tick every CPU's counter must keep moving.
     let ticks = r.report_with("counter=");
-    assert!(ticks[1..].iter().all(|l| field(l, "cpus") == 2), "{ticks:?}");
+    assert!(
+        ticks[1..].iter().all(|l| field(l, "cpus") == 2),
+        "{ticks:?}"
+    );
 }
 
 #[test]
@@ -52,10 +68,15 @@ fn kvm_blk_verify_and_host_check() {
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
     let (writes, blocks) = (300u64, 64u64);
     let r = run(
-        staunch().args(["vmm", "run", "--kernel"]).arg(&g).arg("--disk").arg(&disk).args([
-            "--cmdline",
-            &format!("staunch.work=blk-verify staunch.writes={writes} staunch.blocks={blocks}"),
-        ]),
+        staunch()
+            .args(["vmm", "run", "--kernel"])
+            .arg(&g)
+            .arg("--disk")
+            .arg(&disk)
+            .args([
+                "--cmdline",
+                &format!("staunch.work=blk-verify staunch.writes={writes} staunch.blocks={blocks}"),
+            ]),
         None,
         T,
     );
@@ -66,7 +87,12 @@ fn kvm_blk_verify_and_host_check() {
     assert_eq!(field(last, "written"), writes);
     assert_eq!(field(last, "verified"), writes);
     assert_eq!(field(last, "mismatches"), 0);
-    assert_eq!(r.report_with("blk id=\"disk.img\"").len(), 1, "{}", r.stdout);
+    assert_eq!(
+        r.report_with("blk id=\"disk.img\"").len(),
+        1,
+        "{}",
+        r.stdout
+    );
     // The host sees exactly the last write of every block, intact.
     let bytes = std::fs::read(&disk).unwrap();
     for lba in 0..blocks {
@@ -74,10 +100,18 @@ fn kvm_blk_verify_and_host_check() {
         let off = (lba as usize) * BLOCK_SIZE;
         b.copy_from_slice(&bytes[off..off + BLOCK_SIZE]);
         let seq = proto::check_block(&b, lba).unwrap_or_else(|e| panic!("block {lba}: {e:?}"));
-        let expect = (0..writes).filter(|s| proto::lba_for(*s, blocks) == lba).max().unwrap();
+        let expect = (0..writes)
+            .filter(|s| proto::lba_for(*s, blocks) == lba)
+            .max()
+            .unwrap();
         assert_eq!(seq, expect, "block {lba}");
     }
-    assert!(bytes[(blocks as usize) * BLOCK_SIZE..].iter().all(|b| *b == 0), "wrote past the region");
+    assert!(
+        bytes[(blocks as usize) * BLOCK_SIZE..]
+            .iter()
+            .all(|b| *b == 0),
+        "wrote past the region"
+    );
 }
 
 #[test]
@@ -98,8 +132,18 @@ fn kvm_blk_read_only_refuses_writes() {
         T,
     );
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert_eq!(r.report_with("blk capacity=2048 ro=1").len(), 1, "{}", r.stdout);
-    assert_eq!(r.report_with("blk ro-write status=1").len(), 1, "{}", r.stdout);
+    assert_eq!(
+        r.report_with("blk capacity=2048 ro=1").len(),
+        1,
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.report_with("blk ro-write status=1").len(),
+        1,
+        "{}",
+        r.stdout
+    );
     assert_eq!(r.report_with("done code=0").len(), 1);
     assert!(std::fs::read(&disk).unwrap().iter().all(|b| *b == 0));
 }
@@ -123,11 +167,22 @@ fn kvm_config_file_and_serial_file() {
         ),
     )
     .unwrap();
-    let r = run(staunch().args(["vmm", "run", "--config"]).arg(&cfg), None, T);
+    let r = run(
+        staunch().args(["vmm", "run", "--config"]).arg(&cfg),
+        None,
+        T,
+    );
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(r.stdout.is_empty(), "serial went to a file, not stdout: {}", r.stdout);
+    assert!(
+        r.stdout.is_empty(),
+        "serial went to a file, not stdout: {}",
+        r.stdout
+    );
     let log = std::fs::read_to_string(&out).unwrap();
-    assert!(log.contains("STAUNCH blk written=32 verified=32 mismatches=0 errors=0 final=1"), "{log}");
+    assert!(
+        log.contains("STAUNCH blk written=32 verified=32 mismatches=0 errors=0 final=1"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -136,7 +191,10 @@ fn kvm_serial_input_reaches_guest() {
     let d = tmpdir("echo");
     let g = guest(&d);
     let r = run(
-        staunch().args(["vmm", "run", "--kernel"]).arg(&g).args(["--cmdline", "staunch.work=echo"]),
+        staunch()
+            .args(["vmm", "run", "--kernel"])
+            .arg(&g)
+            .args(["--cmdline", "staunch.work=echo"]),
         Some(b"hello staunch\nquit\n"),
         T,
     );
@@ -151,12 +209,20 @@ fn kvm_guest_bad_config_reported() {
     let d = tmpdir("badcfg");
     let g = guest(&d);
     let r = run(
-        staunch().args(["vmm", "run", "--kernel"]).arg(&g).args(["--cmdline", "staunch.work=nonsense"]),
+        staunch()
+            .args(["vmm", "run", "--kernel"])
+            .arg(&g)
+            .args(["--cmdline", "staunch.work=nonsense"]),
         None,
         T,
     );
     // The VMM did its job: the guest powered off and said why.
     assert_eq!(r.status, 0);
     assert!(r.stderr.contains("exit code 5"), "{}", r.stderr);
-    assert_eq!(r.report_with("error config unknown workload").len(), 1, "{}", r.stdout);
+    assert_eq!(
+        r.report_with("error config unknown workload").len(),
+        1,
+        "{}",
+        r.stdout
+    );
 }

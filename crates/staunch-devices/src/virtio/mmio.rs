@@ -1,8 +1,8 @@
 //! virtio-mmio transport, version 2 (virtio 1.x "modern" register layout).
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::bus::{BusDevice, DeviceAction};
+use super::{VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::Interrupt;
+use crate::bus::{BusDevice, DeviceAction};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
@@ -58,7 +58,11 @@ pub struct QueueState {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Arc<dyn Interrupt>) -> Self {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: Arc<dyn Interrupt>,
+    ) -> Self {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -140,13 +144,17 @@ impl MmioTransport {
         let newly = v & !self.status;
         if newly & S_FEATURES_OK != 0 {
             // Refuse features we never offered, or a driver without VERSION_1.
-            let ok = self.drv_features & !self.device_features() == 0 && self.drv_features & VIRTIO_F_VERSION_1 != 0;
+            let ok = self.drv_features & !self.device_features() == 0
+                && self.drv_features & VIRTIO_F_VERSION_1 != 0;
             self.status = if ok { v } else { v & !S_FEATURES_OK };
             return;
         }
         if newly & S_DRIVER_OK != 0 {
             let valid = self.status & S_FEATURES_OK != 0
-                && self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
+                && self
+                    .queues
+                    .iter()
+                    .all(|q| !q.ready() || q.is_valid(&self.mem));
             if !valid {
                 self.status |= S_FAILED;
                 return;
@@ -160,7 +168,9 @@ impl MmioTransport {
         if self.status & S_DRIVER_OK == 0 || self.status & (S_NEEDS_RESET | S_FAILED) != 0 {
             return;
         }
-        let Some(q) = self.queues.get_mut(index as usize) else { return };
+        let Some(q) = self.queues.get_mut(index as usize) else {
+            return;
+        };
         if !q.ready() {
             return;
         }
@@ -207,13 +217,11 @@ impl MmioTransport {
         let allowed = self.queue_config_allowed();
         match offset {
             0x014 => self.dev_features_sel = v,
-            0x020 => {
-                if self.status & S_DRIVER != 0 && self.status & S_FEATURES_OK == 0 {
-                    match self.drv_features_sel {
-                        0 => self.drv_features = (self.drv_features & !0xffff_ffff) | v as u64,
-                        1 => self.drv_features = (self.drv_features & 0xffff_ffff) | ((v as u64) << 32),
-                        _ => {}
-                    }
+            0x020 if self.status & S_DRIVER != 0 && self.status & S_FEATURES_OK == 0 => {
+                match self.drv_features_sel {
+                    0 => self.drv_features = (self.drv_features & !0xffff_ffff) | v as u64,
+                    1 => self.drv_features = (self.drv_features & 0xffff_ffff) | ((v as u64) << 32),
+                    _ => {}
                 }
             }
             0x024 => self.drv_features_sel = v,
@@ -232,7 +240,11 @@ impl MmioTransport {
             0x064 => self.interrupt_status &= !v,
             0x070 => self.set_status(v),
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if allowed => {
-                let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
                 if let Some(q) = self.queue() {
                     match offset & !4 {
                         0x080 => q.set_desc_table_address(lo, hi),
@@ -250,7 +262,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
             self.device.read_config(offset - 0x100, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -260,7 +272,7 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) -> DeviceAction {
         if offset >= 0x100 {
             self.device.write_config(offset - 0x100, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             self.write_reg(offset, v);
         }
