@@ -11,12 +11,18 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn kernel() -> PathBuf {
-    let p = std::env::var_os("STAUNCH_LINUX_KERNEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/linux/vmlinuz")
-    });
+    let p = std::env::var_os("STAUNCH_LINUX_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/linux/vmlinuz")
+        });
     // The ELF vmlinux sits beside the bzImage (extracted by the asset script).
     let elf = p.with_file_name("vmlinux");
-    assert!(elf.exists(), "{} is missing: run scripts/assets.sh linux (scripts/test.sh does)", elf.display());
+    assert!(
+        elf.exists(),
+        "{} is missing: run scripts/assets.sh linux (scripts/test.sh does)",
+        elf.display()
+    );
     elf
 }
 
@@ -27,7 +33,10 @@ fn kvm_linux_banner_on_serial() {
     let mut child = staunch()
         .args(["vmm", "run", "--mem", "512", "--kernel"])
         .arg(&k)
-        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"])
+        .args([
+            "--cmdline",
+            "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -54,7 +63,8 @@ fn kvm_linux_banner_on_serial() {
     let cmdline = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
-    let banner = banner.unwrap_or_else(|| panic!("no Linux banner within 120 s; serial so far: {seen:?}"));
+    let banner =
+        banner.unwrap_or_else(|| panic!("no Linux banner within 120 s; serial so far: {seen:?}"));
     assert!(banner.contains("cloud-amd64"), "{banner}");
     assert!(cmdline.contains("Command line: console=ttyS0"), "{cmdline}");
 }
