@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bash "$ROOT/scripts/setup.sh"
 bash "$ROOT/scripts/assets.sh"
+bash "$ROOT/scripts/qemu.sh" >/dev/null
 cd "$ROOT"
 export STAUNCH_LINUX_KERNEL="${STAUNCH_LINUX_KERNEL:-$STAUNCH_CACHE/linux/vmlinuz}"
 

@@ -90,10 +90,63 @@ pub struct RunningVm {
     started: Instant,
     first_output: Arc<OnceLock<Instant>>,
     serial: Arc<Mutex<Serial>>,
+    workers: Vec<QueueWorker>,
     // Kept alive for the VM's lifetime: memory slots point into `ram`.
     _vm: Vm,
     _ram: GuestRam,
     _irqs: Vec<Arc<EventFd>>,
+}
+
+/// Serves one virtio device's queue notifications off the vCPU thread: the
+/// guest's QueueNotify write is caught in the kernel by an ioeventfd (no exit
+/// to userspace) and this thread processes the queue while the vCPU runs on.
+struct QueueWorker {
+    evt: Arc<EventFd>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl QueueWorker {
+    fn spawn(
+        vm: &Vm,
+        base: u64,
+        dev: Arc<Mutex<MmioTransport>>,
+        name: &str,
+    ) -> Result<Self, VmmError> {
+        let queues = dev.lock().unwrap_or_else(|p| p.into_inner()).queue_count();
+        let ioerr = |e: String| VmmError::Irq {
+            gsi: 0,
+            err: format!("ioeventfd: {e}"),
+        };
+        let evt = Arc::new(EventFd::new(0).map_err(|e| ioerr(e.to_string()))?);
+        // One eventfd for every queue of the device; the worker scans them all.
+        for q in 0..queues as u32 {
+            let addr = kvm_ioctls::IoEventAddress::Mmio(base + MmioTransport::QUEUE_NOTIFY);
+            vm.fd
+                .register_ioevent(&evt, &addr, q)
+                .map_err(|e| ioerr(e.to_string()))?;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (e, s) = (evt.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while e.read().is_ok() && !s.load(std::sync::atomic::Ordering::Acquire) {
+                    let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
+                    for q in 0..queues as u32 {
+                        d.notify(q);
+                    }
+                }
+            })
+            .map_err(VmmError::Thread)?;
+        Ok(QueueWorker { evt, stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.evt.write(1);
+        let _ = self.thread.join();
+    }
 }
 
 /// Feed bytes to the UART, waiting while its FIFO is full (the guest drains it).
@@ -200,13 +253,19 @@ impl RunningVm {
         pio.insert(POWER_PORT, 1, Arc::new(Mutex::new(PowerPort)))?;
 
         let mut mmio = Bus::new();
+        let mut workers = Vec::new();
         let mut cmdline = cfg.cmdline.trim().to_string();
         for (i, disk) in disks.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
             let line: Arc<dyn Interrupt> = irq(gsi)?;
-            let t = MmioTransport::new(Box::new(disk), ram.mem.clone(), line);
-            mmio.insert(base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)))?;
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(disk),
+                ram.mem.clone(),
+                line,
+            )));
+            mmio.insert(base, layout::VIRTIO_MMIO_SIZE, t.clone())?;
+            workers.push(QueueWorker::spawn(&vm, base, t, &format!("virtio-blk{i}"))?);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         }
 
@@ -250,6 +309,7 @@ impl RunningVm {
             started,
             first_output,
             serial,
+            workers,
             _vm: vm,
             _ram: ram,
             _irqs: irqs,
@@ -298,6 +358,9 @@ impl RunningVm {
         }
         for t in self.threads {
             let _ = t.join();
+        }
+        for w in self.workers {
+            w.stop();
         }
         let exits = self
             .vcpus

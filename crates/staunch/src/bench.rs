@@ -1,6 +1,346 @@
-use anyhow::Result;
+//! `staunch bench`: the same test guest under Staunch and under QEMU 10
+//! (`-accel kvm`, microvm, same ELF, same kind of disk), measured the same
+//! way in the same run: wall time between the guest's own report lines, read
+//! from each VMM's serial output on a pipe.
+
+use crate::guestrun::{cache_dir, test_guest};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
 #[derive(clap::Args)]
-pub struct BenchArgs {}
-pub fn run(_a: BenchArgs) -> Result<i32> {
+pub struct BenchArgs {
+    /// Exits per PIO / MMIO benchmark.
+    #[arg(long, default_value_t = 20_000)]
+    iters: u64,
+    /// Requests per virtio-blk benchmark (each direction).
+    #[arg(long, default_value_t = 4_000)]
+    ios: u64,
+    /// Rounds per VMM; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// A few iterations, one round: checks the harness, not the numbers.
+    #[arg(long)]
+    quick: bool,
+    /// qemu-system-x86_64 to compare with (default: the one scripts/qemu.sh fetched).
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// Also print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Vmm {
+    Staunch,
+    Qemu,
+}
+
+struct Ctx {
+    kernel: PathBuf,
+    qemu: Option<PathBuf>,
+    dir: PathBuf,
+}
+
+/// QEMU unpacked by scripts/qemu.sh finds its libraries beside it.
+fn qemu_command(q: &Path) -> Command {
+    let mut c = Command::new(q);
+    if let Some(usr) = q.parent().and_then(|p| p.parent()) {
+        let root = usr.parent().unwrap_or(usr);
+        let libs = [
+            usr.join("lib/x86_64-linux-gnu"),
+            root.join("lib/x86_64-linux-gnu"),
+        ];
+        if let Ok(p) = std::env::join_paths(libs) {
+            c.env("LD_LIBRARY_PATH", p);
+        }
+    }
+    c
+}
+
+fn default_qemu() -> Option<PathBuf> {
+    let p = cache_dir().join("qemu/root/usr/bin/qemu-system-x86_64");
+    p.exists().then_some(p)
+}
+
+impl Ctx {
+    fn command(&self, vmm: Vmm, cmdline: &str, disk: Option<&Path>) -> Result<Command> {
+        Ok(match vmm {
+            Vmm::Staunch => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.args([
+                    "vmm", "run", "--mem", "256", "--serial", "stdio", "--kernel",
+                ]);
+                c.arg(&self.kernel).arg("--cmdline").arg(cmdline);
+                if let Some(d) = disk {
+                    c.arg("--disk").arg(d);
+                }
+                c
+            }
+            Vmm::Qemu => {
+                let q = self.qemu.as_ref().context("no QEMU")?;
+                let root = q.parent().and_then(|p| p.parent()).context("QEMU path")?;
+                let mut c = qemu_command(q);
+                c.arg("-L")
+                    .arg(root.join("share/qemu"))
+                    .arg("-L")
+                    .arg(root.join("share/seabios"));
+                c.args([
+                    "-bios",
+                    "qboot.rom",
+                    "-M",
+                    "microvm,rtc=off,pic=off,isa-serial=on,acpi=off",
+                ]);
+                c.args([
+                    "-accel",
+                    "kvm",
+                    "-m",
+                    "256",
+                    "-smp",
+                    "1",
+                    "-nodefaults",
+                    "-no-user-config",
+                ]);
+                c.args(["-nographic", "-display", "none", "-serial", "stdio"]);
+                c.args([
+                    "-device",
+                    "isa-debug-exit,iobase=0xf4,iosize=1",
+                    "-global",
+                    "virtio-mmio.force-legacy=false",
+                ]);
+                c.arg("-kernel")
+                    .arg(&self.kernel)
+                    .arg("-append")
+                    .arg(cmdline);
+                if let Some(d) = disk {
+                    c.arg("-drive").arg(format!(
+                        "id=d0,file={},format=raw,if=none,cache=writeback",
+                        d.display()
+                    ));
+                    c.args(["-device", "virtio-blk-device,drive=d0"]);
+                }
+                c
+            }
+        })
+    }
+
+    /// Run to completion; every serial line with its time since spawn.
+    fn lines(&self, vmm: Vmm, cmdline: &str, disk: bool) -> Result<Vec<(Duration, String)>> {
+        let d = self.dir.join(if vmm == Vmm::Staunch {
+            "staunch.img"
+        } else {
+            "qemu.img"
+        });
+        if disk {
+            std::fs::write(&d, vec![0u8; 16 << 20])?;
+        }
+        let mut cmd = self.command(vmm, cmdline, disk.then_some(d.as_path()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let t0 = Instant::now();
+        let mut child = cmd.spawn().context("starting the VMM")?;
+        let out = child.stdout.take().context("stdout")?;
+        let pid = child.id();
+        let watchdog = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(600));
+            // SAFETY: plain kill(2) of our own child if it overran.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        });
+        let mut lines = Vec::new();
+        for l in BufReader::new(out).lines() {
+            let l = l.unwrap_or_default();
+            let t = t0.elapsed();
+            if let Some(i) = l.find("STAUNCH ") {
+                lines.push((t, l[i..].trim_end().to_string()));
+            }
+        }
+        let _ = child.wait();
+        drop(watchdog);
+        if !lines
+            .iter()
+            .any(|(_, l)| l.starts_with("STAUNCH done code=0"))
+        {
+            bail!(
+                "{} run of {cmdline:?} did not finish cleanly: {lines:?}",
+                name(vmm)
+            );
+        }
+        Ok(lines)
+    }
+}
+
+fn name(v: Vmm) -> &'static str {
+    match v {
+        Vmm::Staunch => "Staunch",
+        Vmm::Qemu => "QEMU",
+    }
+}
+
+fn at(lines: &[(Duration, String)], prefix: &str) -> Result<Duration> {
+    lines
+        .iter()
+        .find(|(_, l)| l.starts_with(prefix))
+        .map(|(t, _)| *t)
+        .with_context(|| format!("no '{prefix}' line"))
+}
+
+fn span(lines: &[(Duration, String)], begin: &str, end: &str) -> Result<f64> {
+    Ok((at(lines, end)? - at(lines, begin)?).as_secs_f64())
+}
+
+struct Metric {
+    name: &'static str,
+    unit: &'static str,
+    lower_is_better: bool,
+    values: [Vec<f64>; 2],
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    (!v.is_empty()).then(|| v[v.len() / 2])
+}
+
+pub fn run(mut a: BenchArgs) -> Result<i32> {
+    if a.quick {
+        a.iters = a.iters.min(500);
+        a.ios = a.ios.min(200);
+        a.rounds = 1;
+    }
+    let dir = cache_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let ctx = Ctx {
+        kernel: test_guest()?,
+        qemu: a.qemu.clone().or_else(default_qemu),
+        dir,
+    };
+    let mut vmms = vec![Vmm::Staunch];
+    match &ctx.qemu {
+        Some(q) => {
+            let v = qemu_command(q)
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_else(|| "unknown version".into());
+            eprintln!("peer: {v} ({})", q.display());
+            vmms.push(Vmm::Qemu);
+        }
+        None => eprintln!("peer: QEMU not found (run scripts/qemu.sh); Staunch column only"),
+    }
+    let mut m = [
+        Metric {
+            name: "boot to first guest line",
+            unit: "ms",
+            lower_is_better: true,
+            values: Default::default(),
+        },
+        Metric {
+            name: "PIO exit round trip",
+            unit: "us",
+            lower_is_better: true,
+            values: Default::default(),
+        },
+        Metric {
+            name: "MMIO exit round trip",
+            unit: "us",
+            lower_is_better: true,
+            values: Default::default(),
+        },
+        Metric {
+            name: "virtio-blk 4 KiB reads",
+            unit: "req/s",
+            lower_is_better: false,
+            values: Default::default(),
+        },
+        Metric {
+            name: "virtio-blk 4 KiB writes",
+            unit: "req/s",
+            lower_is_better: false,
+            values: Default::default(),
+        },
+    ];
+    let exits = format!(
+        "staunch.work=exits staunch.ring=0 staunch.iters={}",
+        a.iters
+    );
+    let blk = format!(
+        "staunch.work=blk-bench staunch.blocks=1024 staunch.iters={}",
+        a.ios
+    );
+    for round in 0..a.rounds {
+        for (vi, v) in vmms.iter().enumerate() {
+            eprintln!("round {}/{}: {} ...", round + 1, a.rounds, name(*v));
+            let l = ctx.lines(*v, &exits, true)?;
+            m[0].values[vi].push(at(&l, "STAUNCH ready")?.as_secs_f64() * 1e3);
+            m[1].values[vi].push(
+                span(&l, "STAUNCH exits pio-begin", "STAUNCH exits pio-end")? * 1e6
+                    / a.iters as f64,
+            );
+            m[2].values[vi].push(
+                span(&l, "STAUNCH exits mmio-begin", "STAUNCH exits mmio-end")? * 1e6
+                    / a.iters as f64,
+            );
+            let l = ctx.lines(*v, &blk, true)?;
+            m[3].values[vi].push(
+                a.ios as f64
+                    / span(
+                        &l,
+                        "STAUNCH blkbench read-begin",
+                        "STAUNCH blkbench read-end",
+                    )?,
+            );
+            m[4].values[vi].push(
+                a.ios as f64
+                    / span(
+                        &l,
+                        "STAUNCH blkbench write-begin",
+                        "STAUNCH blkbench write-end",
+                    )?,
+            );
+        }
+    }
+    println!();
+    println!(
+        "| benchmark (median of {} rounds) | unit | Staunch | QEMU | Staunch/QEMU |",
+        a.rounds
+    );
+    println!("|---|---|---:|---:|---:|");
+    let mut json = Vec::new();
+    for x in &m {
+        let s = median(&x.values[0]);
+        let q = median(&x.values[1]);
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("-".into());
+        let ratio = match (s, q) {
+            (Some(s), Some(q)) if q > 0.0 => format!(
+                "{:.2} ({})",
+                s / q,
+                if x.lower_is_better {
+                    "lower is better"
+                } else {
+                    "higher is better"
+                }
+            ),
+            _ => "-".into(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            x.name,
+            x.unit,
+            f(s),
+            f(q),
+            ratio
+        );
+        json.push(serde_json::json!({"metric": x.name, "unit": x.unit, "staunch": s, "qemu": q}));
+    }
+    println!();
+    println!("guest: Staunch test guest, 1 vCPU, 256 MiB; exits from ring 0, blk from ring 3; {} exits, {} requests", a.iters, a.ios);
+    if a.json {
+        println!("{}", serde_json::Value::Array(json));
+    }
     Ok(0)
 }

@@ -33,7 +33,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report=128",
         a.writes
     );
-    let cfg = guest_config(&kernel, &cmdline, a.vcpus, &[disk.clone()]);
+    let cfg = guest_config(&kernel, &cmdline, a.vcpus, std::slice::from_ref(&disk));
     let run = GuestRun::start(&cfg)?;
     let started = run.started;
     let mut first: Option<Duration> = None;

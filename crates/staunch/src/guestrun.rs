@@ -2,11 +2,11 @@
 //! arrive, each stamped with the time its newline left the UART.
 
 use anyhow::{bail, Result};
-use staunch_vmm::{RunningVm, SerialConfig, VmConfig, VmExit};
+use staunch_vmm::{RunningVm, SerialConfig, VmConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Serial sink that turns bytes into timestamped lines.
 struct LineSink {
@@ -40,10 +40,17 @@ pub struct GuestRun {
 }
 
 /// Where the project keeps built guest images and downloaded assets.
+/// `$STAUNCH_CACHE`, else the checkout's `.cache` when run from
+/// `target/<profile>/`, else a directory under the system temp dir.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("STAUNCH_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("staunch-cache"))
+    if let Some(p) = std::env::var_os("STAUNCH_CACHE") {
+        return PathBuf::from(p);
+    }
+    let checkout = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent()?.parent().map(|r| r.join(".cache")))
+        .filter(|c| c.is_dir());
+    checkout.unwrap_or_else(|| std::env::temp_dir().join("staunch-cache"))
 }
 
 pub fn test_guest() -> Result<PathBuf> {
@@ -87,33 +94,5 @@ impl GuestRun {
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => bail!("the VM's serial port closed"),
         }
-    }
-
-    /// Feed every line to `f` until the guest prints `STAUNCH done`, then
-    /// wait for the VM to stop.
-    pub fn run_to_end(
-        self,
-        timeout: Duration,
-        mut f: impl FnMut(Instant, &str),
-    ) -> Result<(VmExit, Vec<(Instant, String)>)> {
-        let deadline = Instant::now() + timeout;
-        let mut all = Vec::new();
-        loop {
-            let Some((t, line)) = self.next_line(deadline)? else {
-                let exit = self.vm.stop();
-                bail!(
-                    "guest did not finish within {timeout:?} (stopped: {:?})",
-                    exit.reason
-                );
-            };
-            f(t, &line);
-            let done = line.starts_with("STAUNCH done");
-            all.push((t, line));
-            if done {
-                break;
-            }
-        }
-        let exit = self.vm.wait(Some(Duration::from_secs(10)));
-        Ok((exit, all))
     }
 }

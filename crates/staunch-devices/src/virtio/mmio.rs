@@ -164,7 +164,16 @@ impl MmioTransport {
         self.status = v;
     }
 
-    fn notify(&mut self, index: u32) {
+    /// Offset of QueueNotify, for VMMs that route it to an ioeventfd.
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+
+    /// Number of virtqueues (one ioeventfd each).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The driver notified queue `index` (through the register or an ioeventfd).
+    pub fn notify(&mut self, index: u32) {
         if self.status & S_DRIVER_OK == 0 || self.status & (S_NEEDS_RESET | S_FAILED) != 0 {
             return;
         }
