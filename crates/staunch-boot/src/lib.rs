@@ -12,6 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+pub mod acpi;
 mod elfnote;
 pub use elfnote::{ElfInfo, scan_elf};
 
@@ -130,6 +131,7 @@ pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    devices: &acpi::Devices,
 ) -> Result<BootInfo> {
     let format = detect(kernel)?;
     let kpath = kernel.display().to_string();
@@ -239,6 +241,7 @@ pub fn load(
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
         .map_err(|e| BootError::Memory(e.to_string()))?;
     write_cpu_tables(mem)?;
+    acpi::write(mem, devices).map_err(BootError::Memory)?;
     Ok(BootInfo {
         format,
         entry,

@@ -254,6 +254,7 @@ impl RunningVm {
 
         let mut mmio = Bus::new();
         let mut workers = Vec::new();
+        let mut acpi_devices = staunch_boot::acpi::Devices::default();
         let mut cmdline = cfg.cmdline.trim().to_string();
         for (i, disk) in disks.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
@@ -267,14 +268,20 @@ impl RunningVm {
             mmio.insert(base, layout::VIRTIO_MMIO_SIZE, t.clone())?;
             workers.push(QueueWorker::spawn(&vm, base, t, &format!("virtio-blk{i}"))?);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            acpi_devices
+                .virtio_mmio
+                .push((base, layout::VIRTIO_MMIO_SIZE, gsi));
         }
 
+        acpi_devices.vcpus = cfg.vcpus;
+        acpi_devices.serial.push((COM1 as u16, COM1_IRQ));
         let boot = staunch_boot::load(
             &ram.mem,
             ram.bytes,
             &cfg.kernel,
             cfg.initrd.as_deref(),
             cmdline.trim(),
+            &acpi_devices,
         )?;
         let handler = Arc::new(Exits { pio, mmio });
         let (tx, stopped) = channel();

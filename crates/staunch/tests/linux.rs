@@ -30,9 +30,14 @@ fn kernel() -> PathBuf {
 fn kvm_linux_banner_on_serial() {
     require_kvm();
     let k = kernel();
+    let dir = tmpdir("linux");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut child = staunch()
-        .args(["vmm", "run", "--mem", "512", "--kernel"])
+        .args(["vmm", "run", "--mem", "512", "--vcpus", "2", "--kernel"])
         .arg(&k)
+        .arg("--disk")
+        .arg(&disk)
         .args([
             "--cmdline",
             "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1",
@@ -61,10 +66,37 @@ fn kvm_linux_banner_on_serial() {
         }
     };
     let cmdline = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    // ACPI: the tables are found and the MADT announces both vCPUs.
+    let mut acpi = Vec::new();
+    let smp = loop {
+        match rx.recv_timeout(Duration::from_secs(180).saturating_sub(start.elapsed())) {
+            Ok(l) if l.contains("smpboot: Allowing") => break Some(l),
+            Ok(l) => acpi.push(l),
+            Err(_) => break None,
+        }
+    };
     let _ = child.kill();
     let _ = child.wait();
     let banner =
         banner.unwrap_or_else(|| panic!("no Linux banner within 120 s; serial so far: {seen:?}"));
     assert!(banner.contains("cloud-amd64"), "{banner}");
     assert!(cmdline.contains("Command line: console=ttyS0"), "{cmdline}");
+    assert!(
+        cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "{cmdline}"
+    );
+    for table in [
+        "ACPI: RSDP",
+        "ACPI: XSDT",
+        "ACPI: FACP",
+        "ACPI: DSDT",
+        "ACPI: APIC",
+    ] {
+        assert!(
+            acpi.iter().any(|l| l.contains(table)),
+            "no {table} in {acpi:?}"
+        );
+    }
+    let smp = smp.unwrap_or_else(|| panic!("no smpboot line; serial: {acpi:?}"));
+    assert!(smp.contains("Allowing 2 CPUs"), "{smp}");
 }
