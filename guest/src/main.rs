@@ -23,6 +23,7 @@ enum Work {
     BlkBench,
     Spin,
     Echo,
+    Reset,
 }
 
 #[derive(Clone, Copy)]
@@ -120,6 +121,7 @@ fn parse_config() -> Result<Config, &'static str> {
                     "blk-bench" => Work::BlkBench,
                     "spin" => Work::Spin,
                     "echo" => Work::Echo,
+                    "reset" => Work::Reset,
                     _ => return Err("unknown workload"),
                 }
             }
@@ -218,6 +220,12 @@ extern "C" fn user_main(cpu: u64) -> ! {
         Work::BlkBench => blk_bench(&c),
         Work::Spin => spin(&c),
         Work::Echo => echo(),
+        Work::Reset => {
+            // Pulse the CPU reset line through the i8042, as Linux's reboot=k does.
+            say!("resetting");
+            io::outb(0x64, 0xfe);
+            exit_code::FAULT
+        }
     };
     say!("done code={}", code);
     io::power_off(code)

@@ -120,7 +120,8 @@ impl VcpuControl {
         }
         let t = self.thread.load(Ordering::Acquire);
         if t != 0 {
-            // SAFETY: t is the pthread id of the live vCPU thread (cleared on exit).
+            // SAFETY: t is the vCPU thread's id; a pthread_t stays valid until the
+            // thread is joined, and the VMM joins only after its last kick.
             unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
         }
     }

@@ -226,3 +226,71 @@ fn kvm_guest_bad_config_reported() {
         r.stdout
     );
 }
+
+#[test]
+fn kvm_guest_reset_ends_the_vm_cleanly() {
+    require_kvm();
+    let d = tmpdir("reset");
+    let g = guest(&d);
+    let r = run(
+        staunch()
+            .args(["vmm", "run", "--kernel"])
+            .arg(&g)
+            .args(["--cmdline", "staunch.work=reset"]),
+        None,
+        T,
+    );
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("guest requested a reset"), "{}", r.stderr);
+    assert_eq!(r.report_with("resetting").len(), 1);
+    assert!(
+        r.report_with("done").is_empty(),
+        "guest ran past its reset: {}",
+        r.stdout
+    );
+}
+
+#[test]
+fn kvm_serial_over_unix_socket() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    require_kvm();
+    let d = tmpdir("unix");
+    let g = guest(&d);
+    let sock = d.join("console.sock");
+    let mut child = staunch()
+        .args(["vmm", "run", "--kernel"])
+        .arg(&g)
+        .arg("--serial")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--cmdline", "staunch.work=echo"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut s = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("console socket never appeared: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Output before the client connected is dropped; input drives the echo.
+    s.write_all(b"ping over unix\n").unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "console closed");
+        if line.contains("STAUNCH echo ping over unix") {
+            break;
+        }
+    }
+    s.write_all(b"quit\n").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
