@@ -3,6 +3,7 @@
 //! [`ExitHandler`]; device models never see KVM.
 
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 

@@ -100,3 +100,44 @@ fn kvm_linux_banner_on_serial() {
     let smp = smp.unwrap_or_else(|| panic!("no smpboot line; serial: {acpi:?}"));
     assert!(smp.contains("Allowing 2 CPUs"), "{smp}");
 }
+
+/// The same kernel as Debian ships it, a bzImage: Staunch enters its 64-bit
+/// entry and the decompressor runs (for minutes where ring 0 is emulated).
+#[test]
+fn kvm_linux_bzimage_banner_on_serial() {
+    require_kvm();
+    let bz = kernel().with_file_name("vmlinuz");
+    let mut child = staunch()
+        .args(["vmm", "run", "--mem", "512", "--kernel"])
+        .arg(&bz)
+        .args([
+            "--cmdline",
+            "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let banner = loop {
+        match rx.recv_timeout(Duration::from_secs(600).saturating_sub(start.elapsed())) {
+            Ok(l) if l.contains("Linux version") => break Some(l),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let banner = banner.expect("no Linux banner from the bzImage within 600 s");
+    assert!(banner.contains("6.1.0-47-cloud-amd64"), "{banner}");
+}
