@@ -11,10 +11,7 @@ fn main() {
     for p in ["src", "link.ld", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("crates/staunch-guestproto/src").display()
-    );
+    println!("cargo:rerun-if-changed={}", root.join("crates/staunch-guestproto/src").display());
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guest-target");
     let flags = [
         "-C",
@@ -26,10 +23,7 @@ fn main() {
         "-C",
         "link-arg=-no-pie",
         "-C",
-        &format!(
-            "link-arg=-Wl,-T,{},--build-id=none",
-            guest.join("link.ld").display()
-        ),
+        &format!("link-arg=-Wl,-T,{},--build-id=none", guest.join("link.ld").display()),
         "-C",
         "relocation-model=static",
         "-C",

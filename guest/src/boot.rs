@@ -42,16 +42,7 @@ struct Tss {
     _r3: u16,
     iomap: u16,
 }
-const TSS0: Tss = Tss {
-    _r0: 0,
-    rsp0: 0,
-    _rsp12: [0; 2],
-    _r1: 0,
-    _ist: [0; 7],
-    _r2: 0,
-    _r3: 0,
-    iomap: 104,
-};
+const TSS0: Tss = Tss { _r0: 0, rsp0: 0, _rsp12: [0; 2], _r1: 0, _ist: [0; 7], _r2: 0, _r3: 0, iomap: 104 };
 static mut TSS: [Tss; MAX_CPUS] = [TSS0; MAX_CPUS];
 static mut GDT: [[u64; 8]; MAX_CPUS] = [[0; 8]; MAX_CPUS];
 static mut IDT: [[u64; 2]; 32] = [[0; 2]; 32];
@@ -333,13 +324,8 @@ pub fn setup_cpu(cpu: usize) {
             let isr = addr_of!(isr_table) as u64;
             let idt = &mut *addr_of_mut!(IDT);
             for (v, e) in idt.iter_mut().enumerate() {
-                let off = if v == 13 {
-                    addr_of!(gp_entry) as u64
-                } else {
-                    isr + 16 * v as u64
-                };
-                e[0] =
-                    (off & 0xffff) | (KCS << 16) | (0x8eu64 << 40) | (((off >> 16) & 0xffff) << 48);
+                let off = if v == 13 { addr_of!(gp_entry) as u64 } else { isr + 16 * v as u64 };
+                e[0] = (off & 0xffff) | (KCS << 16) | (0x8eu64 << 40) | (((off >> 16) & 0xffff) << 48);
                 e[1] = off >> 32;
             }
         }
@@ -367,13 +353,7 @@ pub fn setup_cpu(cpu: usize) {
 }
 
 fn desc_ptr(base: u64, limit: u16) -> [u16; 5] {
-    [
-        limit,
-        base as u16,
-        (base >> 16) as u16,
-        (base >> 32) as u16,
-        (base >> 48) as u16,
-    ]
+    [limit, base as u16, (base >> 16) as u16, (base >> 32) as u16, (base >> 48) as u16]
 }
 
 /// Top of this CPU's user stack, aligned as if a call had just pushed.

@@ -177,13 +177,7 @@ extern "C" fn kmain(cpu: u64, info: u64, kind: u64) -> ! {
 }
 
 pub fn fault_frame(vector: u64, err: u64, rip: u64, cs: u64) -> ! {
-    say!(
-        "fault vector={} err={:#x} rip={:#x} cs={:#x}",
-        vector,
-        err,
-        rip,
-        cs
-    );
+    say!("fault vector={} err={:#x} rip={:#x} cs={:#x}", vector, err, rip, cs);
     io::power_off(exit_code::FAULT)
 }
 
@@ -191,13 +185,7 @@ pub fn fault_frame(vector: u64, err: u64, rip: u64, cs: u64) -> ! {
 extern "C" fn fault(vector: u64, frame: *const u64) -> ! {
     // SAFETY: the frame is the CPU's exception frame on our stack.
     let f = |i| unsafe { read_volatile(frame.add(i)) };
-    say!(
-        "fault vector={} w0={:#x} w1={:#x} w2={:#x}",
-        vector,
-        f(0),
-        f(1),
-        f(2)
-    );
+    say!("fault vector={} w0={:#x} w1={:#x} w2={:#x}", vector, f(0), f(1), f(2));
     io::power_off(exit_code::FAULT)
 }
 
@@ -278,12 +266,7 @@ static mut RBUF: Buf = Buf([0; BLOCK_SIZE]);
 fn open_blk() -> Option<virtio::Blk> {
     match virtio::find_blk(cmdline()) {
         Ok(b) => {
-            say!(
-                "blk capacity={} ro={} flush={}",
-                b.capacity,
-                b.read_only as u8,
-                b.flush as u8
-            );
+            say!("blk capacity={} ro={} flush={}", b.capacity, b.read_only as u8, b.flush as u8);
             Some(b)
         }
         Err(e) => {
@@ -302,20 +285,12 @@ fn blk_verify(c: &Config) -> u8 {
     let mut id = [0u8; 20];
     let st = blk.request(virtio::T_GET_ID, 0, Some(&mut id));
     let idlen = id.iter().position(|b| *b == 0).unwrap_or(20);
-    say!(
-        "blk id=\"{}\" status={}",
-        core::str::from_utf8(&id[..idlen]).unwrap_or("?"),
-        st
-    );
+    say!("blk id=\"{}\" status={}", core::str::from_utf8(&id[..idlen]).unwrap_or("?"), st);
     if blk.read_only {
         proto::fill_block(wbuf, 0, 0);
         let st = blk.request(virtio::T_OUT, 0, Some(&mut wbuf[..]));
         say!("blk ro-write status={}", st);
-        return if st == 0 {
-            exit_code::MISMATCH
-        } else {
-            exit_code::OK
-        };
+        return if st == 0 { exit_code::MISMATCH } else { exit_code::OK };
     }
     let blocks = c.blocks.min(blk.capacity / SECTORS_PER_BLOCK);
     if blocks == 0 {
@@ -348,25 +323,13 @@ fn blk_verify(c: &Config) -> u8 {
             if blk.flush {
                 blk.request(virtio::T_FLUSH, 0, None);
             }
-            say!(
-                "blk written={} verified={} mismatches={} errors={}",
-                written,
-                verified,
-                mismatches,
-                errors
-            );
+            say!("blk written={} verified={} mismatches={} errors={}", written, verified, mismatches, errors);
         }
     }
     if blk.flush {
         blk.request(virtio::T_FLUSH, 0, None);
     }
-    say!(
-        "blk written={} verified={} mismatches={} errors={} final=1",
-        written,
-        verified,
-        mismatches,
-        errors
-    );
+    say!("blk written={} verified={} mismatches={} errors={} final=1", written, verified, mismatches, errors);
     if mismatches == 0 && errors == 0 {
         exit_code::OK
     } else {
@@ -392,12 +355,7 @@ fn exits(c: &Config) -> u8 {
     for _ in 0..n {
         x ^= io::mmio_read32(dev);
     }
-    say!(
-        "exits mmio-end n={} cycles={} x={:#x}",
-        n,
-        io::rdtsc() - t,
-        x
-    );
+    say!("exits mmio-end n={} cycles={} x={:#x}", n, io::rdtsc() - t, x);
     exit_code::OK
 }
 
@@ -417,13 +375,7 @@ fn blk_bench(c: &Config) -> u8 {
                 errors += 1;
             }
         }
-        say!(
-            "blkbench {}-end n={} cycles={} errors={}",
-            name,
-            c.iters,
-            io::rdtsc() - t,
-            errors
-        );
+        say!("blkbench {}-end n={} cycles={} errors={}", name, c.iters, io::rdtsc() - t, errors);
     }
     if errors == 0 {
         exit_code::OK
@@ -436,9 +388,7 @@ fn spin(c: &Config) -> u8 {
     say!("spin-begin n={}", c.iters);
     let t = io::rdtsc();
     // SAFETY: a pure register loop.
-    unsafe {
-        asm!("2: dec {0}", "jnz 2b", inout(reg) c.iters.max(1) => _, options(nomem, nostack))
-    };
+    unsafe { asm!("2: dec {0}", "jnz 2b", inout(reg) c.iters.max(1) => _, options(nomem, nostack)) };
     say!("spin-end n={} cycles={}", c.iters, io::rdtsc() - t);
     exit_code::OK
 }
@@ -482,9 +432,7 @@ pub extern "C" fn rust_eh_personality() {}
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
     // SAFETY: caller guarantees valid, non-overlapping ranges.
-    unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _, options(nostack))
-    };
+    unsafe { asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _, options(nostack)) };
     d
 }
 
@@ -506,9 +454,7 @@ pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 
 #[no_mangle]
 pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
     // SAFETY: caller guarantees a valid range.
-    unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8, options(nostack))
-    };
+    unsafe { asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8, options(nostack)) };
     d
 }
 

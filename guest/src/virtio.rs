@@ -69,12 +69,7 @@ struct Header {
 }
 
 static mut RING: Ring = Ring {
-    desc: [Desc {
-        addr: 0,
-        len: 0,
-        flags: 0,
-        next: 0,
-    }; QSIZE],
+    desc: [Desc { addr: 0, len: 0, flags: 0, next: 0 }; QSIZE],
     avail_flags: 0,
     avail_idx: 0,
     avail: [0; QSIZE],
@@ -83,11 +78,7 @@ static mut RING: Ring = Ring {
     used_idx: 0,
     used: [(0, 0); QSIZE],
 };
-static mut HDR: Header = Header {
-    kind: 0,
-    _r: 0,
-    sector: 0,
-};
+static mut HDR: Header = Header { kind: 0, _r: 0, sector: 0 };
 static mut STATUS_BYTE: u8 = 0;
 
 #[derive(Debug)]
@@ -162,11 +153,7 @@ impl Blk {
         w(QUEUE_NUM, QSIZE as u32);
         // SAFETY: only the boot CPU drives the device; the ring is static.
         let (d, a, u) = unsafe {
-            (
-                addr_of!(RING.desc) as u64,
-                addr_of!(RING.avail_flags) as u64,
-                addr_of!(RING.used_flags) as u64,
-            )
+            (addr_of!(RING.desc) as u64, addr_of!(RING.avail_flags) as u64, addr_of!(RING.used_flags) as u64)
         };
         w(Q_DESC, d as u32);
         w(Q_DESC + 4, (d >> 32) as u32);
@@ -179,14 +166,7 @@ impl Blk {
         let capacity = r(CONFIG) as u64 | ((r(CONFIG + 4) as u64) << 32);
         // SAFETY: as above.
         let used = unsafe { read_volatile(addr_of!(RING.used_idx)) };
-        Ok(Blk {
-            base,
-            capacity,
-            read_only: want_lo & F_RO != 0,
-            flush: want_lo & F_FLUSH != 0,
-            avail: 0,
-            used,
-        })
+        Ok(Blk { base, capacity, read_only: want_lo & F_RO != 0, flush: want_lo & F_FLUSH != 0, avail: 0, used })
     }
 
     /// Submit one request and poll for its completion; returns the status byte.
@@ -195,44 +175,18 @@ impl Blk {
         // the buffers named by the descriptors until it bumps used_idx.
         unsafe {
             let hdr = addr_of_mut!(HDR);
-            write_volatile(
-                hdr,
-                Header {
-                    kind,
-                    _r: 0,
-                    sector,
-                },
-            );
+            write_volatile(hdr, Header { kind, _r: 0, sector });
             write_volatile(addr_of_mut!(STATUS_BYTE), 0xff);
             let ring = addr_of_mut!(RING);
             let mut n = 0;
-            (*ring).desc[0] = Desc {
-                addr: hdr as u64,
-                len: 16,
-                flags: D_NEXT,
-                next: 1,
-            };
+            (*ring).desc[0] = Desc { addr: hdr as u64, len: 16, flags: D_NEXT, next: 1 };
             n += 1;
             if let Some(b) = buf {
-                let flags = if kind == T_OUT {
-                    D_NEXT
-                } else {
-                    D_NEXT | D_WRITE
-                };
-                (*ring).desc[1] = Desc {
-                    addr: b.as_mut_ptr() as u64,
-                    len: b.len() as u32,
-                    flags,
-                    next: 2,
-                };
+                let flags = if kind == T_OUT { D_NEXT } else { D_NEXT | D_WRITE };
+                (*ring).desc[1] = Desc { addr: b.as_mut_ptr() as u64, len: b.len() as u32, flags, next: 2 };
                 n += 1;
             }
-            (*ring).desc[n] = Desc {
-                addr: addr_of!(STATUS_BYTE) as u64,
-                len: 1,
-                flags: D_WRITE,
-                next: 0,
-            };
+            (*ring).desc[n] = Desc { addr: addr_of!(STATUS_BYTE) as u64, len: 1, flags: D_WRITE, next: 0 };
             if n == 1 {
                 (*ring).desc[0].next = 1;
             }

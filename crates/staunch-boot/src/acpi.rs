@@ -5,9 +5,7 @@
 use acpi_tables::Aml;
 use acpi_tables::aml;
 use acpi_tables::fadt::FADTBuilder;
-use acpi_tables::madt::{
-    EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic,
-};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -39,10 +37,7 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
 fn dsdt(d: &Devices) -> Sdt {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"STNCDSDT", 1);
     for (i, (port, gsi)) in d.serial.iter().enumerate() {
-        let (io, irq) = (
-            aml::IO::new(*port, *port, 1, 8),
-            aml::Interrupt::new(true, true, false, false, *gsi),
-        );
+        let (io, irq) = (aml::IO::new(*port, *port, 1, 8), aml::Interrupt::new(true, true, false, false, *gsi));
         let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
         let (hid, uid) = (aml::EISAName::new("PNP0501"), i as u32);
         let names = [
@@ -66,10 +61,8 @@ fn dsdt(d: &Devices) -> Sdt {
             aml::Name::new("_UID".into(), &uid),
             aml::Name::new("_CRS".into(), &crs),
         ];
-        let dev = aml::Device::new(
-            format!("_SB_.V{i:03X}").as_str().into(),
-            names.iter().map(|n| n as &dyn Aml).collect(),
-        );
+        let dev =
+            aml::Device::new(format!("_SB_.V{i:03X}").as_str().into(), names.iter().map(|n| n as &dyn Aml).collect());
         sdt.append_slice(&bytes(&dev));
     }
     sdt
@@ -80,8 +73,7 @@ pub fn write(mem: &GuestMemoryMmap, d: &Devices) -> Result<u64, String> {
     let mut at = RSDP_ADDR + 0x100;
     let mut place = |blob: Vec<u8>| -> Result<u64, String> {
         let addr = at;
-        mem.write_slice(&blob, GuestAddress(addr))
-            .map_err(|e| e.to_string())?;
+        mem.write_slice(&blob, GuestAddress(addr)).map_err(|e| e.to_string())?;
         at = (at + blob.len() as u64 + 15) & !15;
         Ok(addr)
     };
@@ -89,12 +81,7 @@ pub fn write(mem: &GuestMemoryMmap, d: &Devices) -> Result<u64, String> {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"STNCFACP", 1).dsdt_64(dsdt);
     fadt.flags = FADT_HW_REDUCED.into();
     let fadt = place(bytes(&fadt.finalize()))?;
-    let mut madt = MADT::new(
-        OEM_ID,
-        *b"STNCMADT",
-        1,
-        LocalInterruptController::Address(LAPIC_ADDR),
-    );
+    let mut madt = MADT::new(OEM_ID, *b"STNCMADT", 1, LocalInterruptController::Address(LAPIC_ADDR));
     for i in 0..d.vcpus {
         madt.add_structure(ProcessorLocalApic::new(i, i, EnabledStatus::Enabled));
     }
@@ -105,8 +92,7 @@ pub fn write(mem: &GuestMemoryMmap, d: &Devices) -> Result<u64, String> {
     xsdt.add_entry(madt);
     let xsdt = place(bytes(&xsdt))?;
     let rsdp = Rsdp::new(OEM_ID, xsdt);
-    mem.write_slice(&bytes(&rsdp), GuestAddress(RSDP_ADDR))
-        .map_err(|e| e.to_string())?;
+    mem.write_slice(&bytes(&rsdp), GuestAddress(RSDP_ADDR)).map_err(|e| e.to_string())?;
     Ok(at - RSDP_ADDR)
 }
 
@@ -121,11 +107,7 @@ mod tests {
     #[test]
     fn tables_checksum_and_link() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let d = Devices {
-            vcpus: 2,
-            virtio_mmio: vec![(0xd000_0000, 0x1000, 5)],
-            serial: vec![(0x3f8, 4)],
-        };
+        let d = Devices { vcpus: 2, virtio_mmio: vec![(0xd000_0000, 0x1000, 5)], serial: vec![(0x3f8, 4)] };
         write(&mem, &d).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(RSDP_ADDR)).unwrap();
@@ -139,20 +121,12 @@ mod tests {
             let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
             let mut t = vec![0u8; len];
             mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
-            assert_eq!(
-                sum(&t),
-                0,
-                "checksum of {}",
-                String::from_utf8_lossy(&t[..4])
-            );
+            assert_eq!(sum(&t), 0, "checksum of {}", String::from_utf8_lossy(&t[..4]));
             t
         };
         let x = table(xsdt);
         assert_eq!(&x[..4], b"XSDT");
-        let entries: Vec<u64> = x[36..]
-            .chunks(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let entries: Vec<u64> = x[36..].chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
         let madt = table(entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         // Two local APICs (type 0) and one I/O APIC (type 1).

@@ -27,8 +27,7 @@ fn u64le(b: &[u8], o: usize) -> u64 {
 
 pub fn scan_elf<F: Read + Seek>(f: &mut F) -> Result<ElfInfo, String> {
     let mut eh = [0u8; 64];
-    f.read_exact(&mut eh)
-        .map_err(|e| format!("ELF header: {e}"))?;
+    f.read_exact(&mut eh).map_err(|e| format!("ELF header: {e}"))?;
     if eh[..4] != *b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
         return Err("not a 64-bit little-endian ELF".into());
     }
@@ -45,17 +44,10 @@ pub fn scan_elf<F: Read + Seek>(f: &mut F) -> Result<ElfInfo, String> {
     let mut notes = Vec::new();
     for i in 0..phnum {
         let mut ph = [0u8; 56];
-        f.seek(SeekFrom::Start(phoff + i * phentsize))
-            .map_err(|e| e.to_string())?;
-        f.read_exact(&mut ph)
-            .map_err(|e| format!("ELF program header {i}: {e}"))?;
-        let (ptype, offset, paddr, filesz, memsz) = (
-            u32le(&ph, 0),
-            u64le(&ph, 8),
-            u64le(&ph, 24),
-            u64le(&ph, 32),
-            u64le(&ph, 40),
-        );
+        f.seek(SeekFrom::Start(phoff + i * phentsize)).map_err(|e| e.to_string())?;
+        f.read_exact(&mut ph).map_err(|e| format!("ELF program header {i}: {e}"))?;
+        let (ptype, offset, paddr, filesz, memsz) =
+            (u32le(&ph, 0), u64le(&ph, 8), u64le(&ph, 24), u64le(&ph, 32), u64le(&ph, 40));
         match ptype {
             PT_LOAD => {
                 let end = paddr.checked_add(memsz).ok_or("ELF segment overflows")?;
@@ -68,8 +60,7 @@ pub fn scan_elf<F: Read + Seek>(f: &mut F) -> Result<ElfInfo, String> {
     for (offset, size) in notes {
         let mut buf = vec![0u8; size as usize];
         f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-        f.read_exact(&mut buf)
-            .map_err(|e| format!("ELF note: {e}"))?;
+        f.read_exact(&mut buf).map_err(|e| format!("ELF note: {e}"))?;
         info.smp_direct |= has_staunch_smp_note(&buf);
     }
     Ok(info)
@@ -86,11 +77,7 @@ fn has_staunch_smp_note(mut b: &[u8]) -> bool {
         if end > b.len() {
             return false;
         }
-        if ntype == 1
-            && &b[12..12 + namesz] == b"Staunch\0"
-            && descsz >= 4
-            && u32le(b, name_end) & 1 == 1
-        {
+        if ntype == 1 && &b[12..12 + namesz] == b"Staunch\0" && descsz >= 4 && u32le(b, name_end) & 1 == 1 {
             return true;
         }
         b = &b[end..];

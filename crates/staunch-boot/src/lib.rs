@@ -52,11 +52,7 @@ pub enum BootError {
     #[error("{0}")]
     BadElf(String),
     #[error("guest memory ({mem_mib} MiB) is too small: {what} needs up to {need_mib} MiB")]
-    TooSmall {
-        mem_mib: u64,
-        what: &'static str,
-        need_mib: u64,
-    },
+    TooSmall { mem_mib: u64, what: &'static str, need_mib: u64 },
     #[error("kernel load failed: {0}")]
     Load(#[from] loader::Error),
     #[error("command line: {0}")]
@@ -95,10 +91,7 @@ pub struct BootInfo {
 
 /// Sniff the format from the magic numbers.
 pub fn detect(path: &Path) -> Result<KernelFormat> {
-    let kio = |err| BootError::KernelIo {
-        path: path.display().to_string(),
-        err,
-    };
+    let kio = |err| BootError::KernelIo { path: path.display().to_string(), err };
     let mut f = File::open(path).map_err(kio)?;
     let mut head = [0u8; 0x210];
     let n = read_up_to(&mut f, &mut head).map_err(kio)?;
@@ -108,9 +101,7 @@ pub fn detect(path: &Path) -> Result<KernelFormat> {
     if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
         return Ok(KernelFormat::BzImage);
     }
-    Err(BootError::NotKernel {
-        path: path.display().to_string(),
-    })
+    Err(BootError::NotKernel { path: path.display().to_string() })
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -135,18 +126,11 @@ pub fn load(
 ) -> Result<BootInfo> {
     let format = detect(kernel)?;
     let kpath = kernel.display().to_string();
-    let kio = |err| BootError::KernelIo {
-        path: kpath.clone(),
-        err,
-    };
+    let kio = |err| BootError::KernelIo { path: kpath.clone(), err };
     let mut f = File::open(kernel).map_err(kio)?;
     let low_end = mem_bytes.min(layout::MMIO_HOLE);
     let mem_mib = mem_bytes / layout::MIB;
-    let too_small = |what, need: u64| BootError::TooSmall {
-        mem_mib,
-        what,
-        need_mib: need.div_ceil(layout::MIB),
-    };
+    let too_small = |what, need: u64| BootError::TooSmall { mem_mib, what, need_mib: need.div_ceil(layout::MIB) };
 
     let (entry, smp_direct, hdr) = match format {
         KernelFormat::Elf => {
@@ -182,29 +166,15 @@ pub fn load(
     h.cmdline_size = cmdline.len() as u32 + 1;
 
     if let Some(p) = initrd {
-        let iio = |err| BootError::InitrdIo {
-            path: p.display().to_string(),
-            err,
-        };
+        let iio = |err| BootError::InitrdIo { path: p.display().to_string(), err };
         let data = std::fs::read(p).map_err(iio)?;
-        let max = if h.initrd_addr_max != 0 {
-            (h.initrd_addr_max as u64 + 1).min(low_end)
-        } else {
-            low_end
-        };
+        let max = if h.initrd_addr_max != 0 { (h.initrd_addr_max as u64 + 1).min(low_end) } else { low_end };
         let size = data.len() as u64;
-        let addr = max
-            .checked_sub(size)
-            .map(|a| a & !0xfff)
-            .filter(|a| *a >= layout::HIMEM + 0x100_0000);
+        let addr = max.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= layout::HIMEM + 0x100_0000);
         let Some(addr) = addr else {
-            return Err(too_small(
-                "the kernel and initrd",
-                size + layout::HIMEM + 0x100_0000,
-            ));
+            return Err(too_small("the kernel and initrd", size + layout::HIMEM + 0x100_0000));
         };
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(|e| BootError::Memory(e.to_string()))?;
+        mem.write_slice(&data, GuestAddress(addr)).map_err(|e| BootError::Memory(e.to_string()))?;
         h.ramdisk_image = addr as u32;
         h.ramdisk_size = size as u32;
     }
@@ -221,13 +191,9 @@ pub fn load(
     }
     let mut c = cmdline.as_bytes().to_vec();
     c.push(0);
-    mem.write_slice(&c, GuestAddress(layout::CMDLINE))
-        .map_err(|e| BootError::Memory(e.to_string()))?;
+    mem.write_slice(&c, GuestAddress(layout::CMDLINE)).map_err(|e| BootError::Memory(e.to_string()))?;
 
-    let mut e820 = vec![
-        (0u64, layout::EBDA, 1u32),
-        (layout::HIMEM, low_end - layout::HIMEM, 1),
-    ];
+    let mut e820 = vec![(0u64, layout::EBDA, 1u32), (layout::HIMEM, low_end - layout::HIMEM, 1)];
     for (start, len) in ram_ranges(mem_bytes).into_iter().skip(1) {
         e820.push((start, len, 1));
     }
@@ -242,37 +208,23 @@ pub fn load(
         .map_err(|e| BootError::Memory(e.to_string()))?;
     write_cpu_tables(mem)?;
     acpi::write(mem, devices).map_err(BootError::Memory)?;
-    Ok(BootInfo {
-        format,
-        entry,
-        smp_direct,
-    })
+    Ok(BootInfo { format, entry, smp_direct })
 }
 
 // GDT entries: null, code64, data, TSS placeholder (KVM wants a valid TR).
-const GDT: [u64; 4] = [
-    0,
-    0x00af_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x008f_8b00_0000_ffff,
-];
+const GDT: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff];
 
 /// GDT, empty IDT and identity page tables for the first 1 GiB (2 MiB pages).
 fn write_cpu_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let merr = |e: vm_memory::GuestMemoryError| BootError::Memory(e.to_string());
     for (i, d) in GDT.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(layout::GDT + 8 * i as u64))
-            .map_err(merr)?;
+        mem.write_obj(*d, GuestAddress(layout::GDT + 8 * i as u64)).map_err(merr)?;
     }
-    mem.write_obj(0u64, GuestAddress(layout::IDT))
-        .map_err(merr)?;
-    mem.write_obj(layout::PDPT | 3, GuestAddress(layout::PML4))
-        .map_err(merr)?;
-    mem.write_obj(layout::PD | 3, GuestAddress(layout::PDPT))
-        .map_err(merr)?;
+    mem.write_obj(0u64, GuestAddress(layout::IDT)).map_err(merr)?;
+    mem.write_obj(layout::PDPT | 3, GuestAddress(layout::PML4)).map_err(merr)?;
+    mem.write_obj(layout::PD | 3, GuestAddress(layout::PDPT)).map_err(merr)?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PD + 8 * i))
-            .map_err(merr)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PD + 8 * i)).map_err(merr)?;
     }
     Ok(())
 }

@@ -41,14 +41,8 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base
-            .checked_add(len)
-            .ok_or(BusError::Overlap { base, len })?;
-        if self
-            .entries
-            .iter()
-            .any(|(b, l, _)| base < b + l && *b < end)
-        {
+        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        if self.entries.iter().any(|(b, l, _)| base < b + l && *b < end) {
             return Err(BusError::Overlap { base, len });
         }
         let pos = self.entries.partition_point(|(b, _, _)| *b < base);
@@ -57,10 +51,7 @@ impl Bus {
     }
 
     fn find(&self, addr: u64) -> Option<(u64, &Shared)> {
-        let i = self
-            .entries
-            .partition_point(|(b, _, _)| *b <= addr)
-            .checked_sub(1)?;
+        let i = self.entries.partition_point(|(b, _, _)| *b <= addr).checked_sub(1)?;
         let (b, l, d) = &self.entries[i];
         (addr - b < *l).then_some((addr - b, d))
     }

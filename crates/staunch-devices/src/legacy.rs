@@ -18,10 +18,7 @@ pub struct I8042State {
 
 impl I8042 {
     pub fn state(&self) -> I8042State {
-        I8042State {
-            version: 1,
-            ..self.state.clone()
-        }
+        I8042State { version: 1, ..self.state.clone() }
     }
 }
 

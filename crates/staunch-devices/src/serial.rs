@@ -39,9 +39,29 @@ pub struct SerialState {
 
 impl Serial {
     pub fn new(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>) -> Self {
-        Serial {
-            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        Serial { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
+    }
+
+    /// Rebuild a UART from saved state (registers and pending input).
+    pub fn restore(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>, s: &SerialState) -> Result<Self, String> {
+        if s.version != 1 {
+            return Err(format!("serial state version {} is not supported", s.version));
         }
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: s.divisor_low,
+            baud_divisor_high: s.divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.rx_fifo.clone(),
+        };
+        let uart = vm_superio::Serial::from_state(&st, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Serial { uart })
     }
 
     /// Queue input for the guest; returns how many bytes fit in the FIFO.

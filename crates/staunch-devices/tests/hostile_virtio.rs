@@ -44,8 +44,7 @@ fn r(dev: &mut MmioTransport, off: u64) -> u32 {
 
 impl Rig {
     fn new(name: &str, read_only: bool) -> Rig {
-        let disk =
-            std::env::temp_dir().join(format!("staunch-hostile-{}-{name}.img", std::process::id()));
+        let disk = std::env::temp_dir().join(format!("staunch-hostile-{}-{name}.img", std::process::id()));
         std::fs::write(&disk, vec![0u8; 64 * 1024]).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         let blk = Block::open(&disk, read_only).unwrap();
@@ -65,12 +64,7 @@ impl Rig {
         w(&mut dev, 0x44, 1);
         w(&mut dev, 0x70, 3 | 8 | 4);
         assert_eq!(r(&mut dev, 0x70), 15, "driver ok");
-        Rig {
-            mem,
-            dev,
-            avail: 0,
-            disk,
-        }
+        Rig { mem, dev, avail: 0, disk }
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -90,16 +84,9 @@ impl Rig {
 
     /// Publish head 0 and notify; returns (used entries, status byte).
     fn kick(&mut self) -> (u16, u8) {
-        self.mem
-            .write_obj(
-                0u16,
-                GuestAddress(AVAIL + 4 + 2 * (self.avail % QSZ) as u64),
-            )
-            .unwrap();
+        self.mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * (self.avail % QSZ) as u64)).unwrap();
         self.avail = self.avail.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail, GuestAddress(AVAIL + 2))
-            .unwrap();
+        self.mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).unwrap();
         w(&mut self.dev, 0x50, 0);
         let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
         (used, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
@@ -128,13 +115,9 @@ impl Drop for Rig {
 #[test]
 fn good_requests_round_trip() {
     let mut rig = Rig::new("good", false);
-    rig.mem
-        .write_slice(&[0xabu8; 1024], GuestAddress(DATA))
-        .unwrap();
+    rig.mem.write_slice(&[0xabu8; 1024], GuestAddress(DATA)).unwrap();
     assert_eq!(rig.request(T_OUT, 2, Some((DATA, 1024, false))), (1, S_OK));
-    rig.mem
-        .write_slice(&[0u8; 1024], GuestAddress(DATA))
-        .unwrap();
+    rig.mem.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
     assert_eq!(rig.request(T_IN, 2, Some((DATA, 1024, true))), (2, S_OK));
     let mut back = [0u8; 1024];
     rig.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
@@ -148,24 +131,15 @@ fn good_requests_round_trip() {
 fn malformed_requests_get_error_status() {
     let mut rig = Rig::new("bad", false);
     // Data outside guest memory.
-    assert_eq!(
-        rig.request(T_IN, 0, Some((MEM as u64 - 256, 512, true))).1,
-        S_IOERR
-    );
-    assert_eq!(
-        rig.request(T_IN, 0, Some((u64::MAX - 100, 512, true))).1,
-        S_IOERR
-    );
+    assert_eq!(rig.request(T_IN, 0, Some((MEM as u64 - 256, 512, true))).1, S_IOERR);
+    assert_eq!(rig.request(T_IN, 0, Some((u64::MAX - 100, 512, true))).1, S_IOERR);
     // Wrong direction: device asked to write into a read-only buffer.
     assert_eq!(rig.request(T_IN, 0, Some((DATA, 512, false))).1, S_IOERR);
     assert_eq!(rig.request(T_OUT, 0, Some((DATA, 512, true))).1, S_IOERR);
     // Not a whole sector; past the end; sector arithmetic overflow.
     assert_eq!(rig.request(T_IN, 0, Some((DATA, 100, true))).1, S_IOERR);
     assert_eq!(rig.request(T_IN, 128, Some((DATA, 512, true))).1, S_IOERR);
-    assert_eq!(
-        rig.request(T_IN, u64::MAX / 2, Some((DATA, 512, true))).1,
-        S_IOERR
-    );
+    assert_eq!(rig.request(T_IN, u64::MAX / 2, Some((DATA, 512, true))).1, S_IOERR);
     // Unknown request type.
     assert_eq!(rig.request(77, 0, Some((DATA, 512, true))).1, S_UNSUPP);
     // Header too short.
@@ -229,26 +203,14 @@ fn random_descriptor_tables_never_panic() {
                 2 => DATA + (next() % 0x3000),
                 _ => MEM as u64 - (next() % 1024),
             };
-            rig.desc(
-                i,
-                addr,
-                (next() % 0x2000) as u32,
-                (next() % 8) as u16,
-                (next() % 20) as u16,
-            );
+            rig.desc(i, addr, (next() % 0x2000) as u32, (next() % 8) as u16, (next() % 20) as u16);
         }
         rig.mem.write_obj(next(), GuestAddress(HDR)).unwrap();
-        rig.mem
-            .write_obj(next() % 256, GuestAddress(HDR + 8))
-            .unwrap();
+        rig.mem.write_obj(next() % 256, GuestAddress(HDR + 8)).unwrap();
         let head = (next() % 20) as u16;
-        rig.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * (rig.avail % QSZ) as u64))
-            .unwrap();
+        rig.mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * (rig.avail % QSZ) as u64)).unwrap();
         rig.avail = rig.avail.wrapping_add(1);
-        rig.mem
-            .write_obj(rig.avail, GuestAddress(AVAIL + 2))
-            .unwrap();
+        rig.mem.write_obj(rig.avail, GuestAddress(AVAIL + 2)).unwrap();
         w(&mut rig.dev, 0x50, 0);
         if r(&mut rig.dev, 0x70) & 0x40 != 0 {
             // A reset is a legitimate answer; start over like a driver would.

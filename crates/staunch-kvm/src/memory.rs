@@ -48,28 +48,32 @@ impl GuestRam {
             }
             // SAFETY: fd is a fresh descriptor we own.
             let file = unsafe { File::from_raw_fd(fd) };
-            file.set_len(size)
-                .map_err(|err| MemError::Truncate { size, err })?;
+            file.set_len(size).map_err(|err| MemError::Truncate { size, err })?;
             regions.push(RamRegion { gpa, size, file });
         }
+        Self::map(regions, bytes)
+    }
+
+    /// Map RAM regions whose memfds already exist (inherited across exec):
+    /// the guest's memory is reused in place, never copied.
+    pub fn from_regions(regions: Vec<RamRegion>) -> Result<Self, MemError> {
+        for r in &regions {
+            let len = r.file.metadata().map_err(|e| MemError::Map(e.to_string()))?.len();
+            if len < r.size {
+                return Err(MemError::Map(format!("memfd for {:#x} holds {len} bytes, expected {}", r.gpa, r.size)));
+            }
+        }
+        let bytes = regions.iter().map(|r| r.size).sum();
+        Self::map(regions, bytes)
+    }
+
+    fn map(regions: Vec<RamRegion>, bytes: u64) -> Result<Self, MemError> {
         let mut ranges = Vec::new();
         for r in &regions {
-            let f = r
-                .file
-                .try_clone()
-                .map_err(|e| MemError::Map(e.to_string()))?;
-            ranges.push((
-                GuestAddress(r.gpa),
-                r.size as usize,
-                Some(FileOffset::new(f, 0)),
-            ));
+            let f = r.file.try_clone().map_err(|e| MemError::Map(e.to_string()))?;
+            ranges.push((GuestAddress(r.gpa), r.size as usize, Some(FileOffset::new(f, 0))));
         }
-        let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
-            .map_err(|e| MemError::Map(e.to_string()))?;
-        Ok(GuestRam {
-            regions,
-            mem,
-            bytes,
-        })
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemError::Map(e.to_string()))?;
+        Ok(GuestRam { regions, mem, bytes })
     }
 }

@@ -3,9 +3,9 @@
 //! old one stopped. Explicit, versioned structs.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -16,10 +16,7 @@ pub const VM_STATE_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{what}: {err}")]
-    Kvm {
-        what: &'static str,
-        err: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, err: kvm_ioctls::Error },
     #[error("state version {found} is not supported (expected {expected})")]
     Version { found: u32, expected: u32 },
     #[error("restored only {set} of {total} MSRs")]
@@ -59,15 +56,10 @@ pub struct VmSnapshot {
 
 /// The MSRs worth saving: KVM's list, minus those this host refuses to read.
 pub fn msr_list(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, StateError> {
-    let all = kvm
-        .get_msr_index_list()
-        .map_err(kerr("get MSR index list"))?;
+    let all = kvm.get_msr_index_list().map_err(kerr("get MSR index list"))?;
     let mut ok = Vec::new();
     for idx in all.as_slice() {
-        let entry = [kvm_msr_entry {
-            index: *idx,
-            ..Default::default()
-        }];
+        let entry = [kvm_msr_entry { index: *idx, ..Default::default() }];
         if let Ok(mut m) = Msrs::from_entries(&entry) {
             if probe.get_msrs(&mut m) == Ok(1) {
                 ok.push(*idx);
@@ -80,17 +72,8 @@ pub fn msr_list(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, StateError> {
 /// Read a vCPU's state. The vCPU must be out of KVM_RUN with any pending I/O
 /// completed (see `vcpu::run`'s pause handling).
 pub fn save_vcpu(fd: &VcpuFd, index: u8, msrs: &[u32]) -> Result<VcpuSnapshot, StateError> {
-    let entries: Vec<kvm_msr_entry> = msrs
-        .iter()
-        .map(|i| kvm_msr_entry {
-            index: *i,
-            ..Default::default()
-        })
-        .collect();
-    let mut m = Msrs::from_entries(&entries).map_err(|_| StateError::Msrs {
-        set: 0,
-        total: entries.len(),
-    })?;
+    let entries: Vec<kvm_msr_entry> = msrs.iter().map(|i| kvm_msr_entry { index: *i, ..Default::default() }).collect();
+    let mut m = Msrs::from_entries(&entries).map_err(|_| StateError::Msrs { set: 0, total: entries.len() })?;
     let n = fd.get_msrs(&mut m).map_err(kerr("get MSRs"))?;
     Ok(VcpuSnapshot {
         version: VCPU_STATE_VERSION,
@@ -112,42 +95,27 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, msrs: &[u32]) -> Result<VcpuSnapshot, S
 /// LAPIC, pending events last.
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), StateError> {
     if s.version != VCPU_STATE_VERSION {
-        return Err(StateError::Version {
-            found: s.version,
-            expected: VCPU_STATE_VERSION,
-        });
+        return Err(StateError::Version { found: s.version, expected: VCPU_STATE_VERSION });
     }
-    let m = Msrs::from_entries(&s.msrs).map_err(|_| StateError::Msrs {
-        set: 0,
-        total: s.msrs.len(),
-    })?;
+    let m = Msrs::from_entries(&s.msrs).map_err(|_| StateError::Msrs { set: 0, total: s.msrs.len() })?;
     let set = fd.set_msrs(&m).map_err(kerr("set MSRs"))?;
     if set != s.msrs.len() {
-        return Err(StateError::Msrs {
-            set,
-            total: s.msrs.len(),
-        });
+        return Err(StateError::Msrs { set, total: s.msrs.len() });
     }
-    fd.set_sregs(&s.sregs)
-        .map_err(kerr("set special registers"))?;
+    fd.set_sregs(&s.sregs).map_err(kerr("set special registers"))?;
     fd.set_regs(&s.regs).map_err(kerr("set registers"))?;
     // SAFETY: kvm_xsave is the legacy 4 KiB layout KVM_GET_XSAVE produced.
     unsafe { fd.set_xsave(&s.xsave) }.map_err(kerr("set xsave"))?;
     fd.set_xcrs(&s.xcrs).map_err(kerr("set XCRs"))?;
-    fd.set_debug_regs(&s.debugregs)
-        .map_err(kerr("set debug registers"))?;
+    fd.set_debug_regs(&s.debugregs).map_err(kerr("set debug registers"))?;
     fd.set_lapic(&s.lapic).map_err(kerr("set LAPIC"))?;
     fd.set_mp_state(s.mp_state).map_err(kerr("set MP state"))?;
-    fd.set_vcpu_events(&s.events)
-        .map_err(kerr("set vCPU events"))?;
+    fd.set_vcpu_events(&s.events).map_err(kerr("set vCPU events"))?;
     Ok(())
 }
 
 fn chip(vm: &VmFd, id: u32) -> Result<kvm_irqchip, StateError> {
-    let mut c = kvm_irqchip {
-        chip_id: id,
-        ..Default::default()
-    };
+    let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
     vm.get_irqchip(&mut c).map_err(kerr("get irqchip"))?;
     Ok(c)
 }
@@ -165,20 +133,14 @@ pub fn save_vm(vm: &VmFd) -> Result<VmSnapshot, StateError> {
 
 pub fn restore_vm(vm: &VmFd, s: &VmSnapshot) -> Result<(), StateError> {
     if s.version != VM_STATE_VERSION {
-        return Err(StateError::Version {
-            found: s.version,
-            expected: VM_STATE_VERSION,
-        });
+        return Err(StateError::Version { found: s.version, expected: VM_STATE_VERSION });
     }
     vm.set_pit2(&s.pit).map_err(kerr("set PIT"))?;
     for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
         vm.set_irqchip(c).map_err(kerr("set irqchip"))?;
     }
     // Only the clock value: the flags KVM reports are not accepted back.
-    let clock = kvm_clock_data {
-        clock: s.clock.clock,
-        ..Default::default()
-    };
+    let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
     vm.set_clock(&clock).map_err(kerr("set clock"))?;
     Ok(())
 }

@@ -5,9 +5,7 @@
 //! (immediate_exit in the shared kvm_run page, then a signal in case the
 //! thread is already inside the guest).
 
-use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_segment, Msrs, KVM_MP_STATE_RUNNABLE,
-};
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_segment, Msrs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use staunch_boot::{CpuBootState, Segment};
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
@@ -16,11 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {index}: {what} failed: {err}")]
-    Setup {
-        index: u8,
-        what: &'static str,
-        err: kvm_ioctls::Error,
-    },
+    Setup { index: u8, what: &'static str, err: kvm_ioctls::Error },
     #[error("vCPU {0}: cannot install the kick signal handler: {1}")]
     Signal(u8, String),
 }
@@ -60,9 +54,12 @@ const REQ_RUN: u8 = 0;
 const REQ_PAUSE: u8 = 1;
 const REQ_STOP: u8 = 2;
 
+type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 /// Shared between a vCPU thread and whoever controls it.
 pub struct VcpuControl {
     pub index: u8,
+    jobs: Mutex<Vec<Job>>,
     requested: AtomicU8,
     state: Mutex<VcpuState>,
     changed: Condvar,
@@ -82,8 +79,7 @@ fn install_kick_handler() -> Result<(), String> {
     static ONCE: Once = Once::new();
     let mut res = Ok(());
     ONCE.call_once(|| {
-        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| e.to_string());
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string());
     });
     res
 }
@@ -92,6 +88,7 @@ impl VcpuControl {
     pub fn new(index: u8) -> Arc<Self> {
         Arc::new(VcpuControl {
             index,
+            jobs: Mutex::new(Vec::new()),
             requested: AtomicU8::new(REQ_RUN),
             state: Mutex::new(VcpuState::Created),
             changed: Condvar::new(),
@@ -132,10 +129,8 @@ impl VcpuControl {
         self.kick();
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while *s == VcpuState::Running || *s == VcpuState::Created {
-            let (g, _) = self
-                .changed
-                .wait_timeout(s, std::time::Duration::from_millis(5))
-                .unwrap_or_else(|p| p.into_inner());
+            let (g, _) =
+                self.changed.wait_timeout(s, std::time::Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner());
             s = g;
             if *s == VcpuState::Running {
                 drop(s);
@@ -156,13 +151,45 @@ impl VcpuControl {
         self.kick();
     }
 
-    fn wait_while_paused(&self) {
+    /// Run `f` on the vCPU thread with its fd, while the vCPU is paused (the
+    /// only time its state is stable). Returns None if the vCPU is not paused
+    /// or stops before running the job.
+    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static) -> Option<R> {
+        if self.state() != VcpuState::Paused {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        }));
+        self.changed.notify_all();
+        rx.recv().ok()
+    }
+
+    fn take_jobs(&self) -> Vec<Job> {
+        std::mem::take(&mut *self.jobs.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn wait_while_paused(&self, fd: &mut VcpuFd) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         *s = VcpuState::Paused;
         self.changed.notify_all();
-        while self.requested.load(Ordering::SeqCst) == REQ_PAUSE {
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        loop {
+            drop(s);
+            for job in self.take_jobs() {
+                job(fd);
+            }
+            s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if self.requested.load(Ordering::SeqCst) != REQ_PAUSE {
+                break;
+            }
+            if self.jobs.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
         }
+        drop(s);
+        // Jobs queued as the pause ended still get an answer (a None).
+        drop(self.take_jobs());
     }
 }
 
@@ -198,22 +225,12 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
 /// Put a vCPU in long mode at the boot entry (BSP, or an AP of an image that
 /// asked for direct SMP start), or leave an AP waiting for INIT/SIPI.
-pub fn configure(
-    fd: &VcpuFd,
-    index: u8,
-    boot: &CpuBootState,
-    start_now: bool,
-) -> Result<(), VcpuError> {
+pub fn configure(fd: &VcpuFd, index: u8, boot: &CpuBootState, start_now: bool) -> Result<(), VcpuError> {
     let err = |what| move |err| VcpuError::Setup { index, what, err };
     // LAPIC: LINT0 as ExtINT (the PIC), LINT1 as NMI, as a PC wires them.
     let mut lapic = fd.get_lapic().map_err(err("get LAPIC"))?;
     let reg = |l: &kvm_bindings::kvm_lapic_state, off: usize| {
-        u32::from_le_bytes([
-            l.regs[off] as u8,
-            l.regs[off + 1] as u8,
-            l.regs[off + 2] as u8,
-            l.regs[off + 3] as u8,
-        ])
+        u32::from_le_bytes([l.regs[off] as u8, l.regs[off + 1] as u8, l.regs[off + 2] as u8, l.regs[off + 3] as u8])
     };
     let set = |l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32| {
         for (i, b) in v.to_le_bytes().iter().enumerate() {
@@ -243,11 +260,7 @@ pub fn configure(
     ];
     let list: Vec<_> = entries
         .iter()
-        .map(|(i, d)| kvm_bindings::kvm_msr_entry {
-            index: *i,
-            data: *d,
-            ..Default::default()
-        })
+        .map(|(i, d)| kvm_bindings::kvm_msr_entry { index: *i, data: *d, ..Default::default() })
         .collect();
     let msrs = Msrs::from_entries(&list).map_err(|_| VcpuError::Setup {
         index,
@@ -259,11 +272,7 @@ pub fn configure(
     if !start_now {
         return Ok(());
     }
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     fd.set_fpu(&fpu).map_err(err("set FPU"))?;
     let regs = kvm_regs {
         rip: boot.rip,
@@ -277,13 +286,7 @@ pub fn configure(
     fd.set_regs(&regs).map_err(err("set registers"))?;
     let mut sregs = fd.get_sregs().map_err(err("get special registers"))?;
     sregs.cs = seg(&boot.code);
-    for s in [
-        &mut sregs.ds,
-        &mut sregs.es,
-        &mut sregs.fs,
-        &mut sregs.gs,
-        &mut sregs.ss,
-    ] {
+    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
         *s = seg(&boot.data);
     }
     sregs.tr = seg(&boot.tss);
@@ -297,10 +300,7 @@ pub fn configure(
     sregs.efer = boot.efer;
     fd.set_sregs(&sregs).map_err(err("set special registers"))?;
     if index != 0 {
-        fd.set_mp_state(kvm_mp_state {
-            mp_state: KVM_MP_STATE_RUNNABLE,
-        })
-        .map_err(err("set MP state"))?;
+        fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(err("set MP state"))?;
     }
     Ok(())
 }
@@ -311,17 +311,32 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
     if let Err(e) = install_kick_handler() {
         return StopReason::Error(format!("vCPU {}: kick handler: {e}", ctl.index));
     }
-    ctl.run_page
-        .store(fd.get_kvm_run() as *mut kvm_run, Ordering::Release);
+    ctl.run_page.store(fd.get_kvm_run() as *mut kvm_run, Ordering::Release);
     // SAFETY: pthread_self has no preconditions.
-    ctl.thread
-        .store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
+    ctl.thread.store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
     let reason = loop {
         match ctl.requested.load(Ordering::SeqCst) {
             REQ_STOP => break StopReason::Requested,
             REQ_PAUSE => {
+                // Let KVM finish the instruction whose I/O we just served
+                // (an `in` result, an MMIO read) without entering the guest,
+                // so the saved state is at an instruction boundary.
+                let mut stop = None;
+                for _ in 0..64 {
+                    fd.set_kvm_immediate_exit(1);
+                    match fd.run() {
+                        Ok(exit) => stop = dispatch(exit, handler),
+                        Err(_) => break,
+                    }
+                    if stop.is_some() {
+                        break;
+                    }
+                }
                 fd.set_kvm_immediate_exit(0);
-                ctl.wait_while_paused();
+                if let Some(r) = stop {
+                    break r;
+                }
+                ctl.wait_while_paused(&mut fd);
                 continue;
             }
             _ => {}
@@ -338,33 +353,7 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
             Err(e) => break StopReason::Error(format!("KVM_RUN: {e}")),
         };
         ctl.exits.fetch_add(1, Ordering::Relaxed);
-        let stop = match exit {
-            VcpuExit::IoIn(port, data) => {
-                handler.pio_read(port, data);
-                None
-            }
-            VcpuExit::IoOut(port, data) => handler.pio_write(port, data),
-            VcpuExit::MmioRead(addr, data) => {
-                handler.mmio_read(addr, data);
-                None
-            }
-            VcpuExit::MmioWrite(addr, data) => handler.mmio_write(addr, data),
-            VcpuExit::Hlt => None,
-            VcpuExit::Intr => None,
-            VcpuExit::Shutdown => Some(StopReason::TripleFault),
-            VcpuExit::SystemEvent(kind, _) => Some(match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff(0),
-                k => StopReason::Error(format!("system event {k}")),
-            }),
-            VcpuExit::FailEntry(reason, cpu) => Some(StopReason::Error(format!(
-                "entry failed: reason {reason:#x} on cpu {cpu}"
-            ))),
-            VcpuExit::InternalError => Some(StopReason::Error(
-                "KVM internal error (emulation failure)".into(),
-            )),
-            other => Some(StopReason::Error(format!("unhandled exit {other:?}"))),
-        };
+        let stop = dispatch(exit, handler);
         if let Some(r) = stop {
             if let StopReason::Error(msg) = r {
                 let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -377,4 +366,32 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
     ctl.thread.store(0, Ordering::Release);
     ctl.set_state(VcpuState::Stopped);
     reason
+}
+
+/// Serve one exit; Some(reason) if the VM must stop.
+fn dispatch(exit: VcpuExit<'_>, handler: &dyn ExitHandler) -> Option<StopReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            handler.pio_read(port, data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => handler.pio_write(port, data),
+        VcpuExit::MmioRead(addr, data) => {
+            handler.mmio_read(addr, data);
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => handler.mmio_write(addr, data),
+        VcpuExit::Hlt | VcpuExit::Intr => None,
+        VcpuExit::Shutdown => Some(StopReason::TripleFault),
+        VcpuExit::SystemEvent(kind, _) => Some(match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff(0),
+            k => StopReason::Error(format!("system event {k}")),
+        }),
+        VcpuExit::FailEntry(reason, cpu) => {
+            Some(StopReason::Error(format!("entry failed: reason {reason:#x} on cpu {cpu}")))
+        }
+        VcpuExit::InternalError => Some(StopReason::Error("KVM internal error (emulation failure)".into())),
+        other => Some(StopReason::Error(format!("unhandled exit {other:?}"))),
+    }
 }

@@ -1,27 +1,18 @@
 //! The KVM VM: irqchip, PIT, memory slots, vCPU creation with CPUID.
 
 use crate::memory::GuestRam;
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("cannot open {path}: {err} (is KVM enabled, and may this user open it?)")]
-    Open {
-        path: String,
-        err: kvm_ioctls::Error,
-    },
+    Open { path: String, err: kvm_ioctls::Error },
     #[error("KVM API version {0} is not supported (need 12)")]
     ApiVersion(i32),
     #[error("KVM {what} failed: {err}")]
-    Kvm {
-        what: &'static str,
-        err: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, err: kvm_ioctls::Error },
     #[error("vCPU count {0} is out of range (1 to {1})")]
     VcpuCount(u8, u8),
 }
@@ -43,24 +34,16 @@ const TSS_ADDR: usize = 0xfffb_d000;
 impl Vm {
     /// Open KVM at `path` (normally /dev/kvm) and build a VM over `ram`.
     pub fn new(path: &str, ram: &GuestRam) -> Result<Self, VmError> {
-        let kvm = Kvm::new_with_path(std::ffi::CString::new(path).unwrap_or_default()).map_err(
-            |err| VmError::Open {
-                path: path.to_string(),
-                err,
-            },
-        )?;
+        let kvm = Kvm::new_with_path(std::ffi::CString::new(path).unwrap_or_default())
+            .map_err(|err| VmError::Open { path: path.to_string(), err })?;
         let v = kvm.get_api_version();
         if v != 12 {
             return Err(VmError::ApiVersion(v));
         }
         let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        fd.set_tss_address(TSS_ADDR)
-            .map_err(kvm_err("set TSS address"))?;
+        fd.set_tss_address(TSS_ADDR).map_err(kvm_err("set TSS address"))?;
         fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
         for (slot, region) in ram.mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
@@ -74,18 +57,13 @@ impl Vm {
             // for the VM's whole life.
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
         }
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("get supported CPUID"))?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
         Ok(Vm { kvm, fd, cpuid })
     }
 
     /// Create vCPU `index` with CPUID that names its APIC id.
     pub fn create_vcpu(&self, index: u8, count: u8) -> Result<VcpuFd, VmError> {
-        let vcpu = self
-            .fd
-            .create_vcpu(index as u64)
-            .map_err(kvm_err("create vCPU"))?;
+        let vcpu = self.fd.create_vcpu(index as u64).map_err(kvm_err("create vCPU"))?;
         let mut cpuid = self.cpuid.clone();
         for e in cpuid.as_mut_slice() {
             match e.function {
@@ -109,7 +87,6 @@ trait AsPtr {
 }
 impl AsPtr for vm_memory::GuestRegionMmap {
     fn as_ptr(&self) -> *mut u8 {
-        self.get_host_address(vm_memory::MemoryRegionAddress(0))
-            .unwrap_or(std::ptr::null_mut())
+        self.get_host_address(vm_memory::MemoryRegionAddress(0)).unwrap_or(std::ptr::null_mut())
     }
 }

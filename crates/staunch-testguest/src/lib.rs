@@ -23,8 +23,7 @@ pub fn install(dir: &Path) -> std::io::Result<PathBuf> {
 
 /// One `STAUNCH ...` report line, prefix removed; None for other lines.
 pub fn report(line: &str) -> Option<&str> {
-    line.trim_end_matches(['\r', '\n'])
-        .strip_prefix(proto::LINE_PREFIX)
+    line.trim_end_matches(['\r', '\n']).strip_prefix(proto::LINE_PREFIX)
 }
 
 #[cfg(test)]

@@ -32,10 +32,7 @@ pub struct DiskConfig {
 impl DiskConfig {
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut parts = spec.split(',');
-        let path = parts
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| ConfigError::Disk(spec.into()))?;
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::Disk(spec.into()))?;
         let mut read_only = false;
         for opt in parts {
             match opt {
@@ -44,10 +41,7 @@ impl DiskConfig {
                 _ => return Err(ConfigError::Disk(spec.into())),
             }
         }
-        Ok(DiskConfig {
-            path: path.into(),
-            read_only,
-        })
+        Ok(DiskConfig { path: path.into(), read_only })
     }
 }
 
@@ -102,6 +96,12 @@ pub struct VmConfig {
     /// The KVM device node (tests point it elsewhere to check the error).
     #[serde(default = "default_kvm")]
     pub kvm_device: String,
+    /// Control socket (JSON lines): pause, resume, status, upgrade, ...
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// Append structured events (JSON lines) here.
+    #[serde(default)]
+    pub events: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -115,16 +115,15 @@ impl VmConfig {
             disks: Vec::new(),
             serial: SerialConfig::default(),
             kvm_device: default_kvm(),
+            api_socket: None,
+            events: None,
         }
     }
 
     /// Read a TOML (`.toml`) or JSON (anything else) config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            path: p.clone(),
-            err,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
         let parsed = if path.extension().is_some_and(|e| e == "toml") {
             toml::from_str(&text).map_err(|e| e.to_string())
         } else {
@@ -154,34 +153,22 @@ mod tests {
 
     #[test]
     fn specs() {
-        assert_eq!(
-            DiskConfig::parse("a.img,ro").unwrap(),
-            DiskConfig {
-                path: "a.img".into(),
-                read_only: true
-            }
-        );
+        assert_eq!(DiskConfig::parse("a.img,ro").unwrap(), DiskConfig { path: "a.img".into(), read_only: true });
         assert!(DiskConfig::parse(",ro").is_err());
         assert!(DiskConfig::parse("a,rx").is_err());
-        assert_eq!(
-            SerialConfig::parse("file:/x").unwrap(),
-            SerialConfig::File("/x".into())
-        );
+        assert_eq!(SerialConfig::parse("file:/x").unwrap(), SerialConfig::File("/x".into()));
         assert!(SerialConfig::parse("tcp:1").is_err());
         assert!(SerialConfig::parse("file:").is_err());
     }
 
     #[test]
     fn toml_and_unknown_fields() {
-        let c: VmConfig = toml::from_str(
-            "kernel = \"k\"\nvcpus = 2\n[[disks]]\npath = \"d\"\nread_only = true\n",
-        )
-        .unwrap();
+        let c: VmConfig =
+            toml::from_str("kernel = \"k\"\nvcpus = 2\n[[disks]]\npath = \"d\"\nread_only = true\n").unwrap();
         assert_eq!(c.vcpus, 2);
         assert!(c.disks[0].read_only);
         assert!(toml::from_str::<VmConfig>("kernel = \"k\"\nbogus = 1\n").is_err());
-        let j: VmConfig =
-            serde_json::from_str(r#"{"kernel":"k","serial":{"file":"/tmp/s"}}"#).unwrap();
+        let j: VmConfig = serde_json::from_str(r#"{"kernel":"k","serial":{"file":"/tmp/s"}}"#).unwrap();
         assert_eq!(j.serial, SerialConfig::File("/tmp/s".into()));
     }
 }

@@ -1,9 +1,12 @@
 //! One VM: configuration, assembly of memory, KVM, devices and vCPU threads,
 //! and the control handle (pause, resume, stop) other threads use.
 
+pub mod api;
 pub mod config;
+pub mod events;
+pub mod record;
 pub mod serial_out;
 pub mod vm;
 
 pub use config::{ConfigError, DiskConfig, SerialConfig, VmConfig};
-pub use vm::{RunningVm, VmExit, VmmError};
+pub use vm::{RunningVm, VmEvent, VmExit, VmmError};

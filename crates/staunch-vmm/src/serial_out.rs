@@ -15,10 +15,7 @@ pub struct Stamped<W> {
 
 impl<W: Write> Stamped<W> {
     pub fn new(inner: W) -> Self {
-        Stamped {
-            inner,
-            first: Arc::new(OnceLock::new()),
-        }
+        Stamped { inner, first: Arc::new(OnceLock::new()) }
     }
 }
 
@@ -57,31 +54,22 @@ pub struct UnixConsole {
 impl UnixConsole {
     /// Bind `path` and accept clients in the background; `input` receives
     /// what clients send.
-    pub fn bind(
-        path: &Path,
-        input: impl Fn(&[u8]) + Send + Sync + 'static,
-    ) -> std::io::Result<Self> {
+    pub fn bind(path: &Path, input: impl Fn(&[u8]) + Send + Sync + 'static) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        let me = UnixConsole {
-            client: Arc::new(Mutex::new(None)),
-        };
+        let me = UnixConsole { client: Arc::new(Mutex::new(None)) };
         let slot = me.client.clone();
         let input = Arc::new(input);
-        std::thread::Builder::new()
-            .name("serial-accept".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let Ok(reader) = stream.try_clone() else {
-                        continue;
-                    };
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
-                    let input = input.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("serial-in".into())
-                        .spawn(move || pump(reader, &*input));
-                }
-            })?;
+        std::thread::Builder::new().name("serial-accept".into()).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let Ok(reader) = stream.try_clone() else {
+                    continue;
+                };
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                let input = input.clone();
+                let _ = std::thread::Builder::new().name("serial-in".into()).spawn(move || pump(reader, &*input));
+            }
+        })?;
         Ok(me)
     }
 }

@@ -1,18 +1,25 @@
-//! Assemble and run one VM.
+//! Assemble and run one VM: boot it from a kernel, or rebuild it from a
+//! preserved record around the same guest memory (warm upgrade, recovery).
 
+use crate::api::{self, ApiRequest, ApiResponse};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::events;
+use crate::record::{self, DevicesState, RamInfo, RecordError, VmRecord};
 use crate::serial_out::{Stamped, StdoutNow, UnixConsole, pump};
+use serde_json::json;
 use staunch_boot::{BootError, layout};
 use staunch_devices::legacy::{I8042, POWER_PORT, PowerPort};
 use staunch_devices::serial::Serial;
 use staunch_devices::virtio::blk::{BlkError, Block};
 use staunch_devices::virtio::mmio::MmioTransport;
 use staunch_devices::{Bus, BusError, DeviceAction, Interrupt};
-use staunch_kvm::{
-    ExitHandler, GuestRam, MemError, StopReason, VcpuControl, VcpuError, Vm, VmError,
-};
+use staunch_kvm::memory::RamRegion;
+use staunch_kvm::state::{self, StateError};
+use staunch_kvm::{ExitHandler, GuestRam, MemError, StopReason, VcpuControl, VcpuError, Vm, VmError};
 use std::io::Write;
-use std::sync::mpsc::{Receiver, channel};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,14 +39,26 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Disk(#[from] BlkError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    #[error("device state: {0}")]
+    Device(String),
     #[error("serial {what}: {err}")]
     Serial { what: String, err: std::io::Error },
     #[error("interrupt line {gsi}: {err}")]
     Irq { gsi: u32, err: String },
-    #[error("cannot start vCPU thread: {0}")]
+    #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    #[error("control socket {path}: {err}")]
+    Api { path: String, err: std::io::Error },
+    #[error("vCPU {0} did not answer while paused")]
+    VcpuGone(u8),
+    #[error("exec of {path} failed: {err}")]
+    Exec { path: String, err: std::io::Error },
 }
 
 /// How a VM ended, with what the VMM measured.
@@ -50,6 +69,12 @@ pub struct VmExit {
     pub first_output: Option<Duration>,
     pub runtime: Duration,
     pub exits: u64,
+}
+
+/// What the VMM's main loop waits for.
+pub enum VmEvent {
+    Stopped(u8, StopReason),
+    Api(ApiRequest, SyncSender<ApiResponse>),
 }
 
 struct Exits {
@@ -83,20 +108,6 @@ impl ExitHandler for Exits {
 const COM1: u64 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 
-pub struct RunningVm {
-    vcpus: Vec<Arc<VcpuControl>>,
-    threads: Vec<JoinHandle<StopReason>>,
-    stopped: Receiver<(u8, StopReason)>,
-    started: Instant,
-    first_output: Arc<OnceLock<Instant>>,
-    serial: Arc<Mutex<Serial>>,
-    workers: Vec<QueueWorker>,
-    // Kept alive for the VM's lifetime: memory slots point into `ram`.
-    _vm: Vm,
-    _ram: GuestRam,
-    _irqs: Vec<Arc<EventFd>>,
-}
-
 /// Serves one virtio device's queue notifications off the vCPU thread: the
 /// guest's QueueNotify write is caught in the kernel by an ioeventfd (no exit
 /// to userspace) and this thread processes the queue while the vCPU runs on.
@@ -107,24 +118,14 @@ struct QueueWorker {
 }
 
 impl QueueWorker {
-    fn spawn(
-        vm: &Vm,
-        base: u64,
-        dev: Arc<Mutex<MmioTransport>>,
-        name: &str,
-    ) -> Result<Self, VmmError> {
+    fn spawn(vm: &Vm, base: u64, dev: Arc<Mutex<MmioTransport>>, name: &str) -> Result<Self, VmmError> {
         let queues = dev.lock().unwrap_or_else(|p| p.into_inner()).queue_count();
-        let ioerr = |e: String| VmmError::Irq {
-            gsi: 0,
-            err: format!("ioeventfd: {e}"),
-        };
+        let ioerr = |e: String| VmmError::Irq { gsi: 0, err: format!("ioeventfd: {e}") };
         let evt = Arc::new(EventFd::new(0).map_err(|e| ioerr(e.to_string()))?);
         // One eventfd for every queue of the device; the worker scans them all.
         for q in 0..queues as u32 {
             let addr = kvm_ioctls::IoEventAddress::Mmio(base + MmioTransport::QUEUE_NOTIFY);
-            vm.fd
-                .register_ioevent(&evt, &addr, q)
-                .map_err(|e| ioerr(e.to_string()))?;
+            vm.fd.register_ioevent(&evt, &addr, q).map_err(|e| ioerr(e.to_string()))?;
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (e, s) = (evt.clone(), stop.clone());
@@ -152,15 +153,170 @@ impl QueueWorker {
 /// Feed bytes to the UART, waiting while its FIFO is full (the guest drains it).
 fn feed(serial: &Mutex<Serial>, mut bytes: &[u8]) {
     while !bytes.is_empty() {
-        let n = serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_input(bytes);
+        let n = serial.lock().unwrap_or_else(|p| p.into_inner()).push_input(bytes);
         bytes = &bytes[n..];
         if n == 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// The devices and buses of a VM, fresh or restored.
+struct Devices {
+    handler: Arc<Exits>,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    workers: Vec<QueueWorker>,
+    irqs: Vec<Arc<EventFd>>,
+    first_output: Arc<OnceLock<Instant>>,
+    acpi: staunch_boot::acpi::Devices,
+    cmdline_extra: String,
+}
+
+fn serial_sink(
+    cfg: &VmConfig,
+    output: Option<Box<dyn Write + Send>>,
+    reopen: bool,
+) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match (&cfg.serial, output) {
+        (_, Some(out)) => out,
+        (SerialConfig::Stdio, None) => Box::new(StdoutNow),
+        (SerialConfig::Null | SerialConfig::Unix(_), None) => Box::new(std::io::sink()),
+        (SerialConfig::File(p), None) => {
+            let mut o = std::fs::OpenOptions::new();
+            // A rebuilt VM continues the same log instead of truncating it.
+            if reopen {
+                o.append(true).create(true);
+            } else {
+                o.write(true).create(true).truncate(true);
+            }
+            Box::new(o.open(p).map_err(|err| VmmError::Serial { what: format!("file {}", p.display()), err })?)
+        }
+    })
+}
+
+fn assemble(
+    cfg: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    output: Option<Box<dyn Write + Send>>,
+    saved: Option<(&DevicesState, bool)>,
+) -> Result<Devices, VmmError> {
+    let mut disks = Vec::new();
+    for d in &cfg.disks {
+        disks.push(Block::open(&d.path, d.read_only)?);
+    }
+    if let Some((s, _)) = saved {
+        if s.virtio.len() != disks.len() {
+            return Err(VmmError::Device(format!(
+                "record has {} virtio devices, config {}",
+                s.virtio.len(),
+                disks.len()
+            )));
+        }
+    }
+    let mut irqs = Vec::new();
+    let mut irq = |gsi: u32| -> Result<Arc<EventFd>, VmmError> {
+        let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Irq { gsi, err: e.to_string() })?;
+        vm.fd.register_irqfd(&e, gsi).map_err(|e| VmmError::Irq { gsi, err: e.to_string() })?;
+        let e = Arc::new(e);
+        irqs.push(e.clone());
+        Ok(e)
+    };
+
+    let stamped = Stamped::new(serial_sink(cfg, output, saved.is_some())?);
+    let first_output = stamped.first.clone();
+    let com1 = irq(COM1_IRQ)?;
+    let make_serial = |irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>| match saved {
+        Some((s, _)) => Serial::restore(irq, out, &s.serial).map_err(VmmError::Device),
+        None => Ok(Serial::new(irq, out)),
+    };
+    let serial = Arc::new(Mutex::new(make_serial(com1.clone(), Box::new(stamped))?));
+    match &cfg.serial {
+        SerialConfig::Stdio => {
+            let s = serial.clone();
+            std::thread::Builder::new()
+                .name("serial-stdin".into())
+                .spawn(move || pump(std::io::stdin(), &move |b| feed(&s, b)))
+                .map_err(VmmError::Thread)?;
+        }
+        SerialConfig::Unix(path) => {
+            let s = serial.clone();
+            let console = UnixConsole::bind(path, move |b| feed(&s, b))
+                .map_err(|err| VmmError::Serial { what: format!("socket {}", path.display()), err })?;
+            let stamped = Stamped { inner: console, first: first_output.clone() };
+            *serial.lock().unwrap_or_else(|p| p.into_inner()) = make_serial(com1.clone(), Box::new(stamped))?;
+        }
+        _ => {}
+    }
+
+    let i8042 = Arc::new(Mutex::new(I8042::default()));
+    let mut pio = Bus::new();
+    pio.insert(COM1, 8, serial.clone())?;
+    pio.insert(0x60, 5, i8042.clone())?;
+    pio.insert(POWER_PORT, 1, Arc::new(Mutex::new(PowerPort)))?;
+
+    let mut mmio = Bus::new();
+    let mut workers = Vec::new();
+    let mut transports = Vec::new();
+    let mut acpi = staunch_boot::acpi::Devices { vcpus: cfg.vcpus, ..Default::default() };
+    acpi.serial.push((COM1 as u16, COM1_IRQ));
+    let mut cmdline_extra = String::new();
+    for (i, disk) in disks.into_iter().enumerate() {
+        let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
+        let line: Arc<dyn Interrupt> = irq(gsi)?;
+        let t = match saved {
+            Some((s, replay)) => MmioTransport::restore(Box::new(disk), ram.mem.clone(), line, &s.virtio[i], replay)
+                .map_err(VmmError::Device)?,
+            None => MmioTransport::new(Box::new(disk), ram.mem.clone(), line),
+        };
+        let t = Arc::new(Mutex::new(t));
+        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, t.clone())?;
+        workers.push(QueueWorker::spawn(vm, base, t.clone(), &format!("virtio-blk{i}"))?);
+        transports.push(t);
+        cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        acpi.virtio_mmio.push((base, layout::VIRTIO_MMIO_SIZE, gsi));
+    }
+    // A restored device may have had work queued when it was saved.
+    if saved.is_some() {
+        for w in &workers {
+            let _ = w.evt.write(1);
+        }
+    }
+    Ok(Devices {
+        handler: Arc::new(Exits { pio, mmio }),
+        serial,
+        i8042,
+        transports,
+        workers,
+        irqs,
+        first_output,
+        acpi,
+        cmdline_extra,
+    })
+}
+
+pub struct RunningVm {
+    cfg: VmConfig,
+    vcpus: Vec<Arc<VcpuControl>>,
+    threads: Vec<JoinHandle<StopReason>>,
+    events_tx: Sender<VmEvent>,
+    events: Receiver<VmEvent>,
+    started: Instant,
+    first_output: Arc<OnceLock<Instant>>,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    workers: Vec<QueueWorker>,
+    msrs: Vec<u32>,
+    generation: u64,
+    last_recovery: Option<serde_json::Value>,
+    // Kept alive for the VM's lifetime: memory slots point into `ram`.
+    vm: Vm,
+    ram: GuestRam,
+    _irqs: Vec<Arc<EventFd>>,
 }
 
 impl RunningVm {
@@ -171,156 +327,129 @@ impl RunningVm {
 
     /// Like [`start`](Self::start), but serial output goes to `output`
     /// (overriding `cfg.serial`); for embedding the VMM in tools.
-    pub fn start_with_output(
-        cfg: &VmConfig,
-        output: Option<Box<dyn Write + Send>>,
-    ) -> Result<Self, VmmError> {
+    pub fn start_with_output(cfg: &VmConfig, output: Option<Box<dyn Write + Send>>) -> Result<Self, VmmError> {
         cfg.validate()?;
         let started = Instant::now();
         staunch_boot::detect(&cfg.kernel)?;
-        let mut disks = Vec::new();
         for d in &cfg.disks {
-            disks.push(Block::open(&d.path, d.read_only)?);
+            Block::open(&d.path, d.read_only)?;
         }
         let ram = GuestRam::new(cfg.mem_mib)?;
         let vm = Vm::new(&cfg.kvm_device, &ram)?;
-
-        let mut irqs = Vec::new();
-        let mut irq = |gsi: u32| -> Result<Arc<EventFd>, VmmError> {
-            let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Irq {
-                gsi,
-                err: e.to_string(),
-            })?;
-            vm.fd.register_irqfd(&e, gsi).map_err(|e| VmmError::Irq {
-                gsi,
-                err: e.to_string(),
-            })?;
-            let e = Arc::new(e);
-            irqs.push(e.clone());
-            Ok(e)
-        };
-
-        // Serial: output sink first, then the UART, then input sources.
-        let sink: Box<dyn Write + Send> = match (&cfg.serial, output) {
-            (_, Some(out)) => out,
-            (serial, None) => match serial {
-                SerialConfig::Stdio => Box::new(StdoutNow),
-                SerialConfig::Null => Box::new(std::io::sink()),
-                SerialConfig::File(p) => {
-                    Box::new(std::fs::File::create(p).map_err(|err| VmmError::Serial {
-                        what: format!("file {}", p.display()),
-                        err,
-                    })?)
-                }
-                SerialConfig::Unix(_) => Box::new(std::io::sink()),
-            },
-        };
-        let stamped = Stamped::new(sink);
-        let first_output = stamped.first.clone();
-        let com1 = irq(COM1_IRQ)?;
-        let com1_irq: Arc<dyn Interrupt> = com1.clone();
-        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, Box::new(stamped))));
-        match &cfg.serial {
-            SerialConfig::Stdio => {
-                let s = serial.clone();
-                std::thread::Builder::new()
-                    .name("serial-stdin".into())
-                    .spawn(move || pump(std::io::stdin(), &move |b| feed(&s, b)))
-                    .map_err(VmmError::Thread)?;
-            }
-            SerialConfig::Unix(path) => {
-                let s = serial.clone();
-                let console = UnixConsole::bind(path, move |b| feed(&s, b)).map_err(|err| {
-                    VmmError::Serial {
-                        what: format!("socket {}", path.display()),
-                        err,
-                    }
-                })?;
-                let stamped = Stamped {
-                    inner: console,
-                    first: first_output.clone(),
-                };
-                let irq: Arc<dyn Interrupt> = com1.clone();
-                *serial.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Serial::new(irq, Box::new(stamped));
-            }
-            _ => {}
-        }
-
-        let mut pio = Bus::new();
-        pio.insert(COM1, 8, serial.clone())?;
-        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::default())))?;
-        pio.insert(POWER_PORT, 1, Arc::new(Mutex::new(PowerPort)))?;
-
-        let mut mmio = Bus::new();
-        let mut workers = Vec::new();
-        let mut acpi_devices = staunch_boot::acpi::Devices::default();
-        let mut cmdline = cfg.cmdline.trim().to_string();
-        for (i, disk) in disks.into_iter().enumerate() {
-            let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
-            let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
-            let line: Arc<dyn Interrupt> = irq(gsi)?;
-            let t = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(disk),
-                ram.mem.clone(),
-                line,
-            )));
-            mmio.insert(base, layout::VIRTIO_MMIO_SIZE, t.clone())?;
-            workers.push(QueueWorker::spawn(&vm, base, t, &format!("virtio-blk{i}"))?);
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
-            acpi_devices
-                .virtio_mmio
-                .push((base, layout::VIRTIO_MMIO_SIZE, gsi));
-        }
-
-        acpi_devices.vcpus = cfg.vcpus;
-        acpi_devices.serial.push((COM1 as u16, COM1_IRQ));
-        let boot = staunch_boot::load(
-            &ram.mem,
-            ram.bytes,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            cmdline.trim(),
-            &acpi_devices,
-        )?;
-        let handler = Arc::new(Exits { pio, mmio });
-        let (tx, stopped) = channel();
-        let mut vcpus = Vec::new();
-        let mut threads = Vec::new();
+        let devs = assemble(cfg, &vm, &ram, output, None)?;
+        let cmdline = format!("{}{}", cfg.cmdline.trim(), devs.cmdline_extra);
+        let boot =
+            staunch_boot::load(&ram.mem, ram.bytes, &cfg.kernel, cfg.initrd.as_deref(), cmdline.trim(), &devs.acpi)?;
         let mut fds = Vec::new();
         for i in 0..cfg.vcpus {
             let fd = vm.create_vcpu(i, cfg.vcpus)?;
-            let state = staunch_boot::cpu_boot_state(boot.entry, i as u64);
-            staunch_kvm::vcpu::configure(&fd, i, &state, i == 0 || boot.smp_direct)?;
+            let st = staunch_boot::cpu_boot_state(boot.entry, i as u64);
+            staunch_kvm::vcpu::configure(&fd, i, &st, i == 0 || boot.smp_direct)?;
             fds.push(fd);
         }
+        let msrs = state::msr_list(&vm.kvm, &fds[0])?;
+        tracing::info!(vcpus = cfg.vcpus, mem_mib = cfg.mem_mib, entry = format_args!("{:#x}", boot.entry), format = ?boot.format, "VM started");
+        Self::launch(cfg.clone(), vm, ram, devs, fds, msrs, started, 0)
+    }
+
+    /// Rebuild a VM from a preserved record, mapping the same memfds.
+    pub fn restore(rec: VmRecord, output: Option<Box<dyn Write + Send>>) -> Result<Self, VmmError> {
+        let started = Instant::now();
+        let t0 = record::monotonic_ns();
+        let regions = rec
+            .ram
+            .iter()
+            .map(|r: &RamInfo| {
+                // SAFETY: the record names memfds this process inherited; we
+                // take ownership of each exactly once.
+                let file = unsafe { std::fs::File::from_raw_fd(r.fd) };
+                RamRegion { gpa: r.gpa, size: r.size, file }
+            })
+            .collect();
+        let ram = GuestRam::from_regions(regions)?;
+        let vm = Vm::new(&rec.config.kvm_device, &ram)?;
+        let devs = assemble(&rec.config, &vm, &ram, output, Some((&rec.devices, rec.replay_in_flight)))?;
+        state::restore_vm(&vm.fd, &rec.vm)?;
+        let mut fds = Vec::new();
+        for s in &rec.vcpus {
+            let fd = vm.create_vcpu(s.index, rec.config.vcpus)?;
+            state::restore_vcpu(&fd, s)?;
+            fds.push(fd);
+        }
+        let msrs = state::msr_list(&vm.kvm, &fds[0])?;
+        let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+        let mut me = Self::launch(rec.config, vm, ram, devs, fds, msrs, started, rec.generation + 1)?;
+        let pause_ms = record::monotonic_ns().saturating_sub(rec.paused_at_ns) as f64 / 1e6;
+        let ev = json!({"cause": rec.cause, "generation": me.generation, "guest_pause_ms": pause_ms, "restore_ms": restore_ms,
+                        "vcpus": me.vcpus.len(), "outcome": "recovered"});
+        events::emit(me.cfg.events.as_deref(), "resumed", ev.clone());
+        me.last_recovery = Some(ev);
+        Ok(me)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        cfg: VmConfig,
+        vm: Vm,
+        ram: GuestRam,
+        devs: Devices,
+        fds: Vec<kvm_ioctls::VcpuFd>,
+        msrs: Vec<u32>,
+        started: Instant,
+        generation: u64,
+    ) -> Result<Self, VmmError> {
+        let (events_tx, events) = channel();
+        let mut vcpus = Vec::new();
+        let mut threads = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
             let ctl = VcpuControl::new(i as u8);
-            let (h, tx, c) = (handler.clone(), tx.clone(), ctl.clone());
+            let (h, tx, c) = (devs.handler.clone(), events_tx.clone(), ctl.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
                     let r = staunch_kvm::vcpu::run(fd, &c, &*h);
-                    let _ = tx.send((c.index, r.clone()));
+                    let _ = tx.send(VmEvent::Stopped(c.index, r.clone()));
                     r
                 })
                 .map_err(VmmError::Thread)?;
             vcpus.push(ctl);
             threads.push(t);
         }
-        tracing::info!(vcpus = cfg.vcpus, mem_mib = cfg.mem_mib, entry = format_args!("{:#x}", boot.entry), format = ?boot.format, "VM started");
+        if let Some(p) = &cfg.api_socket {
+            api::serve(p, events_tx.clone()).map_err(|err| VmmError::Api { path: p.display().to_string(), err })?;
+        }
         Ok(RunningVm {
+            cfg,
             vcpus,
             threads,
-            stopped,
+            events_tx,
+            events,
             started,
-            first_output,
-            serial,
-            workers,
-            _vm: vm,
-            _ram: ram,
-            _irqs: irqs,
+            first_output: devs.first_output,
+            serial: devs.serial,
+            i8042: devs.i8042,
+            transports: devs.transports,
+            workers: devs.workers,
+            msrs,
+            generation,
+            last_recovery: None,
+            vm,
+            ram,
+            _irqs: devs.irqs,
         })
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A handle other threads can use to send control requests.
+    pub fn control(&self) -> Sender<VmEvent> {
+        self.events_tx.clone()
     }
 
     pub fn pause(&self) {
@@ -344,13 +473,133 @@ impl RunningVm {
         feed(&self.serial, bytes);
     }
 
-    /// Wait until a vCPU stops the VM (power off, reset, fault) or `timeout`.
-    pub fn wait(self, timeout: Option<Duration>) -> VmExit {
-        let first = match timeout {
-            Some(t) => self.stopped.recv_timeout(t).ok(),
-            None => self.stopped.recv().ok(),
+    /// Capture the whole VM. The vCPUs must be paused.
+    pub fn save(&self, cause: &str, paused_at_ns: u64) -> Result<VmRecord, VmmError> {
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            let (msrs, index) = (self.msrs.clone(), v.index);
+            let snap = v.call(move |fd| state::save_vcpu(fd, index, &msrs)).ok_or(VmmError::VcpuGone(index))??;
+            vcpus.push(snap);
+        }
+        let vm = state::save_vm(&self.vm.fd)?;
+        let devices = DevicesState {
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            virtio: self.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).state()).collect(),
         };
-        let reason = first.map(|(_, r)| r).unwrap_or(StopReason::Requested);
+        let ram =
+            self.ram.regions.iter().map(|r| RamInfo { gpa: r.gpa, size: r.size, fd: r.file.as_raw_fd() }).collect();
+        Ok(VmRecord {
+            version: record::VERSION,
+            cause: cause.into(),
+            config: self.cfg.clone(),
+            ram,
+            vcpus,
+            vm,
+            devices,
+            paused_at_ns,
+            replay_in_flight: false,
+            generation: self.generation,
+        })
+    }
+
+    /// Warm upgrade (RootHammer's warm-VM reboot): pause, save the VM next to
+    /// its memory, exec `binary` (default: this one) which rebuilds the VM
+    /// around the same memfds and resumes it. Returns only on failure, with
+    /// the VM running again.
+    pub fn upgrade(&self, binary: Option<PathBuf>) -> VmmError {
+        let t0 = record::monotonic_ns();
+        self.pause();
+        let err = match self.exec_successor(binary, "upgrade", t0) {
+            Ok(never) => match never {},
+            Err(e) => e,
+        };
+        self.resume();
+        events::emit(self.cfg.events.as_deref(), "upgrade-failed", json!({"error": err.to_string()}));
+        err
+    }
+
+    fn exec_successor(
+        &self,
+        binary: Option<PathBuf>,
+        cause: &str,
+        t0: u64,
+    ) -> Result<std::convert::Infallible, VmmError> {
+        use std::os::unix::process::CommandExt;
+        let rec = self.save(cause, t0)?;
+        let bytes = record::encode(&rec)?;
+        let memfd = record::to_memfd(&bytes)?;
+        for r in &self.ram.regions {
+            record::keep_across_exec(&r.file).map_err(RecordError::Io)?;
+        }
+        record::keep_across_exec(&memfd).map_err(RecordError::Io)?;
+        let bin = match binary {
+            Some(b) => b,
+            None => std::env::current_exe().map_err(|err| VmmError::Exec { path: "/proc/self/exe".into(), err })?,
+        };
+        let save_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+        tracing::info!(save_ms, bytes = bytes.len(), "record saved; exec {}", bin.display());
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["vmm", "resume", "--preserved-fd", &memfd.as_raw_fd().to_string()]);
+        let err = cmd.exec();
+        Err(VmmError::Exec { path: bin.display().to_string(), err })
+    }
+
+    fn handle_api(&mut self, req: ApiRequest) -> ApiResponse {
+        match req {
+            ApiRequest::Pause => {
+                self.pause();
+                ApiResponse::ok(json!({}))
+            }
+            ApiRequest::Resume => {
+                self.resume();
+                ApiResponse::ok(json!({}))
+            }
+            ApiRequest::Status => ApiResponse::ok(json!({
+                "generation": self.generation,
+                "pid": std::process::id(),
+                "vcpus": self.vcpu_states().iter().map(|s| format!("{s:?}")).collect::<Vec<_>>(),
+                "exits": self.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
+                "last_recovery": self.last_recovery,
+            })),
+            ApiRequest::Upgrade { binary } => {
+                // The reply goes out before the exec; clients poll `status`
+                // for the new generation.
+                ApiResponse::err(self.upgrade(binary).to_string())
+            }
+        }
+    }
+
+    /// Serve control requests until a vCPU stops the VM (or `timeout`).
+    pub fn wait(mut self, timeout: Option<Duration>) -> VmExit {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let reason = loop {
+            let ev = match deadline {
+                Some(d) => match self.events.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                    Ok(ev) => ev,
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                        break StopReason::Requested;
+                    }
+                },
+                None => match self.events.recv() {
+                    Ok(ev) => ev,
+                    Err(_) => break StopReason::Requested,
+                },
+            };
+            match ev {
+                VmEvent::Stopped(_, r) => break r,
+                VmEvent::Api(req, reply) => {
+                    let upgrading = matches!(req, ApiRequest::Upgrade { .. });
+                    if upgrading {
+                        let _ = reply.send(ApiResponse::ok(json!({"upgrading": true})));
+                        let r = self.handle_api(req);
+                        tracing::warn!(?r, "upgrade failed; VM continues");
+                    } else {
+                        let _ = reply.send(self.handle_api(req));
+                    }
+                }
+            }
+        };
         self.finish(reason)
     }
 
@@ -369,17 +618,13 @@ impl RunningVm {
         for w in self.workers {
             w.stop();
         }
-        let exits = self
-            .vcpus
-            .iter()
-            .map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed))
-            .sum();
+        if let Some(p) = &self.cfg.api_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        let exits = self.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum();
         VmExit {
             reason,
-            first_output: self
-                .first_output
-                .get()
-                .map(|t| t.duration_since(self.started)),
+            first_output: self.first_output.get().map(|t| t.duration_since(self.started)),
             runtime: self.started.elapsed(),
             exits,
         }

@@ -7,27 +7,18 @@ use std::time::{Duration, Instant};
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
+        assert!(t.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 fn ticks(path: &std::path::Path) -> usize {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .matches("STAUNCH counter=")
-        .count()
+    std::fs::read_to_string(path).unwrap_or_default().matches("STAUNCH counter=").count()
 }
 
 #[test]
 fn kvm_pause_stops_progress_and_resume_continues() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "needs /dev/kvm (scripts/test.sh skips kvm_ tests without it)"
-    );
+    assert!(std::path::Path::new("/dev/kvm").exists(), "needs /dev/kvm (scripts/test.sh skips kvm_ tests without it)");
     let dir = std::env::temp_dir().join(format!("staunch-pause-{}", std::process::id()));
     let g = staunch_testguest::install(&dir).unwrap();
     let log = dir.join("serial.log");
@@ -38,11 +29,7 @@ fn kvm_pause_stops_progress_and_resume_continues() {
     let vm = RunningVm::start(&cfg).unwrap();
     wait_for("two ticks", || ticks(&log) >= 2);
     vm.pause();
-    assert!(
-        vm.vcpu_states().iter().all(|s| *s == VcpuState::Paused),
-        "{:?}",
-        vm.vcpu_states()
-    );
+    assert!(vm.vcpu_states().iter().all(|s| *s == VcpuState::Paused), "{:?}", vm.vcpu_states());
     let frozen = ticks(&log);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ticks(&log), frozen, "guest made progress while paused");
@@ -56,9 +43,6 @@ fn kvm_pause_stops_progress_and_resume_continues() {
         .filter_map(|l| staunch_testguest::proto::field(l.trim_end(), "counter"))
         .map(|v| v.parse().unwrap())
         .collect();
-    assert!(
-        values.windows(2).all(|w| w[1] > w[0]),
-        "counter went backwards: {values:?}"
-    );
+    assert!(values.windows(2).all(|w| w[1] > w[0]), "counter went backwards: {values:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

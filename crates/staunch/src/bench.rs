@@ -49,10 +49,7 @@ fn qemu_command(q: &Path) -> Command {
     let mut c = Command::new(q);
     if let Some(usr) = q.parent().and_then(|p| p.parent()) {
         let root = usr.parent().unwrap_or(usr);
-        let libs = [
-            usr.join("lib/x86_64-linux-gnu"),
-            root.join("lib/x86_64-linux-gnu"),
-        ];
+        let libs = [usr.join("lib/x86_64-linux-gnu"), root.join("lib/x86_64-linux-gnu")];
         if let Ok(p) = std::env::join_paths(libs) {
             c.env("LD_LIBRARY_PATH", p);
         }
@@ -70,9 +67,7 @@ impl Ctx {
         Ok(match vmm {
             Vmm::Staunch => {
                 let mut c = Command::new(std::env::current_exe()?);
-                c.args([
-                    "vmm", "run", "--mem", "256", "--serial", "stdio", "--kernel",
-                ]);
+                c.args(["vmm", "run", "--mem", "256", "--serial", "stdio", "--kernel"]);
                 c.arg(&self.kernel).arg("--cmdline").arg(cmdline);
                 if let Some(d) = disk {
                     c.arg("--disk").arg(d);
@@ -83,42 +78,14 @@ impl Ctx {
                 let q = self.qemu.as_ref().context("no QEMU")?;
                 let root = q.parent().and_then(|p| p.parent()).context("QEMU path")?;
                 let mut c = qemu_command(q);
-                c.arg("-L")
-                    .arg(root.join("share/qemu"))
-                    .arg("-L")
-                    .arg(root.join("share/seabios"));
-                c.args([
-                    "-bios",
-                    "qboot.rom",
-                    "-M",
-                    "microvm,rtc=off,pic=off,isa-serial=on,acpi=off",
-                ]);
-                c.args([
-                    "-accel",
-                    "kvm",
-                    "-m",
-                    "256",
-                    "-smp",
-                    "1",
-                    "-nodefaults",
-                    "-no-user-config",
-                ]);
+                c.arg("-L").arg(root.join("share/qemu")).arg("-L").arg(root.join("share/seabios"));
+                c.args(["-bios", "qboot.rom", "-M", "microvm,rtc=off,pic=off,isa-serial=on,acpi=off"]);
+                c.args(["-accel", "kvm", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"]);
                 c.args(["-nographic", "-display", "none", "-serial", "stdio"]);
-                c.args([
-                    "-device",
-                    "isa-debug-exit,iobase=0xf4,iosize=1",
-                    "-global",
-                    "virtio-mmio.force-legacy=false",
-                ]);
-                c.arg("-kernel")
-                    .arg(&self.kernel)
-                    .arg("-append")
-                    .arg(cmdline);
+                c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-global", "virtio-mmio.force-legacy=false"]);
+                c.arg("-kernel").arg(&self.kernel).arg("-append").arg(cmdline);
                 if let Some(d) = disk {
-                    c.arg("-drive").arg(format!(
-                        "id=d0,file={},format=raw,if=none,cache=writeback",
-                        d.display()
-                    ));
+                    c.arg("-drive").arg(format!("id=d0,file={},format=raw,if=none,cache=writeback", d.display()));
                     c.args(["-device", "virtio-blk-device,drive=d0"]);
                 }
                 c
@@ -128,18 +95,12 @@ impl Ctx {
 
     /// Run to completion; every serial line with its time since spawn.
     fn lines(&self, vmm: Vmm, cmdline: &str, disk: bool) -> Result<Vec<(Duration, String)>> {
-        let d = self.dir.join(if vmm == Vmm::Staunch {
-            "staunch.img"
-        } else {
-            "qemu.img"
-        });
+        let d = self.dir.join(if vmm == Vmm::Staunch { "staunch.img" } else { "qemu.img" });
         if disk {
             std::fs::write(&d, vec![0u8; 16 << 20])?;
         }
         let mut cmd = self.command(vmm, cmdline, disk.then_some(d.as_path()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
         let t0 = Instant::now();
         let mut child = cmd.spawn().context("starting the VMM")?;
         let out = child.stdout.take().context("stdout")?;
@@ -159,14 +120,8 @@ impl Ctx {
         }
         let _ = child.wait();
         drop(watchdog);
-        if !lines
-            .iter()
-            .any(|(_, l)| l.starts_with("STAUNCH done code=0"))
-        {
-            bail!(
-                "{} run of {cmdline:?} did not finish cleanly: {lines:?}",
-                name(vmm)
-            );
+        if !lines.iter().any(|(_, l)| l.starts_with("STAUNCH done code=0")) {
+            bail!("{} run of {cmdline:?} did not finish cleanly: {lines:?}", name(vmm));
         }
         Ok(lines)
     }
@@ -180,11 +135,7 @@ fn name(v: Vmm) -> &'static str {
 }
 
 fn at(lines: &[(Duration, String)], prefix: &str) -> Result<Duration> {
-    lines
-        .iter()
-        .find(|(_, l)| l.starts_with(prefix))
-        .map(|(t, _)| *t)
-        .with_context(|| format!("no '{prefix}' line"))
+    lines.iter().find(|(_, l)| l.starts_with(prefix)).map(|(t, _)| *t).with_context(|| format!("no '{prefix}' line"))
 }
 
 fn span(lines: &[(Duration, String)], begin: &str, end: &str) -> Result<f64> {
@@ -212,11 +163,7 @@ pub fn run(mut a: BenchArgs) -> Result<i32> {
     }
     let dir = cache_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let ctx = Ctx {
-        kernel: test_guest()?,
-        qemu: a.qemu.clone().or_else(default_qemu),
-        dir,
-    };
+    let ctx = Ctx { kernel: test_guest()?, qemu: a.qemu.clone().or_else(default_qemu), dir };
     let mut vmms = vec![Vmm::Staunch];
     match &ctx.qemu {
         Some(q) => {
@@ -233,82 +180,30 @@ pub fn run(mut a: BenchArgs) -> Result<i32> {
         None => eprintln!("peer: QEMU not found (run scripts/qemu.sh); Staunch column only"),
     }
     let mut m = [
-        Metric {
-            name: "boot to first guest line",
-            unit: "ms",
-            lower_is_better: true,
-            values: Default::default(),
-        },
-        Metric {
-            name: "PIO exit round trip",
-            unit: "us",
-            lower_is_better: true,
-            values: Default::default(),
-        },
-        Metric {
-            name: "MMIO exit round trip",
-            unit: "us",
-            lower_is_better: true,
-            values: Default::default(),
-        },
-        Metric {
-            name: "virtio-blk 4 KiB reads",
-            unit: "req/s",
-            lower_is_better: false,
-            values: Default::default(),
-        },
-        Metric {
-            name: "virtio-blk 4 KiB writes",
-            unit: "req/s",
-            lower_is_better: false,
-            values: Default::default(),
-        },
+        Metric { name: "boot to first guest line", unit: "ms", lower_is_better: true, values: Default::default() },
+        Metric { name: "PIO exit round trip", unit: "us", lower_is_better: true, values: Default::default() },
+        Metric { name: "MMIO exit round trip", unit: "us", lower_is_better: true, values: Default::default() },
+        Metric { name: "virtio-blk 4 KiB reads", unit: "req/s", lower_is_better: false, values: Default::default() },
+        Metric { name: "virtio-blk 4 KiB writes", unit: "req/s", lower_is_better: false, values: Default::default() },
     ];
-    let exits = format!(
-        "staunch.work=exits staunch.ring=0 staunch.iters={}",
-        a.iters
-    );
-    let blk = format!(
-        "staunch.work=blk-bench staunch.blocks=1024 staunch.iters={}",
-        a.ios
-    );
+    let exits = format!("staunch.work=exits staunch.ring=0 staunch.iters={}", a.iters);
+    let blk = format!("staunch.work=blk-bench staunch.blocks=1024 staunch.iters={}", a.ios);
     for round in 0..a.rounds {
         for (vi, v) in vmms.iter().enumerate() {
             eprintln!("round {}/{}: {} ...", round + 1, a.rounds, name(*v));
             let l = ctx.lines(*v, &exits, true)?;
             m[0].values[vi].push(at(&l, "STAUNCH ready")?.as_secs_f64() * 1e3);
-            m[1].values[vi].push(
-                span(&l, "STAUNCH exits pio-begin", "STAUNCH exits pio-end")? * 1e6
-                    / a.iters as f64,
-            );
-            m[2].values[vi].push(
-                span(&l, "STAUNCH exits mmio-begin", "STAUNCH exits mmio-end")? * 1e6
-                    / a.iters as f64,
-            );
+            m[1].values[vi].push(span(&l, "STAUNCH exits pio-begin", "STAUNCH exits pio-end")? * 1e6 / a.iters as f64);
+            m[2].values[vi]
+                .push(span(&l, "STAUNCH exits mmio-begin", "STAUNCH exits mmio-end")? * 1e6 / a.iters as f64);
             let l = ctx.lines(*v, &blk, true)?;
-            m[3].values[vi].push(
-                a.ios as f64
-                    / span(
-                        &l,
-                        "STAUNCH blkbench read-begin",
-                        "STAUNCH blkbench read-end",
-                    )?,
-            );
-            m[4].values[vi].push(
-                a.ios as f64
-                    / span(
-                        &l,
-                        "STAUNCH blkbench write-begin",
-                        "STAUNCH blkbench write-end",
-                    )?,
-            );
+            m[3].values[vi].push(a.ios as f64 / span(&l, "STAUNCH blkbench read-begin", "STAUNCH blkbench read-end")?);
+            m[4].values[vi]
+                .push(a.ios as f64 / span(&l, "STAUNCH blkbench write-begin", "STAUNCH blkbench write-end")?);
         }
     }
     println!();
-    println!(
-        "| benchmark (median of {} rounds) | unit | Staunch | QEMU | Staunch/QEMU |",
-        a.rounds
-    );
+    println!("| benchmark (median of {} rounds) | unit | Staunch | QEMU | Staunch/QEMU |", a.rounds);
     println!("|---|---|---:|---:|---:|");
     let mut json = Vec::new();
     for x in &m {
@@ -316,29 +211,19 @@ pub fn run(mut a: BenchArgs) -> Result<i32> {
         let q = median(&x.values[1]);
         let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("-".into());
         let ratio = match (s, q) {
-            (Some(s), Some(q)) if q > 0.0 => format!(
-                "{:.2} ({})",
-                s / q,
-                if x.lower_is_better {
-                    "lower is better"
-                } else {
-                    "higher is better"
-                }
-            ),
+            (Some(s), Some(q)) if q > 0.0 => {
+                format!("{:.2} ({})", s / q, if x.lower_is_better { "lower is better" } else { "higher is better" })
+            }
             _ => "-".into(),
         };
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            x.name,
-            x.unit,
-            f(s),
-            f(q),
-            ratio
-        );
+        println!("| {} | {} | {} | {} | {} |", x.name, x.unit, f(s), f(q), ratio);
         json.push(serde_json::json!({"metric": x.name, "unit": x.unit, "staunch": s, "qemu": q}));
     }
     println!();
-    println!("guest: Staunch test guest, 1 vCPU, 256 MiB; exits from ring 0, blk from ring 3; {} exits, {} requests", a.iters, a.ios);
+    println!(
+        "guest: Staunch test guest, 1 vCPU, 256 MiB; exits from ring 0, blk from ring 3; {} exits, {} requests",
+        a.iters, a.ios
+    );
     if a.json {
         println!("{}", serde_json::Value::Array(json));
     }

@@ -24,11 +24,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let kernel = test_guest()?;
     let disk = cache_dir().join("demo-disk.img");
     std::fs::write(&disk, vec![0u8; 16 << 20])?;
-    println!(
-        "   guest image {}  disk {} (16 MiB)",
-        kernel.display(),
-        disk.display()
-    );
+    println!("   guest image {}  disk {} (16 MiB)", kernel.display(), disk.display());
     let cmdline = format!(
         "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report=128",
         a.writes
@@ -41,9 +37,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let mut last = String::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let Some((t, line)) = run.next_line(deadline)? else {
-            bail!("the guest stopped reporting")
-        };
+        let Some((t, line)) = run.next_line(deadline)? else { bail!("the guest stopped reporting") };
         first.get_or_insert(t - started);
         println!("   [{:>7.1} ms] {line}", (t - started).as_secs_f64() * 1e3);
         if line.starts_with("STAUNCH blk written=") {
@@ -52,10 +46,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
                 paused_once = true;
                 let p = Instant::now();
                 run.vm.pause();
-                println!(
-                    "   -- paused all vCPUs in {:.2} ms; holding 300 ms",
-                    p.elapsed().as_secs_f64() * 1e3
-                );
+                println!("   -- paused all vCPUs in {:.2} ms; holding 300 ms", p.elapsed().as_secs_f64() * 1e3);
                 std::thread::sleep(Duration::from_millis(300));
                 run.vm.resume();
                 println!("   -- resumed");
@@ -82,9 +73,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     println!("== Summary");
     println!(
         "   boot to first serial line : {}",
-        first
-            .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
-            .unwrap_or("-".into())
+        first.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or("-".into())
     );
     println!(
         "   guest work                : {} blocks written, {} verified, {} mismatches",
@@ -92,26 +81,12 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         field("verified"),
         field("mismatches")
     );
-    println!(
-        "   host check of the disk    : {intact}/{} blocks intact",
-        REGION_BLOCKS.min(a.writes)
-    );
+    println!("   host check of the disk    : {intact}/{} blocks intact", REGION_BLOCKS.min(a.writes));
     println!("   vCPUs, exits              : {}, {}", a.vcpus, exit.exits);
     println!("   guest exit                : {:?}", exit.reason);
-    println!(
-        "   total demo time           : {:.2} s",
-        t0.elapsed().as_secs_f64()
-    );
-    let ok = exit.reason == StopReason::PowerOff(0)
-        && intact == REGION_BLOCKS.min(a.writes)
-        && field("mismatches") == "0";
-    println!(
-        "== {}",
-        if ok {
-            "OK: the guest ran, paused, resumed and shut down cleanly"
-        } else {
-            "FAILED"
-        }
-    );
+    println!("   total demo time           : {:.2} s", t0.elapsed().as_secs_f64());
+    let ok =
+        exit.reason == StopReason::PowerOff(0) && intact == REGION_BLOCKS.min(a.writes) && field("mismatches") == "0";
+    println!("== {}", if ok { "OK: the guest ran, paused, resumed and shut down cleanly" } else { "FAILED" });
     Ok(if ok { 0 } else { 1 })
 }

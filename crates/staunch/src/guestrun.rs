@@ -62,13 +62,7 @@ pub fn guest_config(kernel: &Path, cmdline: &str, vcpus: u8, disks: &[PathBuf]) 
     cfg.cmdline = cmdline.into();
     cfg.vcpus = vcpus;
     cfg.serial = SerialConfig::Null;
-    cfg.disks = disks
-        .iter()
-        .map(|p| staunch_vmm::DiskConfig {
-            path: p.clone(),
-            read_only: false,
-        })
-        .collect();
+    cfg.disks = disks.iter().map(|p| staunch_vmm::DiskConfig { path: p.clone(), read_only: false }).collect();
     cfg
 }
 
@@ -76,13 +70,7 @@ impl GuestRun {
     pub fn start(cfg: &VmConfig) -> Result<Self> {
         let (tx, lines) = channel();
         let started = Instant::now();
-        let vm = RunningVm::start_with_output(
-            cfg,
-            Some(Box::new(LineSink {
-                buf: Vec::new(),
-                tx,
-            })),
-        )?;
+        let vm = RunningVm::start_with_output(cfg, Some(Box::new(LineSink { buf: Vec::new(), tx })))?;
         Ok(GuestRun { vm, started, lines })
     }
 

@@ -35,6 +35,14 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Benchmarks, side by side with QEMU where it is installed.
     Bench(bench::BenchArgs),
+    /// Control a running VM through its control socket.
+    Vm {
+        /// The VM's control socket (`vmm run --api-socket`).
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
     /// Write the built-in test guest image to a file.
     Testguest {
         /// Directory to write `staunch-testguest.elf` into.
@@ -47,6 +55,29 @@ enum Cmd {
 enum VmmCmd {
     /// Run one VM in this process until the guest powers off or resets.
     Run(RunArgs),
+    /// Rebuild a VM from a preserved record (used by upgrade and recovery;
+    /// not for direct use).
+    Resume {
+        /// The inherited memfd holding the record.
+        #[arg(long)]
+        preserved_fd: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume,
+    /// Show the VM's state.
+    Status,
+    /// Warm upgrade: re-execute the VMM (optionally a different binary)
+    /// around the running guest's memory.
+    Upgrade {
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -72,6 +103,12 @@ struct RunArgs {
     /// stdio | null | file:PATH | unix:PATH
     #[arg(long)]
     serial: Option<String>,
+    /// Control socket (JSON lines; see `staunch vm`).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Append structured events (JSON lines) to this file.
+    #[arg(long)]
+    events: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -101,6 +138,12 @@ impl RunArgs {
         if let Some(s) = &self.serial {
             cfg.serial = SerialConfig::parse(s)?;
         }
+        if self.api_socket.is_some() {
+            cfg.api_socket = self.api_socket;
+        }
+        if self.events.is_some() {
+            cfg.events = self.events;
+        }
         if let Ok(dev) = std::env::var("STAUNCH_KVM_DEVICE") {
             cfg.kvm_device = dev;
         }
@@ -110,11 +153,8 @@ impl RunArgs {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STAUNCH_LOG")
-        .unwrap_or_else(|_| "warn".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STAUNCH_LOG").unwrap_or_else(|_| "warn".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -124,17 +164,80 @@ fn init_logging(json: bool) {
 
 fn vmm_run(args: RunArgs) -> Result<i32> {
     let cfg = args.into_config()?;
-    let vm = RunningVm::start(&cfg)?;
+    serve(RunningVm::start(&cfg)?)
+}
+
+fn vmm_resume(fd: i32) -> Result<i32> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the predecessor image passed this inherited memfd's number.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let bytes = staunch_vmm::record::read_fd(&mut f)?;
+    drop(f);
+    let rec = match staunch_vmm::record::decode(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            staunch_vmm::events::emit(
+                None,
+                "recovery-failed",
+                serde_json::json!({"error": e.to_string(), "outcome": "guest-lost"}),
+            );
+            return Err(e.into());
+        }
+    };
+    let events = rec.config.events.clone();
+    match RunningVm::restore(rec, None) {
+        Ok(vm) => serve(vm),
+        Err(e) => {
+            staunch_vmm::events::emit(
+                events.as_deref(),
+                "recovery-failed",
+                serde_json::json!({"error": e.to_string(), "outcome": "guest-lost"}),
+            );
+            Err(e.into())
+        }
+    }
+}
+
+fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
+    use staunch_vmm::api::{request, ApiRequest};
+    let req = match &cmd {
+        VmCmd::Pause => ApiRequest::Pause,
+        VmCmd::Resume => ApiRequest::Resume,
+        VmCmd::Status => ApiRequest::Status,
+        VmCmd::Upgrade { binary } => ApiRequest::Upgrade { binary: binary.clone() },
+    };
+    let before =
+        request(socket, &ApiRequest::Status).with_context(|| format!("control socket {}", socket.display()))?;
+    let resp = request(socket, &req)?;
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.unwrap_or_default());
+    }
+    if let VmCmd::Upgrade { .. } = cmd {
+        // The VMM re-executes; wait for the new generation to answer.
+        let old = before.data["generation"].as_u64().unwrap_or(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(s) = request(socket, &ApiRequest::Status) {
+                if s.data["generation"].as_u64().unwrap_or(0) > old {
+                    println!("{}", serde_json::json!(s.data));
+                    return Ok(0);
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("the VMM did not come back after the upgrade");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    println!("{}", serde_json::json!(resp.data));
+    Ok(0)
+}
+
+fn serve(vm: RunningVm) -> Result<i32> {
     let exit = vm.wait(None);
-    let first = exit
-        .first_output
-        .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
-        .unwrap_or_else(|| "never".into());
-    let summary = format!(
-        "first serial output after {first}, ran {:.2} s, {} exits",
-        exit.runtime.as_secs_f64(),
-        exit.exits
-    );
+    let first = exit.first_output.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "never".into());
+    let summary =
+        format!("first serial output after {first}, ran {:.2} s, {} exits", exit.runtime.as_secs_f64(), exit.exits);
     match exit.reason {
         StopReason::PowerOff(code) => {
             eprintln!("staunch: guest powered off with exit code {code}; {summary}");
@@ -155,9 +258,9 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let res = match cli.cmd {
-        Cmd::Vmm {
-            cmd: VmmCmd::Run(a),
-        } => vmm_run(a),
+        Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(a),
+        Cmd::Vmm { cmd: VmmCmd::Resume { preserved_fd } } => vmm_resume(preserved_fd),
+        Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Testguest { dir } => staunch_testguest::install(&dir)

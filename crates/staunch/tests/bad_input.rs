@@ -14,16 +14,8 @@ fn fails_with(args: &[&str], env: Option<(&str, &str)>, needle: &str) {
     }
     let r = run(&mut c, None, T);
     assert_ne!(r.status, 0, "expected failure for {args:?}");
-    assert!(
-        !r.stderr.contains("panicked"),
-        "panic for {args:?}: {}",
-        r.stderr
-    );
-    assert!(
-        r.stderr.contains(needle),
-        "for {args:?} expected {needle:?} in:\n{}",
-        r.stderr
-    );
+    assert!(!r.stderr.contains("panicked"), "panic for {args:?}: {}", r.stderr);
+    assert!(r.stderr.contains(needle), "for {args:?} expected {needle:?} in:\n{}", r.stderr);
 }
 
 #[test]
@@ -43,16 +35,8 @@ fn kernel_not_a_kernel() {
     let d = tmpdir("notkernel");
     let k = d.join("kernel.txt");
     std::fs::write(&k, "just some text, definitely not a kernel").unwrap();
-    fails_with(
-        &["vmm", "run", "--kernel", k.to_str().unwrap()],
-        None,
-        "is not a kernel image",
-    );
-    fails_with(
-        &["vmm", "run", "--kernel", "/nonexistent/vmlinux"],
-        None,
-        "cannot read kernel /nonexistent/vmlinux",
-    );
+    fails_with(&["vmm", "run", "--kernel", k.to_str().unwrap()], None, "is not a kernel image");
+    fails_with(&["vmm", "run", "--kernel", "/nonexistent/vmlinux"], None, "cannot read kernel /nonexistent/vmlinux");
 }
 
 #[test]
@@ -60,14 +44,7 @@ fn missing_disk() {
     let d = tmpdir("nodisk");
     let g = guest(&d);
     fails_with(
-        &[
-            "vmm",
-            "run",
-            "--kernel",
-            g.to_str().unwrap(),
-            "--disk",
-            "/nonexistent/disk.img",
-        ],
+        &["vmm", "run", "--kernel", g.to_str().unwrap(), "--disk", "/nonexistent/disk.img"],
         None,
         "disk /nonexistent/disk.img",
     );
@@ -103,42 +80,14 @@ fn bad_options() {
     let d = tmpdir("opts");
     let g = guest(&d);
     let g = g.to_str().unwrap();
-    fails_with(
-        &["vmm", "run", "--kernel", g, "--vcpus", "0"],
-        None,
-        "--vcpus 0: must be between 1 and",
-    );
-    fails_with(
-        &["vmm", "run", "--kernel", g, "--mem", "1"],
-        None,
-        "--mem 1 MiB: must be between",
-    );
-    fails_with(
-        &["vmm", "run", "--kernel", g, "--disk", ",ro"],
-        None,
-        "invalid disk spec ',ro'",
-    );
-    fails_with(
-        &["vmm", "run", "--kernel", g, "--serial", "tcp:1"],
-        None,
-        "invalid serial spec 'tcp:1'",
-    );
-    fails_with(
-        &["vmm", "run", "--kernel", g, "--mem", "lots"],
-        None,
-        "invalid value 'lots'",
-    );
+    fails_with(&["vmm", "run", "--kernel", g, "--vcpus", "0"], None, "--vcpus 0: must be between 1 and");
+    fails_with(&["vmm", "run", "--kernel", g, "--mem", "1"], None, "--mem 1 MiB: must be between");
+    fails_with(&["vmm", "run", "--kernel", g, "--disk", ",ro"], None, "invalid disk spec ',ro'");
+    fails_with(&["vmm", "run", "--kernel", g, "--serial", "tcp:1"], None, "invalid serial spec 'tcp:1'");
+    fails_with(&["vmm", "run", "--kernel", g, "--mem", "lots"], None, "invalid value 'lots'");
     fails_with(&["vmm", "run"], None, "no kernel given");
     let cfg = d.join("bad.toml");
     std::fs::write(&cfg, "kernel = \"x\"\nmemory = 5\n").unwrap();
-    fails_with(
-        &["vmm", "run", "--config", cfg.to_str().unwrap()],
-        None,
-        "unknown field `memory`",
-    );
-    fails_with(
-        &["vmm", "run", "--config", "/nonexistent.toml"],
-        None,
-        "cannot read config file /nonexistent.toml",
-    );
+    fails_with(&["vmm", "run", "--config", cfg.to_str().unwrap()], None, "unknown field `memory`");
+    fails_with(&["vmm", "run", "--config", "/nonexistent.toml"], None, "cannot read config file /nonexistent.toml");
 }

@@ -40,27 +40,17 @@ pub struct Run {
 
 impl Run {
     pub fn reports(&self) -> Vec<&str> {
-        self.stdout
-            .lines()
-            .filter_map(staunch_testguest::report)
-            .collect()
+        self.stdout.lines().filter_map(staunch_testguest::report).collect()
     }
     pub fn report_with(&self, prefix: &str) -> Vec<&str> {
-        self.reports()
-            .into_iter()
-            .filter(|l| l.starts_with(prefix))
-            .collect()
+        self.reports().into_iter().filter(|l| l.starts_with(prefix)).collect()
     }
 }
 
 /// Run with a deadline (a hung VM fails the test instead of hanging it).
 pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Run {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     let mut child = cmd.spawn().expect("spawn staunch");
     if let Some(input) = stdin {
         let mut s = child.stdin.take().unwrap();
@@ -86,11 +76,7 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Run {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = child.wait_with_output().unwrap();
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
     Run {
         status: status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -99,8 +85,5 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Run {
 }
 
 pub fn field(line: &str, key: &str) -> u64 {
-    staunch_testguest::proto::field(line, key)
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-        .parse()
-        .unwrap()
+    staunch_testguest::proto::field(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}")).parse().unwrap()
 }

@@ -13,16 +13,10 @@ use std::time::{Duration, Instant};
 fn kernel() -> PathBuf {
     let p = std::env::var_os("STAUNCH_LINUX_KERNEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/linux/vmlinuz")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/linux/vmlinuz"));
     // The ELF vmlinux sits beside the bzImage (extracted by the asset script).
     let elf = p.with_file_name("vmlinux");
-    assert!(
-        elf.exists(),
-        "{} is missing: run scripts/assets.sh linux (scripts/test.sh does)",
-        elf.display()
-    );
+    assert!(elf.exists(), "{} is missing: run scripts/assets.sh linux (scripts/test.sh does)", elf.display());
     elf
 }
 
@@ -38,10 +32,7 @@ fn kvm_linux_banner_on_serial() {
         .arg(&k)
         .arg("--disk")
         .arg(&disk)
-        .args([
-            "--cmdline",
-            "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1",
-        ])
+        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -77,25 +68,12 @@ fn kvm_linux_banner_on_serial() {
     };
     let _ = child.kill();
     let _ = child.wait();
-    let banner =
-        banner.unwrap_or_else(|| panic!("no Linux banner within 120 s; serial so far: {seen:?}"));
+    let banner = banner.unwrap_or_else(|| panic!("no Linux banner within 120 s; serial so far: {seen:?}"));
     assert!(banner.contains("cloud-amd64"), "{banner}");
     assert!(cmdline.contains("Command line: console=ttyS0"), "{cmdline}");
-    assert!(
-        cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),
-        "{cmdline}"
-    );
-    for table in [
-        "ACPI: RSDP",
-        "ACPI: XSDT",
-        "ACPI: FACP",
-        "ACPI: DSDT",
-        "ACPI: APIC",
-    ] {
-        assert!(
-            acpi.iter().any(|l| l.contains(table)),
-            "no {table} in {acpi:?}"
-        );
+    assert!(cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"), "{cmdline}");
+    for table in ["ACPI: RSDP", "ACPI: XSDT", "ACPI: FACP", "ACPI: DSDT", "ACPI: APIC"] {
+        assert!(acpi.iter().any(|l| l.contains(table)), "no {table} in {acpi:?}");
     }
     let smp = smp.unwrap_or_else(|| panic!("no smpboot line; serial: {acpi:?}"));
     assert!(smp.contains("Allowing 2 CPUs"), "{smp}");
@@ -110,10 +88,7 @@ fn kvm_linux_bzimage_banner_on_serial() {
     let mut child = staunch()
         .args(["vmm", "run", "--mem", "512", "--kernel"])
         .arg(&bz)
-        .args([
-            "--cmdline",
-            "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1",
-        ])
+        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -15,26 +15,16 @@ fn counter(vcpus: u8) -> Run {
         staunch()
             .args(["vmm", "run", "--vcpus", &vcpus.to_string(), "--kernel"])
             .arg(&g)
-            .args([
-                "--cmdline",
-                "staunch.work=counter staunch.reports=6 staunch.chunk=1M",
-            ]),
+            .args(["--cmdline", "staunch.work=counter staunch.reports=6 staunch.chunk=1M"]),
         None,
         T,
     );
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("guest powered off with exit code 0"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("guest powered off with exit code 0"), "{}", r.stderr);
     let ticks = r.report_with("counter=");
     assert_eq!(ticks.len(), 6, "{}", r.stdout);
     let values: Vec<u64> = ticks.iter().map(|l| field(l, "counter")).collect();
-    assert!(
-        values.windows(2).all(|w| w[1] == w[0] + (1 << 20)),
-        "counter not monotonic: {values:?}"
-    );
+    assert!(values.windows(2).all(|w| w[1] == w[0] + (1 << 20)), "counter not monotonic: {values:?}");
     assert!(r.report_with("done code=0").len() == 1);
     r
 }
@@ -42,10 +32,7 @@ fn counter(vcpus: u8) -> Run {
 #[test]
 fn kvm_counter_one_vcpu() {
     let r = counter(1);
-    assert!(r
-        .report_with("counter=")
-        .iter()
-        .all(|l| field(l, "cpus") == 1));
+    assert!(r.report_with("counter=").iter().all(|l| field(l, "cpus") == 1));
 }
 
 #[test]
@@ -53,10 +40,7 @@ fn kvm_counter_two_vcpus_both_run() {
     let r = counter(2);
     // After the first tick every CPU's counter must keep moving.
     let ticks = r.report_with("counter=");
-    assert!(
-        ticks[1..].iter().all(|l| field(l, "cpus") == 2),
-        "{ticks:?}"
-    );
+    assert!(ticks[1..].iter().all(|l| field(l, "cpus") == 2), "{ticks:?}");
 }
 
 #[test]
@@ -67,19 +51,15 @@ fn kvm_blk_verify_and_host_check() {
     let disk = d.join("disk.img");
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
     let (writes, blocks) = (300u64, 64u64);
-    let r = run(
-        staunch()
-            .args(["vmm", "run", "--kernel"])
-            .arg(&g)
-            .arg("--disk")
-            .arg(&disk)
-            .args([
+    let r =
+        run(
+            staunch().args(["vmm", "run", "--kernel"]).arg(&g).arg("--disk").arg(&disk).args([
                 "--cmdline",
                 &format!("staunch.work=blk-verify staunch.writes={writes} staunch.blocks={blocks}"),
             ]),
-        None,
-        T,
-    );
+            None,
+            T,
+        );
     assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
     let fin = r.report_with("blk written=");
     let last = fin.last().expect("blk report");
@@ -87,12 +67,7 @@ fn kvm_blk_verify_and_host_check() {
     assert_eq!(field(last, "written"), writes);
     assert_eq!(field(last, "verified"), writes);
     assert_eq!(field(last, "mismatches"), 0);
-    assert_eq!(
-        r.report_with("blk id=\"disk.img\"").len(),
-        1,
-        "{}",
-        r.stdout
-    );
+    assert_eq!(r.report_with("blk id=\"disk.img\"").len(), 1, "{}", r.stdout);
     // The host sees exactly the last write of every block, intact.
     let bytes = std::fs::read(&disk).unwrap();
     for lba in 0..blocks {
@@ -100,18 +75,10 @@ fn kvm_blk_verify_and_host_check() {
         let off = (lba as usize) * BLOCK_SIZE;
         b.copy_from_slice(&bytes[off..off + BLOCK_SIZE]);
         let seq = proto::check_block(&b, lba).unwrap_or_else(|e| panic!("block {lba}: {e:?}"));
-        let expect = (0..writes)
-            .filter(|s| proto::lba_for(*s, blocks) == lba)
-            .max()
-            .unwrap();
+        let expect = (0..writes).filter(|s| proto::lba_for(*s, blocks) == lba).max().unwrap();
         assert_eq!(seq, expect, "block {lba}");
     }
-    assert!(
-        bytes[(blocks as usize) * BLOCK_SIZE..]
-            .iter()
-            .all(|b| *b == 0),
-        "wrote past the region"
-    );
+    assert!(bytes[(blocks as usize) * BLOCK_SIZE..].iter().all(|b| *b == 0), "wrote past the region");
 }
 
 #[test]
@@ -132,18 +99,8 @@ fn kvm_blk_read_only_refuses_writes() {
         T,
     );
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert_eq!(
-        r.report_with("blk capacity=2048 ro=1").len(),
-        1,
-        "{}",
-        r.stdout
-    );
-    assert_eq!(
-        r.report_with("blk ro-write status=1").len(),
-        1,
-        "{}",
-        r.stdout
-    );
+    assert_eq!(r.report_with("blk capacity=2048 ro=1").len(), 1, "{}", r.stdout);
+    assert_eq!(r.report_with("blk ro-write status=1").len(), 1, "{}", r.stdout);
     assert_eq!(r.report_with("done code=0").len(), 1);
     assert!(std::fs::read(&disk).unwrap().iter().all(|b| *b == 0));
 }
@@ -167,22 +124,11 @@ fn kvm_config_file_and_serial_file() {
         ),
     )
     .unwrap();
-    let r = run(
-        staunch().args(["vmm", "run", "--config"]).arg(&cfg),
-        None,
-        T,
-    );
+    let r = run(staunch().args(["vmm", "run", "--config"]).arg(&cfg), None, T);
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(
-        r.stdout.is_empty(),
-        "serial went to a file, not stdout: {}",
-        r.stdout
-    );
+    assert!(r.stdout.is_empty(), "serial went to a file, not stdout: {}", r.stdout);
     let log = std::fs::read_to_string(&out).unwrap();
-    assert!(
-        log.contains("STAUNCH blk written=32 verified=32 mismatches=0 errors=0 final=1"),
-        "{log}"
-    );
+    assert!(log.contains("STAUNCH blk written=32 verified=32 mismatches=0 errors=0 final=1"), "{log}");
 }
 
 #[test]
@@ -191,10 +137,7 @@ fn kvm_serial_input_reaches_guest() {
     let d = tmpdir("echo");
     let g = guest(&d);
     let r = run(
-        staunch()
-            .args(["vmm", "run", "--kernel"])
-            .arg(&g)
-            .args(["--cmdline", "staunch.work=echo"]),
+        staunch().args(["vmm", "run", "--kernel"]).arg(&g).args(["--cmdline", "staunch.work=echo"]),
         Some(b"hello staunch\nquit\n"),
         T,
     );
@@ -208,23 +151,12 @@ fn kvm_guest_bad_config_reported() {
     require_kvm();
     let d = tmpdir("badcfg");
     let g = guest(&d);
-    let r = run(
-        staunch()
-            .args(["vmm", "run", "--kernel"])
-            .arg(&g)
-            .args(["--cmdline", "staunch.work=nonsense"]),
-        None,
-        T,
-    );
+    let r =
+        run(staunch().args(["vmm", "run", "--kernel"]).arg(&g).args(["--cmdline", "staunch.work=nonsense"]), None, T);
     // The VMM did its job: the guest powered off and said why.
     assert_eq!(r.status, 0);
     assert!(r.stderr.contains("exit code 5"), "{}", r.stderr);
-    assert_eq!(
-        r.report_with("error config unknown workload").len(),
-        1,
-        "{}",
-        r.stdout
-    );
+    assert_eq!(r.report_with("error config unknown workload").len(), 1, "{}", r.stdout);
 }
 
 #[test]
@@ -232,22 +164,11 @@ fn kvm_guest_reset_ends_the_vm_cleanly() {
     require_kvm();
     let d = tmpdir("reset");
     let g = guest(&d);
-    let r = run(
-        staunch()
-            .args(["vmm", "run", "--kernel"])
-            .arg(&g)
-            .args(["--cmdline", "staunch.work=reset"]),
-        None,
-        T,
-    );
+    let r = run(staunch().args(["vmm", "run", "--kernel"]).arg(&g).args(["--cmdline", "staunch.work=reset"]), None, T);
     assert_eq!(r.status, 0, "{}", r.stderr);
     assert!(r.stderr.contains("guest requested a reset"), "{}", r.stderr);
     assert_eq!(r.report_with("resetting").len(), 1);
-    assert!(
-        r.report_with("done").is_empty(),
-        "guest ran past its reset: {}",
-        r.stdout
-    );
+    assert!(r.report_with("done").is_empty(), "guest ran past its reset: {}", r.stdout);
 }
 
 #[test]
@@ -272,9 +193,7 @@ fn kvm_serial_over_unix_socket() {
     let mut s = loop {
         match UnixStream::connect(&sock) {
             Ok(s) => break s,
-            Err(_) if start.elapsed() < Duration::from_secs(30) => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
+            Err(_) if start.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => panic!("console socket never appeared: {e}"),
         }
     };

@@ -65,29 +65,17 @@ impl Block {
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(|err| BlkError::Open {
-                path: p.clone(),
-                err,
-            })?;
-        let meta = file.metadata().map_err(|err| BlkError::Open {
-            path: p.clone(),
-            err,
-        })?;
+            .map_err(|err| BlkError::Open { path: p.clone(), err })?;
+        let meta = file.metadata().map_err(|err| BlkError::Open { path: p.clone(), err })?;
         if !meta.is_file() {
-            return Err(BlkError::Open {
-                path: p,
-                err: std::io::Error::other("not a regular file"),
-            });
+            return Err(BlkError::Open { path: p, err: std::io::Error::other("not a regular file") });
         }
         let len = meta.len();
         if len % SECTOR != 0 {
             return Err(BlkError::Size { path: p, len });
         }
         let mut id = [0u8; ID_LEN];
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for (d, s) in id.iter_mut().zip(name.bytes()) {
             *d = s;
         }
@@ -134,12 +122,7 @@ impl Block {
         written.saturating_add(1)
     }
 
-    fn execute(
-        &mut self,
-        hdr: &Descriptor,
-        data: &[Descriptor],
-        mem: &GuestMemoryMmap,
-    ) -> Result<u32, u8> {
+    fn execute(&mut self, hdr: &Descriptor, data: &[Descriptor], mem: &GuestMemoryMmap) -> Result<u32, u8> {
         if hdr.is_write_only() || hdr.len() < 16 {
             return Err(S_IOERR);
         }
@@ -161,10 +144,7 @@ impl Block {
                     return Err(S_IOERR);
                 }
                 let total: u64 = data.iter().map(|d| d.len() as u64).sum();
-                let end = sector
-                    .checked_mul(SECTOR)
-                    .and_then(|s| s.checked_add(total))
-                    .ok_or(S_IOERR)?;
+                let end = sector.checked_mul(SECTOR).and_then(|s| s.checked_add(total)).ok_or(S_IOERR)?;
                 if !total.is_multiple_of(SECTOR) || end > self.capacity * SECTOR {
                     return Err(S_IOERR);
                 }
@@ -185,22 +165,14 @@ impl Block {
             T_GET_ID => {
                 let d = data.first().filter(|d| d.is_write_only()).ok_or(S_IOERR)?;
                 let n = (d.len() as usize).min(ID_LEN);
-                mem.write_slice(&self.id[..n], d.addr())
-                    .map_err(|_| S_IOERR)?;
+                mem.write_slice(&self.id[..n], d.addr()).map_err(|_| S_IOERR)?;
                 Ok(n as u32)
             }
             _ => Err(S_UNSUPP),
         }
     }
 
-    fn transfer(
-        &self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: usize,
-        off: u64,
-        write: bool,
-    ) -> Result<(), u8> {
+    fn transfer(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: usize, off: u64, write: bool) -> Result<(), u8> {
         let slice = mem.get_slice(addr, len).map_err(|_| S_IOERR)?;
         let guard = slice.ptr_guard_mut();
         let ptr = guard.as_ptr();
@@ -247,11 +219,7 @@ impl VirtioDevice for Block {
         let mut cfg = [0u8; 0x40];
         cfg[..8].copy_from_slice(&self.capacity.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
+            *b = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
         }
     }
 
@@ -259,21 +227,10 @@ impl VirtioDevice for Block {
         self.acked = acked_features;
     }
 
-    fn process_queue(
-        &mut self,
-        _index: usize,
-        q: &mut Queue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
-        let avail = q
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(|e| e.to_string())?;
+    fn process_queue(&mut self, _index: usize, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
+        let avail = q.avail_idx(mem, Ordering::Acquire).map_err(|e| e.to_string())?;
         if (avail - Wrapping(q.next_avail())).0 > q.size() {
-            return Err(format!(
-                "avail index {} ran more than a queue ahead of {}",
-                avail.0,
-                q.next_avail()
-            ));
+            return Err(format!("avail index {} ran more than a queue ahead of {}", avail.0, q.next_avail()));
         }
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {

@@ -58,16 +58,8 @@ pub struct QueueState {
 }
 
 impl MmioTransport {
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        irq: Arc<dyn Interrupt>,
-    ) -> Self {
-        let queues = device
-            .queue_max_sizes()
-            .iter()
-            .filter_map(|m| Queue::new(*m).ok())
-            .collect();
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Arc<dyn Interrupt>) -> Self {
+        let queues = device.queue_max_sizes().iter().filter_map(|m| Queue::new(*m).ok()).collect();
         MmioTransport {
             device,
             mem,
@@ -107,6 +99,54 @@ impl MmioTransport {
         }
     }
 
+    /// Rebuild a transport from saved state. With `replay_in_flight`, buffers
+    /// the guest made available but the device had not completed are served
+    /// again (the crash path: their completion may have been lost; serving a
+    /// block request twice writes the same bytes to the same place).
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: Arc<dyn Interrupt>,
+        s: &MmioState,
+        replay_in_flight: bool,
+    ) -> Result<Self, String> {
+        if s.version != 1 {
+            return Err(format!("virtio-mmio state version {} is not supported", s.version));
+        }
+        let mut t = MmioTransport::new(device, mem, irq);
+        if s.queues.len() != t.queues.len() {
+            return Err(format!("saved {} queues, device has {}", s.queues.len(), t.queues.len()));
+        }
+        for (q, qs) in t.queues.iter_mut().zip(&s.queues) {
+            q.set_size(qs.size);
+            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+            let (lo, hi) = split(qs.desc_table);
+            q.set_desc_table_address(lo, hi);
+            let (lo, hi) = split(qs.avail_ring);
+            q.set_avail_ring_address(lo, hi);
+            let (lo, hi) = split(qs.used_ring);
+            q.set_used_ring_address(lo, hi);
+            q.set_ready(qs.ready);
+            let next_used = if replay_in_flight {
+                // The used index in guest memory is what the guest was told.
+                q.used_idx(&t.mem, std::sync::atomic::Ordering::Acquire).map(|w| w.0).unwrap_or(qs.next_used)
+            } else {
+                qs.next_used
+            };
+            q.set_next_used(next_used);
+            q.set_next_avail(if replay_in_flight { next_used } else { qs.next_avail });
+        }
+        t.status = s.status;
+        t.drv_features = s.drv_features;
+        t.queue_sel = s.queue_sel;
+        t.interrupt_status = s.interrupt_status;
+        t.config_generation = s.config_generation;
+        if t.status & S_DRIVER_OK != 0 {
+            t.device.activate(t.drv_features);
+        }
+        Ok(t)
+    }
+
     fn device_features(&self) -> u64 {
         self.device.features() | VIRTIO_F_VERSION_1
     }
@@ -144,17 +184,13 @@ impl MmioTransport {
         let newly = v & !self.status;
         if newly & S_FEATURES_OK != 0 {
             // Refuse features we never offered, or a driver without VERSION_1.
-            let ok = self.drv_features & !self.device_features() == 0
-                && self.drv_features & VIRTIO_F_VERSION_1 != 0;
+            let ok = self.drv_features & !self.device_features() == 0 && self.drv_features & VIRTIO_F_VERSION_1 != 0;
             self.status = if ok { v } else { v & !S_FEATURES_OK };
             return;
         }
         if newly & S_DRIVER_OK != 0 {
-            let valid = self.status & S_FEATURES_OK != 0
-                && self
-                    .queues
-                    .iter()
-                    .all(|q| !q.ready() || q.is_valid(&self.mem));
+            let valid =
+                self.status & S_FEATURES_OK != 0 && self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
             if !valid {
                 self.status |= S_FAILED;
                 return;
@@ -226,13 +262,11 @@ impl MmioTransport {
         let allowed = self.queue_config_allowed();
         match offset {
             0x014 => self.dev_features_sel = v,
-            0x020 if self.status & S_DRIVER != 0 && self.status & S_FEATURES_OK == 0 => {
-                match self.drv_features_sel {
-                    0 => self.drv_features = (self.drv_features & !0xffff_ffff) | v as u64,
-                    1 => self.drv_features = (self.drv_features & 0xffff_ffff) | ((v as u64) << 32),
-                    _ => {}
-                }
-            }
+            0x020 if self.status & S_DRIVER != 0 && self.status & S_FEATURES_OK == 0 => match self.drv_features_sel {
+                0 => self.drv_features = (self.drv_features & !0xffff_ffff) | v as u64,
+                1 => self.drv_features = (self.drv_features & 0xffff_ffff) | ((v as u64) << 32),
+                _ => {}
+            },
             0x024 => self.drv_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 if allowed => {
@@ -249,11 +283,7 @@ impl MmioTransport {
             0x064 => self.interrupt_status &= !v,
             0x070 => self.set_status(v),
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if allowed => {
-                let (lo, hi) = if offset & 4 == 0 {
-                    (Some(v), None)
-                } else {
-                    (None, Some(v))
-                };
+                let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
                 if let Some(q) = self.queue() {
                     match offset & !4 {
                         0x080 => q.set_desc_table_address(lo, hi),

@@ -21,11 +21,6 @@ pub trait VirtioDevice: Send {
     /// Process available buffers of queue `index`. Returns whether any buffer
     /// was used (so the transport should interrupt), or an error that makes
     /// the device need a reset.
-    fn process_queue(
-        &mut self,
-        index: usize,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<bool, String>;
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String>;
     fn reset(&mut self);
 }

@@ -1,0 +1,144 @@
+//! The preserved record: everything needed to rebuild a running VM around its
+//! memory in a fresh process image. Framed with magic, version, length and a
+//! CRC, and validated before use: a process that failed may have corrupted
+//! its own state (ReHype's lesson), so a bad record is refused, never trusted.
+
+use crate::config::VmConfig;
+use serde::{Deserialize, Serialize};
+use staunch_devices::legacy::I8042State;
+use staunch_devices::serial::SerialState;
+use staunch_devices::virtio::mmio::MmioState;
+use staunch_kvm::state::{VcpuSnapshot, VmSnapshot};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+pub const MAGIC: [u8; 8] = *b"STNCHREC";
+pub const VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 8 + 4;
+/// A record larger than this is corrupt, not big.
+const MAX_LEN: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("preserved record: bad magic (not a Staunch record)")]
+    Magic,
+    #[error("preserved record: version {0} is not supported (expected {VERSION})")]
+    Version(u32),
+    #[error("preserved record: length {0} is out of range")]
+    Length(u64),
+    #[error("preserved record: CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupted")]
+    Crc { stored: u32, computed: u32 },
+    #[error("preserved record: cannot decode: {0}")]
+    Decode(String),
+    #[error("preserved record: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One RAM region: where it sits in the guest and the memfd behind it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RamInfo {
+    pub gpa: u64,
+    pub size: u64,
+    pub fd: RawFd,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialState,
+    pub i8042: I8042State,
+    pub virtio: Vec<MmioState>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct VmRecord {
+    pub version: u32,
+    /// Why the record was written: "upgrade", "crash: SIGSEGV", ...
+    pub cause: String,
+    pub config: VmConfig,
+    pub ram: Vec<RamInfo>,
+    pub vcpus: Vec<VcpuSnapshot>,
+    pub vm: VmSnapshot,
+    pub devices: DevicesState,
+    /// CLOCK_MONOTONIC when the guest was paused (survives exec).
+    pub paused_at_ns: u64,
+    /// In-flight virtio requests must be served again (crash path).
+    pub replay_in_flight: bool,
+    /// How many times this VM was rebuilt so far (upgrades and recoveries).
+    pub generation: u64,
+}
+
+pub fn encode(r: &VmRecord) -> Result<Vec<u8>, RecordError> {
+    let payload = bincode::serialize(r).map_err(|e| RecordError::Decode(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+pub fn decode(b: &[u8]) -> Result<VmRecord, RecordError> {
+    if b.len() < HEADER || b[..8] != MAGIC {
+        return Err(RecordError::Magic);
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().map_err(|_| RecordError::Magic)?);
+    if version != VERSION {
+        return Err(RecordError::Version(version));
+    }
+    let len = u64::from_le_bytes(b[12..20].try_into().map_err(|_| RecordError::Magic)?);
+    if len > MAX_LEN || len as usize > b.len() - HEADER {
+        return Err(RecordError::Length(len));
+    }
+    let stored = u32::from_le_bytes(b[20..24].try_into().map_err(|_| RecordError::Magic)?);
+    let payload = &b[HEADER..HEADER + len as usize];
+    let computed = crc32fast::hash(payload);
+    if stored != computed {
+        return Err(RecordError::Crc { stored, computed });
+    }
+    let r: VmRecord = bincode::deserialize(payload).map_err(|e| RecordError::Decode(e.to_string()))?;
+    if r.version != VERSION {
+        return Err(RecordError::Version(r.version));
+    }
+    Ok(r)
+}
+
+/// Write `bytes` into a new memfd that survives exec; returns it.
+pub fn to_memfd(bytes: &[u8]) -> Result<File, RecordError> {
+    let name = c"staunch-preserved";
+    // SAFETY: plain syscall with a valid C string; the fd is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(bytes)?;
+    Ok(f)
+}
+
+/// Read a whole record file or memfd from its start.
+pub fn read_fd(f: &mut File) -> Result<Vec<u8>, RecordError> {
+    f.seek(SeekFrom::Start(0))?;
+    let mut v = Vec::new();
+    f.take(MAX_LEN + HEADER as u64).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Let `fd` survive exec.
+pub fn keep_across_exec(fd: &impl AsRawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
