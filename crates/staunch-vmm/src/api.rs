@@ -16,9 +16,10 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ApiRequest {
-    Pause,
-    Resume,
-    Status,
+    // Struct variants, so unknown fields are refused for every command.
+    Pause {},
+    Resume {},
+    Status {},
     Upgrade {
         #[serde(default)]
         binary: Option<PathBuf>,
@@ -105,7 +106,7 @@ mod tests {
 
     #[test]
     fn parse_requests() {
-        assert_eq!(serde_json::from_str::<ApiRequest>(r#"{"cmd":"pause"}"#).unwrap(), ApiRequest::Pause);
+        assert_eq!(serde_json::from_str::<ApiRequest>(r#"{"cmd":"pause"}"#).unwrap(), ApiRequest::Pause {});
         assert_eq!(
             serde_json::from_str::<ApiRequest>(r#"{"cmd":"upgrade","binary":"/b"}"#).unwrap(),
             ApiRequest::Upgrade { binary: Some("/b".into()) }

@@ -15,9 +15,9 @@ pub fn emit(file: Option<&Path>, kind: &str, mut fields: Value) {
     let line = fields.to_string();
     tracing::info!(target: "staunch::event", "{line}");
     eprintln!("staunch-event {line}");
-    if let Some(p) = file {
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
-            let _ = writeln!(f, "{line}");
-        }
+    if let Some(p) = file
+        && let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p)
+    {
+        let _ = writeln!(f, "{line}");
     }
 }

@@ -207,15 +207,12 @@ fn assemble(
     for d in &cfg.disks {
         disks.push(Block::open(&d.path, d.read_only)?);
     }
-    if let Some((s, _)) = saved {
-        if s.virtio.len() != disks.len() {
-            return Err(VmmError::Device(format!(
-                "record has {} virtio devices, config {}",
-                s.virtio.len(),
-                disks.len()
-            )));
-        }
+    if let Some((s, _)) = saved
+        && s.virtio.len() != disks.len()
+    {
+        return Err(VmmError::Device(format!("record has {} virtio devices, config {}", s.virtio.len(), disks.len())));
     }
+
     let mut irqs = Vec::new();
     let mut irq = |gsi: u32| -> Result<Arc<EventFd>, VmmError> {
         let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Irq { gsi, err: e.to_string() })?;
@@ -547,15 +544,15 @@ impl RunningVm {
 
     fn handle_api(&mut self, req: ApiRequest) -> ApiResponse {
         match req {
-            ApiRequest::Pause => {
+            ApiRequest::Pause {} => {
                 self.pause();
                 ApiResponse::ok(json!({}))
             }
-            ApiRequest::Resume => {
+            ApiRequest::Resume {} => {
                 self.resume();
                 ApiResponse::ok(json!({}))
             }
-            ApiRequest::Status => ApiResponse::ok(json!({
+            ApiRequest::Status {} => ApiResponse::ok(json!({
                 "generation": self.generation,
                 "pid": std::process::id(),
                 "vcpus": self.vcpu_states().iter().map(|s| format!("{s:?}")).collect::<Vec<_>>(),

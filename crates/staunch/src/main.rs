@@ -54,7 +54,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum VmmCmd {
     /// Run one VM in this process until the guest powers off or resets.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Rebuild a VM from a preserved record (used by upgrade and recovery;
     /// not for direct use).
     Resume {
@@ -201,13 +201,13 @@ fn vmm_resume(fd: i32) -> Result<i32> {
 fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
     use staunch_vmm::api::{request, ApiRequest};
     let req = match &cmd {
-        VmCmd::Pause => ApiRequest::Pause,
-        VmCmd::Resume => ApiRequest::Resume,
-        VmCmd::Status => ApiRequest::Status,
+        VmCmd::Pause => ApiRequest::Pause {},
+        VmCmd::Resume => ApiRequest::Resume {},
+        VmCmd::Status => ApiRequest::Status {},
         VmCmd::Upgrade { binary } => ApiRequest::Upgrade { binary: binary.clone() },
     };
     let before =
-        request(socket, &ApiRequest::Status).with_context(|| format!("control socket {}", socket.display()))?;
+        request(socket, &ApiRequest::Status {}).with_context(|| format!("control socket {}", socket.display()))?;
     let resp = request(socket, &req)?;
     if !resp.ok {
         anyhow::bail!("{}", resp.error.unwrap_or_default());
@@ -217,7 +217,7 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
         let old = before.data["generation"].as_u64().unwrap_or(0);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            if let Ok(s) = request(socket, &ApiRequest::Status) {
+            if let Ok(s) = request(socket, &ApiRequest::Status {}) {
                 if s.data["generation"].as_u64().unwrap_or(0) > old {
                     println!("{}", serde_json::json!(s.data));
                     return Ok(0);
@@ -258,7 +258,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let res = match cli.cmd {
-        Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(a),
+        Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(*a),
         Cmd::Vmm { cmd: VmmCmd::Resume { preserved_fd } } => vmm_resume(preserved_fd),
         Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),
         Cmd::Demo(a) => demo::run(a),
