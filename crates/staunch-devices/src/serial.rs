@@ -92,6 +92,10 @@ impl Serial {
 }
 
 impl BusDevice for Serial {
+    // Microreset: the default. The UART's state is a set of independent
+    // byte registers, each either old or new after a failed write, so the
+    // current values are consistent; a byte being transmitted may be lost.
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let (Ok(off), Some(b)) = (u8::try_from(offset), data.first_mut()) {
             *b = self.uart.read(off);
@@ -99,6 +103,9 @@ impl BusDevice for Serial {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> DeviceAction {
+        if let Err(e) = staunch_fault::hit(&staunch_fault::SERIAL_WRITE) {
+            panic!("{e}");
+        }
         if let (Ok(off), Some(b)) = (u8::try_from(offset), data.first()) {
             // An output error (closed pipe) must not stop the guest.
             let _ = self.uart.write(off, *b);

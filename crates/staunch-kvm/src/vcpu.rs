@@ -40,6 +40,8 @@ pub trait ExitHandler: Send + Sync {
     fn pio_write(&self, port: u16, data: &[u8]) -> Option<StopReason>;
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<StopReason>;
+    /// A fault was contained on the vCPU thread (rung 1: microreset).
+    fn contained(&self, _component: &'static str, _fault: String, _latency: std::time::Duration) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +69,12 @@ pub struct VcpuControl {
     thread: AtomicU64,
     /// Exits handled so far: a progress counter for watchdogs and benchmarks.
     pub exits: AtomicU64,
+    /// Panics contained in this vCPU's loop.
+    pub microresets: AtomicU64,
+    /// Set while the vCPU thread is serving an exit (the watchdog's view).
+    pub busy: std::sync::atomic::AtomicBool,
+    /// The kernel thread id, for signals from a watchdog or crash path.
+    pub tid: std::sync::atomic::AtomicI32,
 }
 
 fn kick_signal() -> i32 {
@@ -95,6 +103,9 @@ impl VcpuControl {
             run_page: AtomicPtr::new(std::ptr::null_mut()),
             thread: AtomicU64::new(0),
             exits: AtomicU64::new(0),
+            microresets: AtomicU64::new(0),
+            busy: std::sync::atomic::AtomicBool::new(false),
+            tid: std::sync::atomic::AtomicI32::new(0),
         })
     }
 
@@ -120,6 +131,24 @@ impl VcpuControl {
             // SAFETY: t is the vCPU thread's id; a pthread_t stays valid until the
             // thread is joined, and the VMM joins only after its last kick.
             unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        }
+    }
+
+    /// Like [`pause`](Self::pause) but gives up after `timeout` (a vCPU
+    /// stuck in a handler never pauses by itself). True if it paused.
+    pub fn pause_timeout(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        self.requested.store(REQ_PAUSE, Ordering::SeqCst);
+        self.kick();
+        loop {
+            match self.state() {
+                VcpuState::Paused | VcpuState::Stopped => return true,
+                _ if std::time::Instant::now() > deadline => return false,
+                _ => {
+                    self.kick();
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
         }
     }
 
@@ -312,8 +341,12 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
         return StopReason::Error(format!("vCPU {}: kick handler: {e}", ctl.index));
     }
     ctl.run_page.store(fd.get_kvm_run() as *mut kvm_run, Ordering::Release);
-    // SAFETY: pthread_self has no preconditions.
+    // SAFETY: pthread_self and gettid have no preconditions.
     ctl.thread.store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
+    // SAFETY: as above.
+    ctl.tid.store(unsafe { libc::gettid() }, Ordering::Release);
+    PARK.with(|p| p.set((ctl as *const VcpuControl, &mut fd as *mut VcpuFd)));
+    big_signal_stack();
     let reason = loop {
         match ctl.requested.load(Ordering::SeqCst) {
             REQ_STOP => break StopReason::Requested,
@@ -344,6 +377,26 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
         if ctl.state() != VcpuState::Running {
             ctl.set_state(VcpuState::Running);
         }
+        // Between two guest entries no exit is in flight: a panic here is
+        // contained and the loop simply goes on (nothing to reset).
+        let t = std::time::Instant::now();
+        let region = staunch_fault::ContainedRegion::enter();
+        let caught = std::panic::catch_unwind(|| staunch_fault::hit(&staunch_fault::VCPU_LOOP));
+        drop(region);
+        let fault = match caught {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(p) => Some(
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default(),
+            ),
+        };
+        if let Some(f) = fault {
+            ctl.microresets.fetch_add(1, Ordering::Relaxed);
+            handler.contained("vcpu-loop", f, t.elapsed());
+        }
         let exit = match fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -353,7 +406,9 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
             Err(e) => break StopReason::Error(format!("KVM_RUN: {e}")),
         };
         ctl.exits.fetch_add(1, Ordering::Relaxed);
+        ctl.busy.store(true, Ordering::Relaxed);
         let stop = dispatch(exit, handler);
+        ctl.busy.store(false, Ordering::Relaxed);
         if let Some(r) = stop {
             if let StopReason::Error(msg) = r {
                 let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -362,10 +417,68 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
             break r;
         }
     };
+    PARK.with(|p| p.set((std::ptr::null(), std::ptr::null_mut())));
     ctl.run_page.store(std::ptr::null_mut(), Ordering::Release);
     ctl.thread.store(0, Ordering::Release);
     ctl.set_state(VcpuState::Stopped);
     reason
+}
+
+/// Give this thread a signal stack large enough for the crash path to save
+/// its vCPU from inside a fatal-signal handler (a stack overflow included).
+pub fn big_signal_stack() {
+    const SIZE: usize = 512 * 1024;
+    // SAFETY: a fresh anonymous mapping handed to sigaltstack; it is never
+    // unmapped (the thread may need it until the process is replaced).
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return;
+        }
+        let st = libc::stack_t { ss_sp: p, ss_flags: 0, ss_size: SIZE };
+        libc::sigaltstack(&st, std::ptr::null_mut());
+    }
+}
+
+thread_local! {
+    /// This thread's vCPU while it runs one, for the crash path.
+    static PARK: std::cell::Cell<(*const VcpuControl, *mut VcpuFd)> =
+        const { std::cell::Cell::new((std::ptr::null(), std::ptr::null_mut())) };
+}
+
+/// Called from a fatal-signal (or park-signal) handler: if this thread runs
+/// a vCPU, it becomes Paused and serves jobs (state saves) for its vCPU until
+/// the process is replaced by exec; never returns then. Returns false on a
+/// thread that runs no vCPU.
+pub fn park_current_thread() -> bool {
+    let (ctl, fd) = PARK.with(|p| p.get());
+    if ctl.is_null() || fd.is_null() {
+        return false;
+    }
+    // SAFETY: both pointers were set by `run` on this thread and point into
+    // its frame, which the signal interrupted and which never resumes: the
+    // thread parks here until exec replaces the process. The pending exit is
+    // deliberately not completed (its handler may have died half way); the
+    // saved registers then re-run the instruction in the new image.
+    let (ctl, fd) = unsafe { (&*ctl, &mut *fd) };
+    ctl.busy.store(false, Ordering::Relaxed);
+    ctl.set_state(VcpuState::Paused);
+    loop {
+        for job in ctl.take_jobs() {
+            job(fd);
+        }
+        let s = ctl.state.lock().unwrap_or_else(|p| p.into_inner());
+        if ctl.jobs.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            let _ = ctl.changed.wait_timeout(s, std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 /// Serve one exit; Some(reason) if the VM must stop.

@@ -1,6 +1,7 @@
 //! The VMM's control socket: one JSON object per line each way.
 //! `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"status"}`,
-//! `{"cmd":"upgrade","binary":"/path/to/staunch"}`.
+//! `{"cmd":"upgrade","binary":"/path/to/staunch"}`,
+//! `{"cmd":"failpoint","spec":"mmio.write=panic"}`.
 //! Requests reach the VMM's main loop through a channel; bad input gets an
 //! error reply and the connection stays usable.
 
@@ -23,6 +24,10 @@ pub enum ApiRequest {
     Upgrade {
         #[serde(default)]
         binary: Option<PathBuf>,
+    },
+    /// Arm failpoints: `name=action[*count]`, comma separated.
+    Failpoint {
+        spec: String,
     },
 }
 

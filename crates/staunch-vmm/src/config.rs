@@ -102,6 +102,9 @@ pub struct VmConfig {
     /// Append structured events (JSON lines) here.
     #[serde(default)]
     pub events: Option<PathBuf>,
+    /// A handler busy this long (ms) is hung: escalate to crash re-exec.
+    #[serde(default)]
+    pub hang_ms: Option<u64>,
 }
 
 impl VmConfig {
@@ -117,6 +120,7 @@ impl VmConfig {
             kvm_device: default_kvm(),
             api_socket: None,
             events: None,
+            hang_ms: None,
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+mod crash;
 pub mod events;
 pub mod record;
 pub mod serial_out;

@@ -80,6 +80,7 @@ pub enum VmEvent {
 struct Exits {
     pio: Bus,
     mmio: Bus,
+    observer: staunch_devices::Observer,
 }
 
 fn to_stop(a: DeviceAction) -> Option<StopReason> {
@@ -103,6 +104,9 @@ impl ExitHandler for Exits {
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<StopReason> {
         self.mmio.write(addr, data).and_then(to_stop)
     }
+    fn contained(&self, component: &'static str, fault: String, latency: Duration) {
+        (self.observer)(staunch_devices::FaultReport { device: component, fault, recovered: true, latency });
+    }
 }
 
 const COM1: u64 = 0x3f8;
@@ -115,10 +119,19 @@ struct QueueWorker {
     evt: Arc<EventFd>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: JoinHandle<()>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    served: Arc<std::sync::atomic::AtomicU64>,
+    tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl QueueWorker {
-    fn spawn(vm: &Vm, base: u64, dev: Arc<Mutex<MmioTransport>>, name: &str) -> Result<Self, VmmError> {
+    fn spawn(
+        vm: &Vm,
+        base: u64,
+        dev: Arc<Mutex<MmioTransport>>,
+        name: &str,
+        observer: staunch_devices::Observer,
+    ) -> Result<Self, VmmError> {
         let queues = dev.lock().unwrap_or_else(|p| p.into_inner()).queue_count();
         let ioerr = |e: String| VmmError::Irq { gsi: 0, err: format!("ioeventfd: {e}") };
         let evt = Arc::new(EventFd::new(0).map_err(|e| ioerr(e.to_string()))?);
@@ -128,19 +141,31 @@ impl QueueWorker {
             vm.fd.register_ioevent(&evt, &addr, q).map_err(|e| ioerr(e.to_string()))?;
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (e, s) = (evt.clone(), stop.clone());
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let (e, s, b, n, t) = (evt.clone(), stop.clone(), busy.clone(), served.clone(), tid.clone());
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                t.store(unsafe { libc::gettid() }, std::sync::atomic::Ordering::Release);
+                staunch_kvm::vcpu::big_signal_stack();
                 while e.read().is_ok() && !s.load(std::sync::atomic::Ordering::Acquire) {
-                    let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
-                    for q in 0..queues as u32 {
-                        d.notify(q);
-                    }
+                    b.store(true, std::sync::atomic::Ordering::Relaxed);
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // A panic in the device model is contained: microreset
+                    // (serve again from the last completed request), retry.
+                    staunch_devices::contained("virtio-blk", &*dev, Some(&observer), None, |d| {
+                        for q in 0..queues as u32 {
+                            d.notify(q);
+                        }
+                    });
+                    b.store(false, std::sync::atomic::Ordering::Relaxed);
                 }
             })
             .map_err(VmmError::Thread)?;
-        Ok(QueueWorker { evt, stop, thread })
+        Ok(QueueWorker { evt, stop, thread, busy, served, tid })
     }
 
     fn stop(self) {
@@ -148,6 +173,19 @@ impl QueueWorker {
         let _ = self.evt.write(1);
         let _ = self.thread.join();
     }
+}
+
+/// Microresets become structured events.
+fn microreset_observer(events: Option<PathBuf>) -> staunch_devices::Observer {
+    Arc::new(move |f: staunch_devices::FaultReport| {
+        events::emit(
+            events.as_deref(),
+            "microreset",
+            json!({"component": f.device, "fault": f.fault, "rung": 1,
+                   "recovery_us": f.latency.as_secs_f64() * 1e6,
+                   "outcome": if f.recovered { "recovered" } else { "failed" }}),
+        );
+    })
 }
 
 /// Feed bytes to the UART, waiting while its FIFO is full (the guest drains it).
@@ -248,13 +286,16 @@ fn assemble(
         _ => {}
     }
 
+    let observer = microreset_observer(cfg.events.clone());
     let i8042 = Arc::new(Mutex::new(I8042::default()));
-    let mut pio = Bus::new();
-    pio.insert(COM1, 8, serial.clone())?;
-    pio.insert(0x60, 5, i8042.clone())?;
-    pio.insert(POWER_PORT, 1, Arc::new(Mutex::new(PowerPort)))?;
+    let mut pio = Bus::with_points(&staunch_fault::PIO_READ, &staunch_fault::PIO_WRITE);
+    pio.set_observer(observer.clone());
+    pio.insert(COM1, 8, "serial", serial.clone())?;
+    pio.insert(0x60, 5, "i8042", i8042.clone())?;
+    pio.insert(POWER_PORT, 1, "power", Arc::new(Mutex::new(PowerPort)))?;
 
-    let mut mmio = Bus::new();
+    let mut mmio = Bus::with_points(&staunch_fault::MMIO_READ, &staunch_fault::MMIO_WRITE);
+    mmio.set_observer(observer.clone());
     let mut workers = Vec::new();
     let mut transports = Vec::new();
     let mut acpi = staunch_boot::acpi::Devices { vcpus: cfg.vcpus, ..Default::default() };
@@ -269,9 +310,11 @@ fn assemble(
                 .map_err(VmmError::Device)?,
             None => MmioTransport::new(Box::new(disk), ram.mem.clone(), line),
         };
+        let mut t = t;
+        t.set_observer(observer.clone());
         let t = Arc::new(Mutex::new(t));
-        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, t.clone())?;
-        workers.push(QueueWorker::spawn(vm, base, t.clone(), &format!("virtio-blk{i}"))?);
+        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, "virtio-blk", t.clone())?;
+        workers.push(QueueWorker::spawn(vm, base, t.clone(), &format!("virtio-blk{i}"), observer.clone())?);
         transports.push(t);
         cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         acpi.virtio_mmio.push((base, layout::VIRTIO_MMIO_SIZE, gsi));
@@ -283,7 +326,7 @@ fn assemble(
         }
     }
     Ok(Devices {
-        handler: Arc::new(Exits { pio, mmio }),
+        handler: Arc::new(Exits { pio, mmio, observer }),
         serial,
         i8042,
         transports,
@@ -295,25 +338,143 @@ fn assemble(
     })
 }
 
+/// What the save paths (planned and crash) need, shared with the crash
+/// rescuer thread.
+pub(crate) struct Core {
+    pub(crate) cfg: VmConfig,
+    pub(crate) vcpus: Vec<Arc<VcpuControl>>,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    shadows: Vec<Arc<Mutex<staunch_devices::virtio::mmio::MmioState>>>,
+    pub(crate) workers: Vec<WorkerWatch>,
+    msrs: Vec<u32>,
+    generation: u64,
+    // Memory slots point into `ram`; both live as long as the VM.
+    vm: Vm,
+    ram: GuestRam,
+}
+
+/// A queue worker as the watchdog sees it.
+pub(crate) struct WorkerWatch {
+    pub(crate) busy: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) served: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) tid: Arc<std::sync::atomic::AtomicI32>,
+}
+
 pub struct RunningVm {
-    cfg: VmConfig,
-    vcpus: Vec<Arc<VcpuControl>>,
+    core: Arc<Core>,
     threads: Vec<JoinHandle<StopReason>>,
     events_tx: Sender<VmEvent>,
     events: Receiver<VmEvent>,
     started: Instant,
     first_output: Arc<OnceLock<Instant>>,
-    serial: Arc<Mutex<Serial>>,
-    i8042: Arc<Mutex<I8042>>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
     workers: Vec<QueueWorker>,
-    msrs: Vec<u32>,
-    generation: u64,
     last_recovery: Option<serde_json::Value>,
-    // Kept alive for the VM's lifetime: memory slots point into `ram`.
-    vm: Vm,
-    ram: GuestRam,
     _irqs: Vec<Arc<EventFd>>,
+}
+
+impl Core {
+    /// Capture the whole VM. The vCPUs must be paused.
+    pub(crate) fn save(&self, cause: &str, paused_at_ns: u64, crash: bool) -> Result<VmRecord, VmmError> {
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            let (msrs, index) = (self.msrs.clone(), v.index);
+            let snap = v.call(move |fd| state::save_vcpu(fd, index, &msrs)).ok_or(VmmError::VcpuGone(index))??;
+            vcpus.push(snap);
+        }
+        let vm = state::save_vm(&self.vm.fd)?;
+        let devices = if crash { self.devices_after_crash() } else { self.devices() };
+        let ram =
+            self.ram.regions.iter().map(|r| RamInfo { gpa: r.gpa, size: r.size, fd: r.file.as_raw_fd() }).collect();
+        Ok(VmRecord {
+            version: record::VERSION,
+            cause: cause.into(),
+            config: self.cfg.clone(),
+            ram,
+            vcpus,
+            vm,
+            devices,
+            paused_at_ns,
+            replay_in_flight: crash,
+            generation: self.generation,
+        })
+    }
+
+    fn devices(&self) -> DevicesState {
+        DevicesState {
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            virtio: self.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).state()).collect(),
+        }
+    }
+
+    /// Device state when a thread may have died holding a device's lock:
+    /// try each lock for a while, then fall back to the published copy
+    /// (transports) or a freshly reset device (UART, i8042).
+    fn devices_after_crash(&self) -> DevicesState {
+        fn try_for<T: ?Sized, R>(m: &Mutex<T>, f: impl Fn(&T) -> R) -> Option<R> {
+            let deadline = Instant::now() + Duration::from_millis(20);
+            loop {
+                match m.try_lock() {
+                    Ok(g) => return Some(f(&g)),
+                    Err(std::sync::TryLockError::Poisoned(p)) => return Some(f(&p.into_inner())),
+                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_micros(200))
+                    }
+                    Err(_) => return None,
+                }
+            }
+        }
+        let fresh_serial =
+            || Serial::new(Arc::new(EventFd::new(0).expect("eventfd")), Box::new(std::io::sink())).state();
+        DevicesState {
+            serial: try_for(&self.serial, |s| s.state()).unwrap_or_else(fresh_serial),
+            i8042: try_for(&self.i8042, |k| k.state()).unwrap_or_default(),
+            virtio: self
+                .transports
+                .iter()
+                .zip(&self.shadows)
+                .map(|(t, sh)| {
+                    try_for(t, |t| t.state())
+                        .or_else(|| try_for(sh, |s| s.clone()))
+                        .unwrap_or_else(|| sh.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn exec_successor(
+        &self,
+        binary: Option<PathBuf>,
+        cause: &str,
+        t0: u64,
+        crash: bool,
+    ) -> Result<std::convert::Infallible, VmmError> {
+        use std::os::unix::process::CommandExt;
+        let rec = self.save(cause, t0, crash)?;
+        let mut bytes = record::encode(&rec)?;
+        if staunch_fault::hit(&staunch_fault::RECORD_SAVE).map_err(|e| VmmError::Device(e.to_string()))? {
+            // Injected corruption after the CRC: the new image must refuse it.
+            let n = bytes.len();
+            bytes[n / 2] ^= 0x5a;
+        }
+        let memfd = record::to_memfd(&bytes)?;
+        for r in &self.ram.regions {
+            record::keep_across_exec(&r.file).map_err(RecordError::Io)?;
+        }
+        record::keep_across_exec(&memfd).map_err(RecordError::Io)?;
+        let bin = match binary {
+            Some(b) => b,
+            None => std::env::current_exe().map_err(|err| VmmError::Exec { path: "/proc/self/exe".into(), err })?,
+        };
+        let save_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+        tracing::info!(save_ms, bytes = bytes.len(), "record saved; exec {}", bin.display());
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["vmm", "resume", "--preserved-fd", &memfd.as_raw_fd().to_string()]);
+        let err = cmd.exec();
+        Err(VmmError::Exec { path: bin.display().to_string(), err })
+    }
 }
 
 impl RunningVm {
@@ -377,9 +538,9 @@ impl RunningVm {
         let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         let mut me = Self::launch(rec.config, vm, ram, devs, fds, msrs, started, rec.generation + 1)?;
         let pause_ms = record::monotonic_ns().saturating_sub(rec.paused_at_ns) as f64 / 1e6;
-        let ev = json!({"cause": rec.cause, "generation": me.generation, "guest_pause_ms": pause_ms, "restore_ms": restore_ms,
-                        "vcpus": me.vcpus.len(), "outcome": "recovered"});
-        events::emit(me.cfg.events.as_deref(), "resumed", ev.clone());
+        let ev = json!({"cause": rec.cause, "generation": me.core.generation, "guest_pause_ms": pause_ms, "restore_ms": restore_ms,
+                        "vcpus": me.core.vcpus.len(), "outcome": "recovered"});
+        events::emit(me.core.cfg.events.as_deref(), "resumed", ev.clone());
         me.last_recovery = Some(ev);
         Ok(me)
     }
@@ -415,33 +576,45 @@ impl RunningVm {
         if let Some(p) = &cfg.api_socket {
             api::serve(p, events_tx.clone()).map_err(|err| VmmError::Api { path: p.display().to_string(), err })?;
         }
-        Ok(RunningVm {
+        let shadows = devs.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).shadow()).collect();
+        let watches = devs
+            .workers
+            .iter()
+            .map(|w| WorkerWatch { busy: w.busy.clone(), served: w.served.clone(), tid: w.tid.clone() })
+            .collect();
+        let core = Arc::new(Core {
             cfg,
             vcpus,
+            serial: devs.serial,
+            i8042: devs.i8042,
+            transports: devs.transports,
+            shadows,
+            workers: watches,
+            msrs,
+            generation,
+            vm,
+            ram,
+        });
+        crate::crash::arm(core.clone()).map_err(VmmError::Thread)?;
+        Ok(RunningVm {
+            core,
             threads,
             events_tx,
             events,
             started,
             first_output: devs.first_output,
-            serial: devs.serial,
-            i8042: devs.i8042,
-            transports: devs.transports,
             workers: devs.workers,
-            msrs,
-            generation,
             last_recovery: None,
-            vm,
-            ram,
             _irqs: devs.irqs,
         })
     }
 
     pub fn config(&self) -> &VmConfig {
-        &self.cfg
+        &self.core.cfg
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.core.generation
     }
 
     /// A handle other threads can use to send control requests.
@@ -450,54 +623,24 @@ impl RunningVm {
     }
 
     pub fn pause(&self) {
-        for v in &self.vcpus {
+        for v in &self.core.vcpus {
             v.pause();
         }
     }
 
     pub fn resume(&self) {
-        for v in &self.vcpus {
+        for v in &self.core.vcpus {
             v.resume();
         }
     }
 
     pub fn vcpu_states(&self) -> Vec<staunch_kvm::VcpuState> {
-        self.vcpus.iter().map(|v| v.state()).collect()
+        self.core.vcpus.iter().map(|v| v.state()).collect()
     }
 
     /// Send bytes to the guest's serial port.
     pub fn send_input(&self, bytes: &[u8]) {
-        feed(&self.serial, bytes);
-    }
-
-    /// Capture the whole VM. The vCPUs must be paused.
-    pub fn save(&self, cause: &str, paused_at_ns: u64) -> Result<VmRecord, VmmError> {
-        let mut vcpus = Vec::new();
-        for v in &self.vcpus {
-            let (msrs, index) = (self.msrs.clone(), v.index);
-            let snap = v.call(move |fd| state::save_vcpu(fd, index, &msrs)).ok_or(VmmError::VcpuGone(index))??;
-            vcpus.push(snap);
-        }
-        let vm = state::save_vm(&self.vm.fd)?;
-        let devices = DevicesState {
-            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            virtio: self.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).state()).collect(),
-        };
-        let ram =
-            self.ram.regions.iter().map(|r| RamInfo { gpa: r.gpa, size: r.size, fd: r.file.as_raw_fd() }).collect();
-        Ok(VmRecord {
-            version: record::VERSION,
-            cause: cause.into(),
-            config: self.cfg.clone(),
-            ram,
-            vcpus,
-            vm,
-            devices,
-            paused_at_ns,
-            replay_in_flight: false,
-            generation: self.generation,
-        })
+        feed(&self.core.serial, bytes);
     }
 
     /// Warm upgrade (RootHammer's warm-VM reboot): pause, save the VM next to
@@ -507,39 +650,13 @@ impl RunningVm {
     pub fn upgrade(&self, binary: Option<PathBuf>) -> VmmError {
         let t0 = record::monotonic_ns();
         self.pause();
-        let err = match self.exec_successor(binary, "upgrade", t0) {
+        let err = match self.core.exec_successor(binary, "upgrade", t0, false) {
             Ok(never) => match never {},
             Err(e) => e,
         };
         self.resume();
-        events::emit(self.cfg.events.as_deref(), "upgrade-failed", json!({"error": err.to_string()}));
+        events::emit(self.core.cfg.events.as_deref(), "upgrade-failed", json!({"error": err.to_string()}));
         err
-    }
-
-    fn exec_successor(
-        &self,
-        binary: Option<PathBuf>,
-        cause: &str,
-        t0: u64,
-    ) -> Result<std::convert::Infallible, VmmError> {
-        use std::os::unix::process::CommandExt;
-        let rec = self.save(cause, t0)?;
-        let bytes = record::encode(&rec)?;
-        let memfd = record::to_memfd(&bytes)?;
-        for r in &self.ram.regions {
-            record::keep_across_exec(&r.file).map_err(RecordError::Io)?;
-        }
-        record::keep_across_exec(&memfd).map_err(RecordError::Io)?;
-        let bin = match binary {
-            Some(b) => b,
-            None => std::env::current_exe().map_err(|err| VmmError::Exec { path: "/proc/self/exe".into(), err })?,
-        };
-        let save_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
-        tracing::info!(save_ms, bytes = bytes.len(), "record saved; exec {}", bin.display());
-        let mut cmd = std::process::Command::new(&bin);
-        cmd.args(["vmm", "resume", "--preserved-fd", &memfd.as_raw_fd().to_string()]);
-        let err = cmd.exec();
-        Err(VmmError::Exec { path: bin.display().to_string(), err })
     }
 
     fn handle_api(&mut self, req: ApiRequest) -> ApiResponse {
@@ -553,12 +670,16 @@ impl RunningVm {
                 ApiResponse::ok(json!({}))
             }
             ApiRequest::Status {} => ApiResponse::ok(json!({
-                "generation": self.generation,
+                "generation": self.core.generation,
                 "pid": std::process::id(),
                 "vcpus": self.vcpu_states().iter().map(|s| format!("{s:?}")).collect::<Vec<_>>(),
-                "exits": self.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
+                "exits": self.core.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
                 "last_recovery": self.last_recovery,
             })),
+            ApiRequest::Failpoint { spec } => match staunch_fault::configure(&spec) {
+                Ok(()) => ApiResponse::ok(json!({"armed": spec})),
+                Err(e) => ApiResponse::err(e.to_string()),
+            },
             ApiRequest::Upgrade { binary } => {
                 // The reply goes out before the exec; clients poll `status`
                 // for the new generation.
@@ -606,7 +727,8 @@ impl RunningVm {
     }
 
     fn finish(self, reason: StopReason) -> VmExit {
-        for v in &self.vcpus {
+        crate::crash::disarm();
+        for v in &self.core.vcpus {
             v.stop();
         }
         for t in self.threads {
@@ -615,10 +737,10 @@ impl RunningVm {
         for w in self.workers {
             w.stop();
         }
-        if let Some(p) = &self.cfg.api_socket {
+        if let Some(p) = &self.core.cfg.api_socket {
             let _ = std::fs::remove_file(p);
         }
-        let exits = self.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        let exits = self.core.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum();
         VmExit {
             reason,
             first_output: self.first_output.get().map(|t| t.duration_since(self.started)),

@@ -78,6 +78,9 @@ enum VmCmd {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Arm failpoints in the running VMM: `name=action[*count],...`
+    /// (actions: panic, error, hang, corrupt, segv, abort, stack-overflow).
+    Failpoint { spec: String },
 }
 
 #[derive(Args)]
@@ -205,6 +208,7 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
         VmCmd::Resume => ApiRequest::Resume {},
         VmCmd::Status => ApiRequest::Status {},
         VmCmd::Upgrade { binary } => ApiRequest::Upgrade { binary: binary.clone() },
+        VmCmd::Failpoint { spec } => ApiRequest::Failpoint { spec: spec.clone() },
     };
     let before =
         request(socket, &ApiRequest::Status {}).with_context(|| format!("control socket {}", socket.display()))?;
@@ -257,6 +261,10 @@ fn serve(vm: RunningVm) -> Result<i32> {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_json);
+    if let Err(e) = staunch_fault::from_env() {
+        eprintln!("staunch: error: STAUNCH_FAILPOINTS: {e}");
+        std::process::exit(2);
+    }
     let res = match cli.cmd {
         Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(*a),
         Cmd::Vmm { cmd: VmmCmd::Resume { preserved_fd } } => vmm_resume(preserved_fd),

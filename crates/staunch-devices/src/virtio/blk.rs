@@ -235,6 +235,13 @@ impl VirtioDevice for Block {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
+            // Taken from the ring, not yet completed: the worst moment to fail.
+            if staunch_fault::hit(&staunch_fault::VIRTQ_PROCESS).map_err(|e| e.to_string())? {
+                // Corrupt the position and stop; the transport's integrity
+                // check must notice before anything is served from it.
+                q.set_next_avail(q.next_avail().wrapping_add(1000));
+                return Ok(used);
+            }
             // The chain iterator stops at loops and out-of-range indices.
             let descs: Vec<Descriptor> = chain.collect();
             let len = self.serve(&descs, mem);

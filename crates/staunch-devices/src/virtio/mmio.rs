@@ -32,6 +32,12 @@ pub struct MmioTransport {
     queue_sel: u32,
     interrupt_status: u32,
     config_generation: u32,
+    observer: Option<crate::Observer>,
+    /// Last configuration (queue addresses, features, status) published for
+    /// the crash path, which cannot take the device lock if the device's own
+    /// thread died holding it. Queue positions there are stale by design:
+    /// a crash restore rewinds them to the used index in guest memory.
+    shadow: Arc<std::sync::Mutex<MmioState>>,
 }
 
 /// Versioned, serializable transport state (queue positions included).
@@ -72,7 +78,82 @@ impl MmioTransport {
             queue_sel: 0,
             interrupt_status: 0,
             config_generation: 0,
+            observer: None,
+            shadow: Arc::new(std::sync::Mutex::new(MmioState {
+                version: 1,
+                status: 0,
+                drv_features: 0,
+                queue_sel: 0,
+                interrupt_status: 0,
+                config_generation: 0,
+                queues: Vec::new(),
+            })),
         }
+    }
+
+    /// The crash-path copy of this transport's configuration.
+    pub fn shadow(&self) -> Arc<std::sync::Mutex<MmioState>> {
+        self.shadow.clone()
+    }
+
+    fn publish(&self) {
+        let st = self.state();
+        if let Ok(mut s) = self.shadow.lock() {
+            *s = st;
+        }
+    }
+
+    pub fn set_observer(&mut self, o: crate::Observer) {
+        self.observer = Some(o);
+    }
+
+    /// Serve again what the guest made available but was never completed:
+    /// the device's position goes back to the used index in guest memory,
+    /// the one thing the guest has been told. Block requests are idempotent
+    /// (the same bytes to the same sectors), so serving one twice is safe.
+    fn rewind_to_used(&mut self) -> usize {
+        let mut rewound = 0;
+        for q in &mut self.queues {
+            if !q.ready() {
+                continue;
+            }
+            if let Ok(used) = q.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire) {
+                rewound += q.next_avail().wrapping_sub(used.0) as usize;
+                q.set_next_used(used.0);
+                q.set_next_avail(used.0);
+            }
+        }
+        rewound
+    }
+
+    /// Integrity check before serving a queue: the device's position must lie
+    /// between what the guest was told (used) and what it offered (avail).
+    fn check_queue(&mut self, index: usize) -> bool {
+        let Some(q) = self.queues.get(index) else { return false };
+        let (Ok(used), Ok(avail)) = (
+            q.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire),
+            q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire),
+        ) else {
+            return false;
+        };
+        let ahead = q.next_avail().wrapping_sub(used.0);
+        let offered = avail.0.wrapping_sub(used.0);
+        if q.next_used() != used.0 || ahead > offered {
+            let t = std::time::Instant::now();
+            let fault = format!(
+                "queue {index} state inconsistent: next_avail {} next_used {} guest used {} avail {}",
+                q.next_avail(),
+                q.next_used(),
+                used.0,
+                avail.0
+            );
+            self.rewind_to_used();
+            if let Some(o) = &self.observer {
+                o(crate::FaultReport { device: "virtio-mmio", fault, recovered: true, latency: t.elapsed() });
+            }
+            return true;
+        }
+        false
     }
 
     pub fn state(&self) -> MmioState {
@@ -144,6 +225,7 @@ impl MmioTransport {
         if t.status & S_DRIVER_OK != 0 {
             t.device.activate(t.drv_features);
         }
+        t.publish();
         Ok(t)
     }
 
@@ -213,13 +295,26 @@ impl MmioTransport {
         if self.status & S_DRIVER_OK == 0 || self.status & (S_NEEDS_RESET | S_FAILED) != 0 {
             return;
         }
-        let Some(q) = self.queues.get_mut(index as usize) else {
-            return;
-        };
-        if !q.ready() {
-            return;
+        let i = index as usize;
+        self.check_queue(i);
+        let mut result = self.serve(i);
+        if let Err(e) = &result {
+            // A failed pass (an injected error, an I/O error of the device
+            // model) is retried once from the last completed request.
+            let t = std::time::Instant::now();
+            self.rewind_to_used();
+            let fault = e.clone();
+            result = self.serve(i);
+            if let Some(o) = &self.observer {
+                o(crate::FaultReport { device: "virtio-mmio", fault, recovered: result.is_ok(), latency: t.elapsed() });
+            }
         }
-        match self.device.process_queue(index as usize, q, &self.mem) {
+        // Check again after serving: a corruption during the pass is caught
+        // and its requests served before the guest waits on them.
+        if result.is_ok() && self.check_queue(i) {
+            result = self.serve(i);
+        }
+        match result {
             Ok(true) => {
                 self.interrupt_status |= INT_USED;
                 self.irq.trigger();
@@ -233,6 +328,14 @@ impl MmioTransport {
                 self.irq.trigger();
             }
         }
+    }
+
+    fn serve(&mut self, i: usize) -> Result<bool, String> {
+        let Some(q) = self.queues.get_mut(i) else { return Ok(false) };
+        if !q.ready() {
+            return Ok(false);
+        }
+        self.device.process_queue(i, q, &self.mem)
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
@@ -259,6 +362,14 @@ impl MmioTransport {
     }
 
     fn write_reg(&mut self, offset: u64, v: u32) {
+        self.write_reg_inner(offset, v);
+        // Configuration changes are rare (driver set-up): publish them.
+        if !matches!(offset, 0x050 | 0x064) {
+            self.publish();
+        }
+    }
+
+    fn write_reg_inner(&mut self, offset: u64, v: u32) {
         let allowed = self.queue_config_allowed();
         match offset {
             0x014 => self.dev_features_sel = v,
@@ -298,6 +409,17 @@ impl MmioTransport {
 }
 
 impl BusDevice for MmioTransport {
+    fn microreset(&mut self) {
+        let n = self.rewind_to_used();
+        tracing::warn!(rewound = n, "virtio-mmio microreset: in-flight requests will be served again");
+    }
+
+    fn corrupt(&mut self) -> Option<&'static str> {
+        let q = self.queues.first_mut()?;
+        q.set_next_avail(q.next_avail().wrapping_add(1000));
+        Some("queue0.next_avail")
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
             self.device.read_config(offset - 0x100, data);

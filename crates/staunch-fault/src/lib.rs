@@ -1,0 +1,288 @@
+//! Named failpoints for fault injection in release builds.
+//!
+//! Every point is a static with an atomic action. While no point is armed a
+//! check is one relaxed load of a global counter and a branch. Points are
+//! armed from `STAUNCH_FAILPOINTS` at start-up or over a VM's control socket:
+//! `name=action[*count]`, comma separated; `count` defaults to 1 (one-shot).
+//!
+//! Actions: `panic`, `error` (the call site returns an error), `hang` (the
+//! thread sleeps forever), `corrupt` (the call site corrupts a named field),
+//! `segv` (a real invalid memory access), `abort`, `stack-overflow`.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Action {
+    Off = 0,
+    Panic,
+    Error,
+    Hang,
+    Corrupt,
+    Segv,
+    Abort,
+    StackOverflow,
+}
+
+impl Action {
+    pub const ALL: [Action; 7] = [
+        Action::Panic,
+        Action::Error,
+        Action::Hang,
+        Action::Corrupt,
+        Action::Segv,
+        Action::Abort,
+        Action::StackOverflow,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Off => "off",
+            Action::Panic => "panic",
+            Action::Error => "error",
+            Action::Hang => "hang",
+            Action::Corrupt => "corrupt",
+            Action::Segv => "segv",
+            Action::Abort => "abort",
+            Action::StackOverflow => "stack-overflow",
+        }
+    }
+
+    fn from_u8(v: u8) -> Action {
+        match v {
+            1 => Action::Panic,
+            2 => Action::Error,
+            3 => Action::Hang,
+            4 => Action::Corrupt,
+            5 => Action::Segv,
+            6 => Action::Abort,
+            7 => Action::StackOverflow,
+            _ => Action::Off,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Action> {
+        Action::ALL.iter().copied().chain([Action::Off]).find(|a| a.name() == s)
+    }
+}
+
+pub struct Point {
+    pub name: &'static str,
+    action: AtomicU8,
+    remaining: AtomicU32,
+}
+
+impl Point {
+    pub const fn new(name: &'static str) -> Point {
+        Point { name, action: AtomicU8::new(0), remaining: AtomicU32::new(0) }
+    }
+}
+
+/// How many points are armed; zero keeps every check on the fast path.
+static ARMED: AtomicUsize = AtomicUsize::new(0);
+
+macro_rules! points {
+    ($($id:ident = $name:literal: $doc:literal;)*) => {
+        $( #[doc = $doc] pub static $id: Point = Point::new($name); )*
+        /// Every failpoint, for listing and for campaigns.
+        pub static ALL: &[&Point] = &[$(&$id),*];
+    };
+}
+
+points! {
+    VCPU_LOOP = "vcpu.loop": "a vCPU thread's loop, between two guest entries";
+    PIO_WRITE = "pio.write": "a port-I/O device's register write";
+    PIO_READ = "pio.read": "a port-I/O device's register read";
+    MMIO_WRITE = "mmio.write": "an MMIO device's register write";
+    MMIO_READ = "mmio.read": "an MMIO device's register read";
+    VIRTQ_PROCESS = "virtq.process": "virtqueue processing, after a request was taken from the ring";
+    SERIAL_WRITE = "serial.write": "the UART's register write";
+    RECORD_SAVE = "record.save": "saving the preserved record (corrupt: flip a byte after the CRC)";
+    RESTORE = "restore": "rebuilding the VM in the new image";
+}
+
+pub fn find(name: &str) -> Option<&'static Point> {
+    ALL.iter().copied().find(|p| p.name == name)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FailError {
+    #[error("unknown failpoint '{0}' (known: {known})", known = ALL.iter().map(|p| p.name).collect::<Vec<_>>().join(", "))]
+    Unknown(String),
+    #[error("unknown failpoint action '{0}'")]
+    Action(String),
+    #[error("bad failpoint spec '{0}': expected name=action[*count]")]
+    Spec(String),
+}
+
+/// Arm `p` with `action` for the next `count` hits (0 disarms).
+pub fn arm(p: &Point, action: Action, count: u32) {
+    let was = p.action.swap(if count == 0 { 0 } else { action as u8 }, Ordering::SeqCst) != 0;
+    p.remaining.store(count, Ordering::SeqCst);
+    let now = count != 0 && action != Action::Off;
+    match (was, now) {
+        (false, true) => {
+            ARMED.fetch_add(1, Ordering::SeqCst);
+        }
+        (true, false) => {
+            ARMED.fetch_sub(1, Ordering::SeqCst);
+        }
+        _ => {}
+    }
+}
+
+/// Apply a spec like `mmio.write=panic,vcpu.loop=hang*2`.
+pub fn configure(spec: &str) -> Result<(), FailError> {
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, act) = item.split_once('=').ok_or_else(|| FailError::Spec(item.into()))?;
+        let (act, count) = match act.split_once('*') {
+            Some((a, n)) => (a, n.parse().map_err(|_| FailError::Spec(item.into()))?),
+            None => (act, 1),
+        };
+        let p = find(name).ok_or_else(|| FailError::Unknown(name.into()))?;
+        let a = Action::parse(act).ok_or_else(|| FailError::Action(act.into()))?;
+        arm(p, a, count);
+    }
+    Ok(())
+}
+
+/// Arm points from `STAUNCH_FAILPOINTS`, if set.
+pub fn from_env() -> Result<(), FailError> {
+    match std::env::var("STAUNCH_FAILPOINTS") {
+        Ok(s) => configure(&s),
+        Err(_) => Ok(()),
+    }
+}
+
+/// The action due at `p` now, if any (consumes one of its count).
+#[inline(always)]
+pub fn check(p: &'static Point) -> Option<Action> {
+    if ARMED.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    check_slow(p)
+}
+
+#[cold]
+fn check_slow(p: &'static Point) -> Option<Action> {
+    let a = Action::from_u8(p.action.load(Ordering::Acquire));
+    if a == Action::Off {
+        return None;
+    }
+    let left = p.remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).ok()?;
+    if left == 1 {
+        arm(p, Action::Off, 0);
+    }
+    Some(a)
+}
+
+thread_local! {
+    static CONTAINED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks a region whose panics are caught and recovered from (microreset).
+/// A panic hook can ask [`in_contained_region`] to tell a contained panic
+/// from one that will take the thread down.
+pub struct ContainedRegion(());
+
+impl ContainedRegion {
+    pub fn enter() -> Self {
+        CONTAINED.with(|c| c.set(c.get() + 1));
+        ContainedRegion(())
+    }
+}
+
+impl Drop for ContainedRegion {
+    fn drop(&mut self) {
+        CONTAINED.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+pub fn in_contained_region() -> bool {
+    CONTAINED.with(|c| c.get() > 0)
+}
+
+/// The injected error of an `error` action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Injected(pub &'static str);
+
+impl std::fmt::Display for Injected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "injected error at failpoint {}", self.0)
+    }
+}
+
+/// Check `p` and carry out the generic actions. Returns `Err` for `error`,
+/// `Ok(true)` for `corrupt` (the caller corrupts its field), `Ok(false)`
+/// otherwise; the fatal actions do not return.
+#[inline(always)]
+pub fn hit(p: &'static Point) -> Result<bool, Injected> {
+    match check(p) {
+        None => Ok(false),
+        Some(a) => act(p, a),
+    }
+}
+
+#[cold]
+fn act(p: &'static Point, a: Action) -> Result<bool, Injected> {
+    match a {
+        Action::Off => Ok(false),
+        Action::Corrupt => Ok(true),
+        Action::Error => Err(Injected(p.name)),
+        Action::Panic => panic!("injected panic at failpoint {}", p.name),
+        Action::Hang => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        Action::Segv => {
+            // A real invalid access, so the real fatal-signal path runs.
+            let bad = std::hint::black_box(8usize) as *mut u64;
+            // SAFETY: deliberately not safe: this is the injected fault.
+            unsafe { bad.write_volatile(0xdead) };
+            unreachable!()
+        }
+        Action::Abort => std::process::abort(),
+        Action::StackOverflow => {
+            overflow(std::hint::black_box(1));
+            unreachable!()
+        }
+    }
+}
+
+#[allow(unconditional_recursion)]
+#[inline(never)]
+fn overflow(n: u64) -> u64 {
+    let buf = std::hint::black_box([n; 512]);
+    overflow(buf[3] + 1) + buf[7]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_shot_and_counts() {
+        assert_eq!(check(&VCPU_LOOP), None);
+        configure("vcpu.loop=error*2").unwrap();
+        assert_eq!(hit(&VCPU_LOOP), Err(Injected("vcpu.loop")));
+        assert_eq!(hit(&VCPU_LOOP), Err(Injected("vcpu.loop")));
+        assert_eq!(hit(&VCPU_LOOP), Ok(false));
+        configure("pio.read=corrupt").unwrap();
+        assert_eq!(hit(&PIO_READ), Ok(true));
+        assert_eq!(hit(&PIO_READ), Ok(false));
+    }
+
+    #[test]
+    fn bad_specs() {
+        assert!(matches!(configure("nope=panic"), Err(FailError::Unknown(_))));
+        assert!(matches!(configure("restore=explode"), Err(FailError::Action(_))));
+        assert!(matches!(configure("restore"), Err(FailError::Spec(_))));
+        assert!(matches!(configure("restore=panic*x"), Err(FailError::Spec(_))));
+    }
+
+    #[test]
+    fn panic_is_catchable() {
+        arm(&MMIO_READ, Action::Panic, 1);
+        assert!(std::panic::catch_unwind(|| hit(&MMIO_READ)).is_err());
+        assert_eq!(hit(&MMIO_READ), Ok(false));
+    }
+}
