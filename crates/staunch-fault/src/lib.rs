@@ -98,7 +98,7 @@ points! {
     VIRTQ_PROCESS = "virtq.process": "virtqueue processing, after a request was taken from the ring";
     SERIAL_WRITE = "serial.write": "the UART's register write";
     RECORD_SAVE = "record.save": "saving the preserved record (corrupt: flip a byte after the CRC)";
-    RESTORE = "restore": "rebuilding the VM in the new image";
+    API_REQUEST = "api.request": "the control socket's request handler (outside any contained region)";
 }
 
 pub fn find(name: &str) -> Option<&'static Point> {
@@ -274,9 +274,9 @@ mod tests {
     #[test]
     fn bad_specs() {
         assert!(matches!(configure("nope=panic"), Err(FailError::Unknown(_))));
-        assert!(matches!(configure("restore=explode"), Err(FailError::Action(_))));
-        assert!(matches!(configure("restore"), Err(FailError::Spec(_))));
-        assert!(matches!(configure("restore=panic*x"), Err(FailError::Spec(_))));
+        assert!(matches!(configure("vcpu.loop=explode"), Err(FailError::Action(_))));
+        assert!(matches!(configure("vcpu.loop"), Err(FailError::Spec(_))));
+        assert!(matches!(configure("vcpu.loop=panic*x"), Err(FailError::Spec(_))));
     }
 
     #[test]

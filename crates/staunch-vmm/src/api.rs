@@ -78,6 +78,10 @@ fn connection(conn: UnixStream, tx: Sender<VmEvent>) {
             let _ = writeln!(out, "{}", json!(ApiResponse::err("request too long")));
             return;
         }
+        if let Err(e) = staunch_fault::hit(&staunch_fault::API_REQUEST) {
+            let _ = writeln!(out, "{}", json!(ApiResponse::err(e.to_string())));
+            continue;
+        }
         let resp = match serde_json::from_str::<ApiRequest>(line.trim()) {
             Err(e) => ApiResponse::err(format!("bad request: {e}")),
             Ok(req) => {

@@ -191,6 +191,23 @@ fn rescuer(fd: i32) {
     unsafe { libc::_exit(73) };
 }
 
+/// True if the thread is runnable but has not had the CPU since the last
+/// look (its run-queue wait grew more than its run time).
+fn waiting_for_cpu(tid: i32) -> bool {
+    use std::collections::HashMap;
+    static SEEN: Mutex<Option<HashMap<i32, (u64, u64)>>> = Mutex::new(None);
+    // /proc/<tid>/schedstat: time on CPU, time waiting on a run queue (ns).
+    let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")) else { return false };
+    let mut it = s.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+    let (run, wait) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let prev = seen.get_or_insert_with(HashMap::new).insert(tid, (run, wait));
+    match prev {
+        Some((r0, w0)) => wait.saturating_sub(w0) > run.saturating_sub(r0),
+        None => true,
+    }
+}
+
 /// Hang detection: a vCPU or queue worker busy in one exit or one batch for
 /// longer than the threshold (default 100 ms) escalates to the crash path.
 fn watchdog() {
@@ -221,7 +238,10 @@ fn watchdog() {
         for (i, (busy, n, tid)) in now.iter().enumerate() {
             let (_, ln, stuck) = &mut last[i];
             if *busy && *n == *ln {
-                *stuck += 1;
+                // Runnable but not running is a busy host, not a hang.
+                if !waiting_for_cpu(*tid) {
+                    *stuck += 1;
+                }
             } else {
                 *stuck = 0;
             }

@@ -472,6 +472,12 @@ impl Core {
         tracing::info!(save_ms, bytes = bytes.len(), "record saved; exec {}", bin.display());
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["vmm", "resume", "--preserved-fd", &memfd.as_raw_fd().to_string()]);
+        // Failpoints armed from the environment were for this image only.
+        cmd.env_remove("STAUNCH_FAILPOINTS");
+        // Where to report if the record turns out unusable.
+        if let Some(ev) = &self.cfg.events {
+            cmd.arg("--events").arg(ev);
+        }
         let err = cmd.exec();
         Err(VmmError::Exec { path: bin.display().to_string(), err })
     }

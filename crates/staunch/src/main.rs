@@ -61,6 +61,9 @@ enum VmmCmd {
         /// The inherited memfd holding the record.
         #[arg(long)]
         preserved_fd: i32,
+        /// Where to report a record that cannot be used.
+        #[arg(long)]
+        events: Option<PathBuf>,
     },
 }
 
@@ -170,7 +173,7 @@ fn vmm_run(args: RunArgs) -> Result<i32> {
     serve(RunningVm::start(&cfg)?)
 }
 
-fn vmm_resume(fd: i32) -> Result<i32> {
+fn vmm_resume(fd: i32, events_file: Option<PathBuf>) -> Result<i32> {
     use std::os::fd::FromRawFd;
     // SAFETY: the predecessor image passed this inherited memfd's number.
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
@@ -180,7 +183,7 @@ fn vmm_resume(fd: i32) -> Result<i32> {
         Ok(r) => r,
         Err(e) => {
             staunch_vmm::events::emit(
-                None,
+                events_file.as_deref(),
                 "recovery-failed",
                 serde_json::json!({"error": e.to_string(), "outcome": "guest-lost"}),
             );
@@ -267,7 +270,7 @@ fn main() {
     }
     let res = match cli.cmd {
         Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(*a),
-        Cmd::Vmm { cmd: VmmCmd::Resume { preserved_fd } } => vmm_resume(preserved_fd),
+        Cmd::Vmm { cmd: VmmCmd::Resume { preserved_fd, events } } => vmm_resume(preserved_fd, events),
         Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),

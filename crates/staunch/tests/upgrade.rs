@@ -4,87 +4,6 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-struct Vm {
-    child: Child,
-    sock: PathBuf,
-    log: PathBuf,
-    events: PathBuf,
-}
-
-impl Vm {
-    fn start(dir: &Path, vcpus: u8, disk: Option<&Path>, cmdline: &str) -> Vm {
-        let g = guest(dir);
-        let (sock, log, events) = (dir.join("api.sock"), dir.join("serial.log"), dir.join("events.jsonl"));
-        let mut c = staunch();
-        c.args(["vmm", "run", "--vcpus", &vcpus.to_string(), "--kernel"]).arg(&g);
-        c.arg("--api-socket").arg(&sock).arg("--events").arg(&events);
-        c.arg("--serial").arg(format!("file:{}", log.display()));
-        c.args(["--cmdline", cmdline]);
-        if let Some(d) = disk {
-            c.arg("--disk").arg(d);
-        }
-        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let vm = Vm { child, sock, log, events };
-        vm.wait_for("first report", |l| l.contains("STAUNCH "));
-        vm
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&self, what: &str, f: impl Fn(&str) -> bool) {
-        let t = Instant::now();
-        while !f(&self.log()) {
-            assert!(t.elapsed() < Duration::from_secs(120), "timed out waiting for {what}:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> Run {
-        run(staunch().arg("vm").arg("--socket").arg(&self.sock).args(args), None, Duration::from_secs(60))
-    }
-
-    fn events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn finish(mut self) -> Run {
-        let status = {
-            let t = Instant::now();
-            loop {
-                if let Some(s) = self.child.try_wait().unwrap() {
-                    break s;
-                }
-                assert!(t.elapsed() < Duration::from_secs(120), "VM did not finish:\n{}", self.log());
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        };
-        let mut stderr = String::new();
-        use std::io::Read;
-        self.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-        Run { status: status.code().unwrap_or(-1), stdout: self.log(), stderr }
-    }
-}
-
-/// Counter values of complete lines (the log may end mid-line while the
-/// guest is still printing).
-fn counters(log: &str) -> Vec<u64> {
-    let complete = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .filter_map(|l| staunch_testguest::proto::field(l.trim_end(), "counter"))
-        .map(|v| v.parse().unwrap())
-        .collect()
-}
 
 #[test]
 fn kvm_warm_upgrade_keeps_counter_and_all_vcpus() {
@@ -140,13 +59,7 @@ fn kvm_warm_upgrade_during_block_io_loses_nothing() {
     assert_eq!(field(last, "verified"), writes, "{last}");
     assert_eq!(field(last, "mismatches"), 0);
     assert_eq!(field(last, "errors"), 0);
-    let bytes = std::fs::read(&disk).unwrap();
-    for lba in 0..blocks {
-        let off = lba as usize * 4096;
-        let b: &[u8; 4096] = bytes[off..off + 4096].try_into().unwrap();
-        let seq = staunch_testguest::proto::check_block(b, lba).unwrap_or_else(|e| panic!("block {lba}: {e:?}"));
-        assert_eq!(seq, (0..writes).filter(|s| s % blocks == lba).max().unwrap());
-    }
+    check_disk(&disk, writes, blocks);
 }
 
 #[test]
