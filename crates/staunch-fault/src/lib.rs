@@ -176,6 +176,13 @@ fn check_slow(p: &'static Point) -> Option<Action> {
     Some(a)
 }
 
+/// Recovery switched off (`STAUNCH_NO_RECOVERY=1`): the baseline a fault
+/// campaign compares against. Faults then take their natural course.
+pub fn recovery_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("STAUNCH_NO_RECOVERY").is_none_or(|v| v.is_empty() || v == "0"))
+}
+
 thread_local! {
     static CONTAINED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }

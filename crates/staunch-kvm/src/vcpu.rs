@@ -378,10 +378,16 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
             ctl.set_state(VcpuState::Running);
         }
         // Between two guest entries no exit is in flight: a panic here is
-        // contained and the loop simply goes on (nothing to reset).
+        // contained and the loop simply goes on (nothing to reset). The
+        // thread counts as busy (watched for hangs) until it enters the guest.
+        ctl.busy.store(true, Ordering::Relaxed);
         let t = std::time::Instant::now();
         let region = staunch_fault::ContainedRegion::enter();
-        let caught = std::panic::catch_unwind(|| staunch_fault::hit(&staunch_fault::VCPU_LOOP));
+        let caught = if staunch_fault::recovery_enabled() {
+            std::panic::catch_unwind(|| staunch_fault::hit(&staunch_fault::VCPU_LOOP))
+        } else {
+            Ok(staunch_fault::hit(&staunch_fault::VCPU_LOOP))
+        };
         drop(region);
         let fault = match caught {
             Ok(Ok(_)) => None,
@@ -397,6 +403,7 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
             ctl.microresets.fetch_add(1, Ordering::Relaxed);
             handler.contained("vcpu-loop", f, t.elapsed());
         }
+        ctl.busy.store(false, Ordering::Relaxed);
         let exit = match fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

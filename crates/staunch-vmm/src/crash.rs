@@ -75,6 +75,13 @@ extern "C" fn on_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     }
     // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::gettid() };
+    if me == RESCUER_TID.load(Ordering::SeqCst) && !IN_CRASH.swap(true, Ordering::SeqCst) {
+        // The rescuer itself was hit while idle (it holds nothing): rescue
+        // from right here rather than wait for a thread that will not come.
+        CAUSE.store(sig, Ordering::SeqCst);
+        FAULT_TID.store(me, Ordering::SeqCst);
+        rescue();
+    }
     if IN_CRASH.swap(true, Ordering::SeqCst) {
         if me == RESCUER_TID.load(Ordering::SeqCst) {
             // The rescue itself failed: nothing left to save the guest with.
@@ -90,6 +97,9 @@ extern "C" fn on_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Install the signal handlers and the rescuer for this process (once), and
 /// point them at `core`.
 pub(crate) fn arm(core: Arc<Core>) -> std::io::Result<()> {
+    if !staunch_fault::recovery_enabled() {
+        return Ok(());
+    }
     if let Some(ms) = core.cfg.hang_ms {
         HANG_MS.store(ms.max(1), Ordering::SeqCst);
     }
@@ -149,9 +159,14 @@ pub(crate) fn disarm() {
 fn rescuer(fd: i32) {
     // SAFETY: gettid has no preconditions.
     RESCUER_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+    staunch_kvm::vcpu::big_signal_stack();
     let mut buf = 0u64;
     // SAFETY: read(2) of 8 bytes from our eventfd into a u64.
     while unsafe { libc::read(fd, &mut buf as *mut u64 as *mut libc::c_void, 8) } != 8 {}
+    rescue();
+}
+
+fn rescue() -> ! {
     let t0 = monotonic_ns();
     let cause = cause_name(CAUSE.load(Ordering::SeqCst));
     let Some(core) = CORE.lock().unwrap_or_else(|p| p.into_inner()).clone() else {

@@ -1,6 +1,7 @@
 //! `staunch`: one binary, one subcommand per component.
 
 mod bench;
+mod campaign;
 mod demo;
 mod guestrun;
 
@@ -33,6 +34,8 @@ enum Cmd {
     },
     /// Boot the test guest with a disk, show it working, shut it down.
     Demo(demo::DemoArgs),
+    /// Fault-injection campaign: random real faults, judged by the guest.
+    Campaign(campaign::CampaignArgs),
     /// Benchmarks, side by side with QEMU where it is installed.
     Bench(bench::BenchArgs),
     /// Control a running VM through its control socket.
@@ -274,6 +277,7 @@ fn main() {
         Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Campaign(a) => campaign::run(a),
         Cmd::Testguest { dir } => staunch_testguest::install(&dir)
             .with_context(|| format!("writing the test guest to {}", dir.display()))
             .map(|p| {
