@@ -25,6 +25,10 @@ pub enum ApiRequest {
         #[serde(default)]
         binary: Option<PathBuf>,
     },
+    /// Save the VM (state and memory) to a file and stop it.
+    Snapshot {
+        path: PathBuf,
+    },
     /// Arm failpoints: `name=action[*count]`, comma separated.
     Failpoint {
         spec: String,

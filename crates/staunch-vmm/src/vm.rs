@@ -371,6 +371,7 @@ pub struct RunningVm {
     first_output: Arc<OnceLock<Instant>>,
     workers: Vec<QueueWorker>,
     last_recovery: Option<serde_json::Value>,
+    snapshotted: bool,
     _irqs: Vec<Arc<EventFd>>,
 }
 
@@ -611,6 +612,7 @@ impl RunningVm {
             first_output: devs.first_output,
             workers: devs.workers,
             last_recovery: None,
+            snapshotted: false,
             _irqs: devs.irqs,
         })
     }
@@ -682,6 +684,13 @@ impl RunningVm {
                 "exits": self.core.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
                 "last_recovery": self.last_recovery,
             })),
+            ApiRequest::Snapshot { path } => match self.snapshot(&path) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.resume();
+                    ApiResponse::err(e.to_string())
+                }
+            },
             ApiRequest::Failpoint { spec } => match staunch_fault::configure(&spec) {
                 Ok(()) => ApiResponse::ok(json!({"armed": spec})),
                 Err(e) => ApiResponse::err(e.to_string()),
@@ -692,6 +701,34 @@ impl RunningVm {
                 ApiResponse::err(self.upgrade(binary).to_string())
             }
         }
+    }
+
+    /// The saved-VM path: pause, write state and memory to `path`. The VM
+    /// stays paused; `wait` then stops it.
+    fn snapshot(&mut self, path: &std::path::Path) -> Result<ApiResponse, VmmError> {
+        let t0 = record::monotonic_ns();
+        self.pause();
+        let rec = self.core.save("snapshot", t0, false)?;
+        let files: Vec<&std::fs::File> = self.core.ram.regions.iter().map(|r| &r.file).collect();
+        let bytes = record::write_snapshot(path, &rec, &files)?;
+        let ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+        events::emit(self.core.cfg.events.as_deref(), "snapshot", json!({"path": path, "bytes": bytes, "save_ms": ms}));
+        self.snapshotted = true;
+        Ok(ApiResponse::ok(json!({"path": path, "bytes": bytes, "save_ms": ms})))
+    }
+
+    /// Rebuild a VM saved by a snapshot.
+    pub fn restore_snapshot(path: &std::path::Path) -> Result<Self, VmmError> {
+        let t0 = record::monotonic_ns();
+        let (mut rec, files) = record::read_snapshot(path)?;
+        // The memfds are owned by the restored VM from here on.
+        for f in files {
+            std::mem::forget(f);
+        }
+        rec.paused_at_ns = t0;
+        rec.cause = "snapshot restore".into();
+        let me = Self::restore(rec, None)?;
+        Ok(me)
     }
 
     /// Serve control requests until a vCPU stops the VM (or `timeout`).
@@ -720,6 +757,9 @@ impl RunningVm {
                         tracing::warn!(?r, "upgrade failed; VM continues");
                     } else {
                         let _ = reply.send(self.handle_api(req));
+                        if self.snapshotted {
+                            break StopReason::Requested;
+                        }
                     }
                 }
             }

@@ -138,9 +138,8 @@ impl Vm {
         c.args(["vmm", "run", "--vcpus", "2", "--kernel"]).arg(&kernel);
         c.arg("--disk").arg(&disk).arg("--api-socket").arg(&sock).arg("--events").arg(&events);
         c.arg("--serial").arg(format!("file:{}", log.display()));
-        c.arg("--cmdline").arg(format!(
-            "staunch.work=blk-verify staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.report=200"
-        ));
+        c.arg("--cmdline")
+            .arg(format!("staunch.work=blk-verify staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.report=200"));
         if baseline {
             c.env("STAUNCH_NO_RECOVERY", "1");
         }
@@ -192,17 +191,11 @@ impl Vm {
     }
 
     fn mismatches(&self) -> u64 {
-        self.reports()
-            .last()
-            .and_then(|l| proto::field(l, "mismatches").and_then(|v| v.parse().ok()))
-            .unwrap_or(0)
+        self.reports().last().and_then(|l| proto::field(l, "mismatches").and_then(|v| v.parse().ok())).unwrap_or(0)
     }
 
     fn arm(&self, spec: &str) -> Result<()> {
-        let r = staunch_vmm::api::request(
-            &self.sock,
-            &staunch_vmm::api::ApiRequest::Failpoint { spec: spec.into() },
-        )?;
+        let r = staunch_vmm::api::request(&self.sock, &staunch_vmm::api::ApiRequest::Failpoint { spec: spec.into() })?;
         anyhow::ensure!(r.ok, "arming {spec}: {:?}", r.error);
         // api.request fires on the next request; others ignore this one.
         let _ = staunch_vmm::api::request(&self.sock, &staunch_vmm::api::ApiRequest::Status {});
@@ -329,14 +322,7 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
             let how = events.iter().filter_map(|e| e["event"].as_str()).collect::<Vec<_>>().join("+");
             (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how })
         };
-        eprintln!(
-            "[{:>4}/{}] {:<28} {:<10} {}",
-            i + 1,
-            a.runs,
-            fault.describe(),
-            format!("{outcome:?}"),
-            how
-        );
+        eprintln!("[{:>4}/{}] {:<28} {:<10} {}", i + 1, a.runs, fault.describe(), format!("{outcome:?}"), how);
         rows.push(Row { pause_ms: pause_after(&events), fault, outcome, how });
         in_vm += 1;
         if outcome != Outcome::Recovered {
@@ -362,7 +348,8 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
     let fmt = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or("-".into());
     let line = |name: &str, rs: Vec<&Row>| {
         let n = |o| rs.iter().filter(|r| r.outcome == o).count();
-        let mut p: Vec<f64> = rs.iter().filter(|r| r.outcome == Outcome::Recovered).filter_map(|r| r.pause_ms).collect();
+        let mut p: Vec<f64> =
+            rs.iter().filter(|r| r.outcome == Outcome::Recovered).filter_map(|r| r.pause_ms).collect();
         println!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} |",
             rs.len(),

@@ -58,6 +58,12 @@ enum Cmd {
 enum VmmCmd {
     /// Run one VM in this process until the guest powers off or resets.
     Run(Box<RunArgs>),
+    /// Restore a VM saved with `staunch vm snapshot` and run it.
+    Restore {
+        /// The snapshot file.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Rebuild a VM from a preserved record (used by upgrade and recovery;
     /// not for direct use).
     Resume {
@@ -83,6 +89,11 @@ enum VmCmd {
     Upgrade {
         #[arg(long)]
         binary: Option<PathBuf>,
+    },
+    /// Save the VM's state and memory to a file and stop it.
+    Snapshot {
+        #[arg(long)]
+        path: PathBuf,
     },
     /// Arm failpoints in the running VMM: `name=action[*count],...`
     /// (actions: panic, error, hang, corrupt, segv, abort, stack-overflow).
@@ -215,6 +226,7 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
         VmCmd::Status => ApiRequest::Status {},
         VmCmd::Upgrade { binary } => ApiRequest::Upgrade { binary: binary.clone() },
         VmCmd::Failpoint { spec } => ApiRequest::Failpoint { spec: spec.clone() },
+        VmCmd::Snapshot { path } => ApiRequest::Snapshot { path: std::path::absolute(path)? },
     };
     let before =
         request(socket, &ApiRequest::Status {}).with_context(|| format!("control socket {}", socket.display()))?;
@@ -257,6 +269,10 @@ fn serve(vm: RunningVm) -> Result<i32> {
             eprintln!("staunch: guest requested a reset; {summary}");
             Ok(0)
         }
+        StopReason::Requested => {
+            eprintln!("staunch: VM stopped on request (saved, or stopped over the control socket); {summary}");
+            Ok(0)
+        }
         other => {
             eprintln!("staunch: VM stopped: {other:?}; {summary}");
             Ok(1)
@@ -275,6 +291,9 @@ fn main() {
         Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(*a),
         Cmd::Vmm { cmd: VmmCmd::Resume { preserved_fd, events } } => vmm_resume(preserved_fd, events),
         Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),
+        Cmd::Vmm { cmd: VmmCmd::Restore { from } } => {
+            RunningVm::restore_snapshot(&from).map_err(anyhow::Error::from).and_then(serve)
+        }
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Campaign(a) => campaign::run(a),
