@@ -36,6 +36,7 @@ struct Config {
     writes: u64,
     iters: u64,
     report_every: u64,
+    touch_mib: u64,
 }
 
 static mut CONFIG: Config = Config {
@@ -47,6 +48,7 @@ static mut CONFIG: Config = Config {
     writes: 0,
     iters: 100_000,
     report_every: 64,
+    touch_mib: 0,
 };
 static mut CMDLINE: [u8; 2048] = [0; 2048];
 static mut CMDLINE_LEN: usize = 0;
@@ -132,6 +134,7 @@ fn parse_config() -> Result<Config, &'static str> {
             "writes" => c.writes = num()?,
             "iters" => c.iters = num()?,
             "report" => c.report_every = num()?.max(1),
+            "touch" => c.touch_mib = num()?,
             _ => return Err("unknown staunch.* option"),
         }
     }
@@ -201,6 +204,9 @@ extern "C" fn user_main(cpu: u64) -> ! {
         }
     }
     say!("ready ring={} cmdline=\"{}\"", c.ring, cmdline());
+    if c.touch_mib > 0 {
+        touch(c.touch_mib);
+    }
     let code = match c.work {
         Work::Counter => counter(&c),
         Work::BlkVerify => blk_verify(&c),
@@ -217,6 +223,22 @@ extern "C" fn user_main(cpu: u64) -> ! {
     };
     say!("done code={}", code);
     io::power_off(code)
+}
+
+/// Dirty `mib` MiB of RAM from 16 MiB up (one pattern word per 512 bytes), so
+/// the guest's memory holds real data (snapshots then carry it).
+fn touch(mib: u64) {
+    let start = 16u64 << 20;
+    let end = start + (mib.min(2900) << 20);
+    let mut a = start;
+    while a < end {
+        // SAFETY: identity-mapped guest RAM above this image, below the MMIO
+        // hole; the VMM gave the guest at least this much (else it faults and
+        // reports it).
+        unsafe { write_volatile(a as *mut u64, a ^ 0x5354_4e43) };
+        a += 512;
+    }
+    say!("touched mib={}", mib);
 }
 
 fn bump(cpu: usize, n: u64) -> u64 {

@@ -105,8 +105,13 @@ fn connection(conn: UnixStream, tx: Sender<VmEvent>) {
 
 /// Send one request and read the reply (for the CLI and tests).
 pub fn request(path: &Path, req: &ApiRequest) -> std::io::Result<ApiResponse> {
+    request_within(path, req, Duration::from_secs(60))
+}
+
+/// [`request`] with a deadline for the reply.
+pub fn request_within(path: &Path, req: &ApiRequest, timeout: Duration) -> std::io::Result<ApiResponse> {
     let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(timeout))?;
     writeln!(s, "{}", json!(req))?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;

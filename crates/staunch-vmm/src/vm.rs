@@ -175,6 +175,43 @@ impl QueueWorker {
     }
 }
 
+/// Tearing down the old VM costs ~15 ms (KVM drops its shadow pages when the
+/// address space goes). Keep it off the guest's pause: a helper sharing this
+/// address space (CLONE_VM) and holding copies of the fds (no CLONE_FILES)
+/// keeps the old mm and VM alive across our exec, then exits a little later
+/// and pays for the teardown itself.
+fn defer_teardown() {
+    const STACK: usize = 64 * 1024;
+    extern "C" fn linger(_: *mut libc::c_void) -> libc::c_int {
+        let ts = libc::timespec { tv_sec: 0, tv_nsec: 300_000_000 };
+        // SAFETY: raw syscalls only: this thread shares memory with a process
+        // that is about to exec.
+        unsafe {
+            libc::nanosleep(&ts, std::ptr::null_mut());
+            libc::syscall(libc::SYS_exit, 0);
+        }
+        0
+    }
+    // SAFETY: a small leaked stack for the helper, which only sleeps and
+    // exits with raw syscalls; it is reaped by init once we exec (no SIGCHLD
+    // is requested).
+    unsafe {
+        let stack = libc::mmap(
+            std::ptr::null_mut(),
+            STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        );
+        if stack == libc::MAP_FAILED {
+            return;
+        }
+        let top = (stack as *mut u8).add(STACK) as *mut libc::c_void;
+        libc::clone(linger, top, libc::CLONE_VM, std::ptr::null_mut());
+    }
+}
+
 /// Microresets become structured events.
 fn microreset_observer(events: Option<PathBuf>) -> staunch_devices::Observer {
     Arc::new(move |f: staunch_devices::FaultReport| {
@@ -415,7 +452,9 @@ impl Core {
     /// (transports) or a freshly reset device (UART, i8042).
     fn devices_after_crash(&self) -> DevicesState {
         fn try_for<T: ?Sized, R>(m: &Mutex<T>, f: impl Fn(&T) -> R) -> Option<R> {
-            let deadline = Instant::now() + Duration::from_millis(20);
+            // A lock held by a live thread is released within microseconds;
+            // one held by the dead thread never is.
+            let deadline = Instant::now() + Duration::from_millis(2);
             loop {
                 match m.try_lock() {
                     Ok(g) => return Some(f(&g)),
@@ -465,12 +504,12 @@ impl Core {
             record::keep_across_exec(&r.file).map_err(RecordError::Io)?;
         }
         record::keep_across_exec(&memfd).map_err(RecordError::Io)?;
-        let bin = match binary {
-            Some(b) => b,
-            None => std::env::current_exe().map_err(|err| VmmError::Exec { path: "/proc/self/exe".into(), err })?,
-        };
+        // By default the very image that runs now, even if its file was
+        // replaced or deleted since (the magic link keeps the inode).
+        let bin = binary.unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
         let save_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         tracing::info!(save_ms, bytes = bytes.len(), "record saved; exec {}", bin.display());
+        defer_teardown();
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["vmm", "resume", "--preserved-fd", &memfd.as_raw_fd().to_string()]);
         // Failpoints armed from the environment were for this image only.

@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// main: boot, exits and virtio-blk vs QEMU; recovery: microreset,
+    /// crash re-exec, warm upgrade, snapshot/restore, cold reboot;
+    /// overhead: the main benchmarks with the resilience machinery on and off.
+    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead"])]
+    which: String,
     /// Exits per PIO / MMIO benchmark.
     #[arg(long, default_value_t = 20_000)]
     iters: u64,
@@ -35,6 +40,8 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, PartialEq)]
 enum Vmm {
     Staunch,
+    /// Staunch with every recovery mechanism off (STAUNCH_NO_RECOVERY=1).
+    StaunchBare,
     Qemu,
 }
 
@@ -65,8 +72,11 @@ fn default_qemu() -> Option<PathBuf> {
 impl Ctx {
     fn command(&self, vmm: Vmm, cmdline: &str, disk: Option<&Path>) -> Result<Command> {
         Ok(match vmm {
-            Vmm::Staunch => {
+            Vmm::Staunch | Vmm::StaunchBare => {
                 let mut c = Command::new(std::env::current_exe()?);
+                if vmm == Vmm::StaunchBare {
+                    c.env("STAUNCH_NO_RECOVERY", "1");
+                }
                 c.args(["vmm", "run", "--mem", "256", "--serial", "stdio", "--kernel"]);
                 c.arg(&self.kernel).arg("--cmdline").arg(cmdline);
                 if let Some(d) = disk {
@@ -95,7 +105,10 @@ impl Ctx {
 
     /// Run to completion; every serial line with its time since spawn.
     fn lines(&self, vmm: Vmm, cmdline: &str, disk: bool) -> Result<Vec<(Duration, String)>> {
-        let d = self.dir.join(if vmm == Vmm::Staunch { "staunch.img" } else { "qemu.img" });
+        let d = self.dir.join(match vmm {
+            Vmm::Staunch | Vmm::StaunchBare => "staunch.img",
+            Vmm::Qemu => "qemu.img",
+        });
         if disk {
             std::fs::write(&d, vec![0u8; 16 << 20])?;
         }
@@ -130,6 +143,7 @@ impl Ctx {
 fn name(v: Vmm) -> &'static str {
     match v {
         Vmm::Staunch => "Staunch",
+        Vmm::StaunchBare => "Staunch (recovery off)",
         Vmm::Qemu => "QEMU",
     }
 }
@@ -155,30 +169,7 @@ fn median(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v[v.len() / 2])
 }
 
-pub fn run(mut a: BenchArgs) -> Result<i32> {
-    if a.quick {
-        a.iters = a.iters.min(500);
-        a.ios = a.ios.min(200);
-        a.rounds = 1;
-    }
-    let dir = cache_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let ctx = Ctx { kernel: test_guest()?, qemu: a.qemu.clone().or_else(default_qemu), dir };
-    let mut vmms = vec![Vmm::Staunch];
-    match &ctx.qemu {
-        Some(q) => {
-            let v = qemu_command(q)
-                .arg("--version")
-                .output()
-                .ok()
-                .and_then(|o| String::from_utf8(o.stdout).ok())
-                .and_then(|s| s.lines().next().map(str::to_string))
-                .unwrap_or_else(|| "unknown version".into());
-            eprintln!("peer: {v} ({})", q.display());
-            vmms.push(Vmm::Qemu);
-        }
-        None => eprintln!("peer: QEMU not found (run scripts/qemu.sh); Staunch column only"),
-    }
+fn measure(ctx: &Ctx, vmms: &[Vmm], a: &BenchArgs) -> Result<[Metric; 5]> {
     let mut m = [
         Metric { name: "boot to first guest line", unit: "ms", lower_is_better: true, values: Default::default() },
         Metric { name: "PIO exit round trip", unit: "us", lower_is_better: true, values: Default::default() },
@@ -202,6 +193,69 @@ pub fn run(mut a: BenchArgs) -> Result<i32> {
                 .push(a.ios as f64 / span(&l, "STAUNCH blkbench write-begin", "STAUNCH blkbench write-end")?);
         }
     }
+    Ok(m)
+}
+
+/// The main benchmarks with the resilience machinery (failpoint checks,
+/// contained regions, watchdog, rescuer) on and off, same binary.
+fn overhead(mut a: BenchArgs) -> Result<i32> {
+    if a.quick {
+        a.iters = a.iters.min(500);
+        a.ios = a.ios.min(200);
+        a.rounds = 1;
+    }
+    let dir = cache_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let ctx = Ctx { kernel: test_guest()?, qemu: None, dir };
+    let m = measure(&ctx, &[Vmm::Staunch, Vmm::StaunchBare], &a)?;
+    println!();
+    println!("| benchmark (median of {} rounds) | unit | recovery on | recovery off | overhead |", a.rounds);
+    println!("|---|---|---:|---:|---:|");
+    for x in &m[1..] {
+        let (on, off) = (median(&x.values[0]), median(&x.values[1]));
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("-".into());
+        let over = match (on, off) {
+            (Some(on), Some(off)) if off > 0.0 => {
+                let r = if x.lower_is_better { on / off - 1.0 } else { off / on - 1.0 };
+                format!("{:+.1} %", r * 100.0)
+            }
+            _ => "-".into(),
+        };
+        println!("| {} | {} | {} | {} | {} |", x.name, x.unit, f(on), f(off), over);
+    }
+    Ok(0)
+}
+
+pub fn run(mut a: BenchArgs) -> Result<i32> {
+    match a.which.as_str() {
+        "recovery" => return crate::bench_recovery::run(a.quick, a.rounds),
+        "overhead" => return overhead(a),
+        _ => {}
+    }
+    if a.quick {
+        a.iters = a.iters.min(500);
+        a.ios = a.ios.min(200);
+        a.rounds = 1;
+    }
+    let dir = cache_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let ctx = Ctx { kernel: test_guest()?, qemu: a.qemu.clone().or_else(default_qemu), dir };
+    let mut vmms = vec![Vmm::Staunch];
+    match &ctx.qemu {
+        Some(q) => {
+            let v = qemu_command(q)
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_else(|| "unknown version".into());
+            eprintln!("peer: {v} ({})", q.display());
+            vmms.push(Vmm::Qemu);
+        }
+        None => eprintln!("peer: QEMU not found (run scripts/qemu.sh); Staunch column only"),
+    }
+    let m = measure(&ctx, &vmms, &a)?;
     println!();
     println!("| benchmark (median of {} rounds) | unit | Staunch | QEMU | Staunch/QEMU |", a.rounds);
     println!("|---|---|---:|---:|---:|");

@@ -134,7 +134,7 @@ impl Vm {
         let (sock, log, events, disk) =
             (dir.join("api.sock"), dir.join("serial.log"), dir.join("events.jsonl"), dir.join("disk.img"));
         std::fs::write(&disk, vec![0u8; 8 << 20])?;
-        let mut c = Command::new(std::env::current_exe()?);
+        let mut c = Command::new("/proc/self/exe");
         c.args(["vmm", "run", "--vcpus", "2", "--kernel"]).arg(&kernel);
         c.arg("--disk").arg(&disk).arg("--api-socket").arg(&sock).arg("--events").arg(&events);
         c.arg("--serial").arg(format!("file:{}", log.display()));
@@ -202,9 +202,20 @@ impl Vm {
         Ok(())
     }
 
+    /// The VMM's long-lived threads (a control connection's thread may be
+    /// gone before a signal reaches it).
     fn thread_ids(&self) -> Vec<i32> {
-        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
-            .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        let pid = self.child.id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .filter(|tid: &i32| {
+                        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                            .map(|c| c.trim() != "api-conn")
+                            .unwrap_or(false)
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

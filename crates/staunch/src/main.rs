@@ -1,6 +1,7 @@
 //! `staunch`: one binary, one subcommand per component.
 
 mod bench;
+mod bench_recovery;
 mod campaign;
 mod demo;
 mod guestrun;
@@ -280,7 +281,19 @@ fn serve(vm: RunningVm) -> Result<i32> {
     }
 }
 
+/// An image exec'd from a signal handler starts with that handler's mask
+/// (everything blocked): unblock before any thread inherits it.
+fn unblock_all_signals() {
+    // SAFETY: sigemptyset + pthread_sigmask on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
 fn main() {
+    unblock_all_signals();
     let cli = Cli::parse();
     init_logging(cli.log_json);
     if let Err(e) = staunch_fault::from_env() {

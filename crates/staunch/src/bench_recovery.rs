@@ -1,0 +1,259 @@
+//! `staunch bench recovery`: how long the guest is stopped by each kind of
+//! recovery. The guest (the test guest's `counter`, printing a line every
+//! couple of milliseconds) is watched from outside: the guest-visible pause
+//! is the largest gap between two of its serial lines around the event. The
+//! VMM's own measurement (pause start to resume, from its events) is shown
+//! beside it.
+
+use crate::guestrun::{cache_dir, test_guest};
+use anyhow::{bail, Result};
+use serde_json::Value;
+use staunch_vmm::api::{request, ApiRequest};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const COUNTER: &str = "staunch.work=counter staunch.ring=0 staunch.chunk=500";
+
+struct LiveVm {
+    child: Child,
+    sock: PathBuf,
+    events: PathBuf,
+    lines: Arc<Mutex<Vec<Instant>>>,
+}
+
+fn watch(child: &mut Child) -> Arc<Mutex<Vec<Instant>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().expect("piped stdout");
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("STAUNCH") {
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+            }
+        }
+    });
+    lines
+}
+
+impl LiveVm {
+    fn start(dir: &Path, mem: u64, vcpus: u8, cmdline: &str) -> Result<LiveVm> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let (sock, events) = (dir.join("api.sock"), dir.join("events.jsonl"));
+        let mut c = Command::new("/proc/self/exe");
+        c.args(["vmm", "run", "--serial", "stdio", "--mem", &mem.to_string(), "--vcpus", &vcpus.to_string()]);
+        c.arg("--kernel").arg(test_guest()?).arg("--cmdline").arg(cmdline);
+        c.arg("--api-socket").arg(&sock).arg("--events").arg(&events);
+        c.env_remove("STAUNCH_FAILPOINTS");
+        let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let lines = watch(&mut child);
+        let vm = LiveVm { child, sock, events, lines };
+        vm.wait_lines(20, Duration::from_secs(60))?;
+        Ok(vm)
+    }
+
+    fn count(&self) -> usize {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn wait_lines(&self, n: usize, within: Duration) -> Result<()> {
+        let t = Instant::now();
+        while self.count() < n {
+            if t.elapsed() > within {
+                bail!("guest stopped printing");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Largest gap between consecutive serial lines from just before `t` on.
+    fn gap_after(&self, t: Instant) -> f64 {
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let first = l.iter().rposition(|x| *x <= t).unwrap_or(0);
+        l[first..].windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).fold(0.0, f64::max)
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn wait_event(&self, kind: &str, seen: usize) -> Result<Value> {
+        let t = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().skip(seen).find(|e| e["event"] == kind) {
+                return Ok(e);
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("no {kind} event");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Run `act`, wait for `kind`, let the guest print again; returns
+    /// (guest-visible pause ms, the event).
+    fn around(&self, kind: &str, act: impl FnOnce() -> Result<()>) -> Result<(f64, Value)> {
+        let seen = self.events().len();
+        let t = Instant::now();
+        act()?;
+        let ev = self.wait_event(kind, seen)?;
+        let n = self.count();
+        self.wait_lines(n + 30, Duration::from_secs(30))?;
+        Ok((self.gap_after(t), ev))
+    }
+
+    fn arm(&self, spec: &str) -> Result<()> {
+        let r = request(&self.sock, &ApiRequest::Failpoint { spec: spec.into() })?;
+        anyhow::ensure!(r.ok, "{:?}", r.error);
+        Ok(())
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Row {
+    what: String,
+    guest: Vec<f64>,
+    vmm: Vec<f64>,
+}
+
+fn stats(v: &[f64]) -> (String, String) {
+    if v.is_empty() {
+        return ("-".into(), "-".into());
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    (format!("{:.2}", s[s.len() / 2]), format!("{:.2}", s[s.len() - 1]))
+}
+
+pub fn run(quick: bool, rounds: usize) -> Result<i32> {
+    let rounds = if quick { 2 } else { rounds.max(5) };
+    let dir = cache_dir().join(format!("bench-recovery-{}", std::process::id()));
+    let mut rows: Vec<Row> = Vec::new();
+
+    // Warm upgrade across memory sizes and vCPU counts.
+    let configs: &[(u64, u8)] =
+        if quick { &[(256, 1)] } else { &[(256, 1), (1024, 1), (4096, 1), (8192, 1), (1024, 2), (1024, 4)] };
+    for &(mem, vcpus) in configs {
+        eprintln!("warm upgrade, {mem} MiB, {vcpus} vCPU ...");
+        let vm = LiveVm::start(&dir.join("up"), mem, vcpus, COUNTER)?;
+        let mut row = Row { what: format!("warm upgrade, {mem} MiB, {vcpus} vCPU"), guest: vec![], vmm: vec![] };
+        for _ in 0..rounds {
+            let (g, ev) = vm.around("resumed", || {
+                request(&vm.sock, &ApiRequest::Upgrade { binary: None })?;
+                Ok(())
+            })?;
+            row.guest.push(g);
+            row.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0));
+        }
+        vm.stop();
+        rows.push(row);
+    }
+
+    // Crash re-exec, hang escalation and microreset in one 1 GiB VM.
+    eprintln!("crash re-exec, hang, microreset ...");
+    let vm = LiveVm::start(&dir.join("crash"), 1024, 1, COUNTER)?;
+    let mut crash = Row { what: "crash re-exec (SIGSEGV in a device), 1 GiB".into(), guest: vec![], vmm: vec![] };
+    for _ in 0..rounds {
+        let (g, ev) = vm.around("resumed", || vm.arm("pio.write=segv"))?;
+        crash.guest.push(g);
+        crash.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0));
+    }
+    let mut hang = Row { what: "hang (100 ms watchdog) -> re-exec, 1 GiB".into(), guest: vec![], vmm: vec![] };
+    for _ in 0..rounds.min(3) {
+        let (g, ev) = vm.around("resumed", || vm.arm("pio.write=hang"))?;
+        hang.guest.push(g);
+        hang.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0) + 100.0);
+    }
+    let mut micro = Row { what: "microreset (panic in the UART model)".into(), guest: vec![], vmm: vec![] };
+    for _ in 0..rounds {
+        let (g, ev) = vm.around("microreset", || vm.arm("serial.write=panic"))?;
+        micro.guest.push(g);
+        micro.vmm.push(ev["recovery_us"].as_f64().unwrap_or(0.0) / 1000.0);
+    }
+    vm.stop();
+    rows.extend([crash, hang, micro]);
+
+    // Saved-VM reboot: snapshot to a file, restore in a new process.
+    let snaps: &[(u64, u64)] = if quick { &[(256, 64)] } else { &[(256, 200), (1024, 800)] };
+    for &(mem, used) in snaps {
+        eprintln!("snapshot + restore, {mem} MiB ({used} MiB used) ...");
+        let mut row =
+            Row { what: format!("snapshot to file + restore, {mem} MiB, {used} MiB used"), guest: vec![], vmm: vec![] };
+        for _ in 0..rounds.min(3) {
+            let d = dir.join("snap");
+            let vm = LiveVm::start(&d, mem, 1, &format!("{COUNTER} staunch.touch={used}"))?;
+            let file = d.join("vm.snap");
+            let t = Instant::now();
+            let r = request(&vm.sock, &ApiRequest::Snapshot { path: file.clone() })?;
+            anyhow::ensure!(r.ok, "snapshot: {:?}", r.error);
+            let mut old = vm.child;
+            let _ = old.wait();
+            let mut c = Command::new("/proc/self/exe");
+            c.args(["vmm", "restore", "--from"]).arg(&file);
+            let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+            let lines = watch(&mut child);
+            let t1 = Instant::now();
+            while lines.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                if t1.elapsed() > Duration::from_secs(120) {
+                    bail!("restored guest never printed");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            row.guest.push(t.elapsed().as_secs_f64() * 1e3);
+            row.vmm.push(r.data["save_ms"].as_f64().unwrap_or(0.0));
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&file);
+        }
+        rows.push(row);
+    }
+
+    // Cold reboot: a new VM from the kernel; the guest's state is gone.
+    eprintln!("cold reboot ...");
+    let mut cold = Row { what: "cold reboot (new VM, state lost), 1 GiB".into(), guest: vec![], vmm: vec![] };
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let mut c = Command::new("/proc/self/exe");
+        c.args(["vmm", "run", "--serial", "stdio", "--mem", "1024", "--kernel"]).arg(test_guest()?);
+        c.args(["--cmdline", COUNTER]);
+        let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let lines = watch(&mut child);
+        while lines.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("cold boot never printed");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cold.guest.push(t.elapsed().as_secs_f64() * 1e3);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    rows.push(cold);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!();
+    println!("| recovery (Staunch, {rounds} rounds) | guest-visible pause p50 ms | max ms | VMM-measured p50 ms |");
+    println!("|---|---:|---:|---:|");
+    for r in &rows {
+        let (g50, gmax) = stats(&r.guest);
+        let (v50, _) = stats(&r.vmm);
+        println!("| {} | {g50} | {gmax} | {v50} |", r.what);
+    }
+    println!();
+    println!(
+        "guest-visible pause: largest gap between the guest's serial lines (one every ~2 ms) around the event; snapshot rows: snapshot request to the restored guest's first line (VMM column: save time); cold reboot: process start to first line; microreset VMM column: handler recovery time"
+    );
+    Ok(0)
+}
