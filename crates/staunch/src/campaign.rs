@@ -12,8 +12,8 @@
 use anyhow::{Context, Result};
 use serde_json::Value;
 use staunch_testguest::proto;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use crate::childvm::{ChildVm, Spec};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -114,130 +114,37 @@ impl Rng {
     }
 }
 
-struct Vm {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-    log: PathBuf,
-    events: PathBuf,
-    disk: PathBuf,
-}
-
 const WRITES: u64 = 5_000_000;
 const BLOCKS: u64 = 256;
+const REPORT: &str = "STAUNCH blk written=";
 
-impl Vm {
-    fn start(dir: &Path, baseline: bool) -> Result<Vm> {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir)?;
-        let kernel = crate::guestrun::test_guest()?;
-        let (sock, log, events, disk) =
-            (dir.join("api.sock"), dir.join("serial.log"), dir.join("events.jsonl"), dir.join("disk.img"));
-        std::fs::write(&disk, vec![0u8; 8 << 20])?;
-        let mut c = Command::new("/proc/self/exe");
-        c.args(["vmm", "run", "--vcpus", "2", "--kernel"]).arg(&kernel);
-        c.arg("--disk").arg(&disk).arg("--api-socket").arg(&sock).arg("--events").arg(&events);
-        c.arg("--serial").arg(format!("file:{}", log.display()));
-        c.arg("--cmdline")
-            .arg(format!("staunch.work=blk-verify staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.report=200"));
-        if baseline {
-            c.env("STAUNCH_NO_RECOVERY", "1");
-        }
-        c.env_remove("STAUNCH_FAILPOINTS");
-        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-        let vm = Vm { child, dir: dir.to_path_buf(), sock, log, events, disk };
-        if !vm.progress(0, 1, Duration::from_secs(30)) {
-            anyhow::bail!("VM did not start reporting");
-        }
-        Ok(vm)
-    }
+fn start_vm(dir: &Path, baseline: bool) -> Result<ChildVm> {
+    let cmdline = format!("staunch.work=blk-verify staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.report=200");
+    let env: &[(&str, &str)] = if baseline { &[("STAUNCH_NO_RECOVERY", "1")] } else { &[] };
+    ChildVm::start(dir, &Spec { vcpus: 2, mem_mib: 256, cmdline: &cmdline, disk_mib: 8, env })
+}
 
-    /// Complete report lines so far (the last may be partial).
-    fn reports(&self) -> Vec<String> {
-        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let complete = &t[..t.rfind('\n').map_or(0, |i| i + 1)];
-        complete.lines().filter(|l| l.contains("STAUNCH blk written=")).map(str::to_string).collect()
-    }
+fn mismatches(vm: &ChildVm) -> u64 {
+    vm.reports(REPORT).last().and_then(|l| proto::field(l, "mismatches").and_then(|v| v.parse().ok())).unwrap_or(0)
+}
 
-    fn progress(&self, from: usize, more: usize, within: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < within {
-            if self.reports().len() >= from + more {
-                return true;
-            }
-            if !self.alive() {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
-    }
-
-    fn alive(&self) -> bool {
-        // SAFETY: kill with signal 0 only checks the process exists.
-        let exists = unsafe { libc::kill(self.child.id() as i32, 0) } == 0;
-        exists
-            && std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-                .map(|s| !s.contains(") Z "))
-                .unwrap_or(false)
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn mismatches(&self) -> u64 {
-        self.reports().last().and_then(|l| proto::field(l, "mismatches").and_then(|v| v.parse().ok())).unwrap_or(0)
-    }
-
-    fn arm(&self, spec: &str) -> Result<()> {
-        let r = staunch_vmm::api::request(&self.sock, &staunch_vmm::api::ApiRequest::Failpoint { spec: spec.into() })?;
-        anyhow::ensure!(r.ok, "arming {spec}: {:?}", r.error);
-        // api.request fires on the next request; others ignore this one.
-        let _ = staunch_vmm::api::request(&self.sock, &staunch_vmm::api::ApiRequest::Status {});
-        Ok(())
-    }
-
-    /// The VMM's long-lived threads (a control connection's thread may be
-    /// gone before a signal reaches it).
-    fn thread_ids(&self) -> Vec<i32> {
-        let pid = self.child.id();
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                    .filter(|tid: &i32| {
-                        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                            .map(|c| c.trim() != "api-conn")
-                            .unwrap_or(false)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Stop the guest and check its disk from the host.
-    fn close(mut self) -> bool {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let Ok(bytes) = std::fs::read(&self.disk) else { return false };
-        let ok = (0..BLOCKS).all(|lba| {
-            let off = lba as usize * proto::BLOCK_SIZE;
-            let b: &[u8; proto::BLOCK_SIZE] = bytes[off..off + proto::BLOCK_SIZE].try_into().expect("block");
-            // A block never reached yet is blank; any written block is intact.
-            matches!(proto::check_block(b, lba), Ok(_) | Err(proto::BlockError::Blank))
-        });
-        let _ = std::fs::remove_dir_all(&self.dir);
-        ok
-    }
+/// Stop the guest and check its disk from the host: every block it wrote
+/// must be intact (a block never reached is blank).
+fn close(mut vm: ChildVm) -> bool {
+    vm.kill();
+    let Ok(bytes) = std::fs::read(&vm.disk) else { return false };
+    let ok = (0..BLOCKS).all(|lba| {
+        let off = lba as usize * proto::BLOCK_SIZE;
+        let b: &[u8; proto::BLOCK_SIZE] = bytes[off..off + proto::BLOCK_SIZE].try_into().expect("block");
+        matches!(proto::check_block(b, lba), Ok(_) | Err(proto::BlockError::Blank))
+    });
+    let _ = std::fs::remove_dir_all(&vm.dir);
+    ok
 }
 
 /// A failed host check of the disk is charged to the VM's last injection.
-fn close_and_judge(vm: Vm, rows: &mut [Row]) {
-    if !vm.close() {
+fn close_and_judge(vm: ChildVm, rows: &mut [Row]) {
+    if !close(vm) {
         if let Some(last) = rows.last_mut() {
             last.outcome = Outcome::Mismatch;
             last.how = "host disk check failed".into();
@@ -282,7 +189,7 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
     let cat = catalog();
     let base = crate::guestrun::cache_dir().join(format!("campaign-{}", std::process::id()));
     let mut rows: Vec<Row> = Vec::new();
-    let mut vm: Option<Vm> = None;
+    let mut vm: Option<ChildVm> = None;
     let mut in_vm = 0;
     let started = Instant::now();
     eprintln!(
@@ -297,14 +204,14 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
             if let Some(old) = vm.take() {
                 close_and_judge(old, &mut rows);
             }
-            vm = Some(Vm::start(&base.join(format!("vm{i}")), a.baseline).context("starting a campaign VM")?);
+            vm = Some(start_vm(&base.join(format!("vm{i}")), a.baseline).context("starting a campaign VM")?);
             in_vm = 0;
         }
         let v = vm.as_ref().expect("vm");
         let fault = cat[(rng.next() % cat.len() as u64) as usize].clone();
         let seen = v.events().len();
-        let before = v.reports().len();
-        let mism = v.mismatches();
+        let before = v.reports(REPORT).len();
+        let mism = mismatches(v);
         match &fault {
             Fault::Failpoint(p, act) => {
                 if let Err(e) = v.arm(&format!("{p}={}", act.name())) {
@@ -323,12 +230,12 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
                 unsafe { libc::kill(v.child.id() as i32, libc::SIGKILL) };
             }
         }
-        let ok = v.progress(before, 2, Duration::from_secs(a.deadline));
+        let ok = v.progress(REPORT, before, 2, Duration::from_secs(a.deadline));
         let events: Vec<Value> = v.events().into_iter().skip(seen).collect();
         let (outcome, how) = if !ok {
             (Outcome::Lost, if v.alive() { "guest stopped making progress".into() } else { "VMM died".into() })
-        } else if v.mismatches() != mism {
-            (Outcome::Mismatch, format!("guest saw {} mismatches", v.mismatches() - mism))
+        } else if mismatches(v) != mism {
+            (Outcome::Mismatch, format!("guest saw {} mismatches", mismatches(v) - mism))
         } else {
             let how = events.iter().filter_map(|e| e["event"].as_str()).collect::<Vec<_>>().join("+");
             (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how })
@@ -338,7 +245,7 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
         in_vm += 1;
         if outcome != Outcome::Recovered {
             if let Some(old) = vm.take() {
-                old.close();
+                close(old);
             }
         }
     }

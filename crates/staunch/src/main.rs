@@ -3,6 +3,7 @@
 mod bench;
 mod bench_recovery;
 mod campaign;
+mod childvm;
 mod demo;
 mod guestrun;
 

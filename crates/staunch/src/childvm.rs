@@ -1,0 +1,156 @@
+//! A VMM run as a child process (`staunch vmm run`) with a control socket,
+//! an events file and its serial log in a file: how the demo, the campaign
+//! and the recovery benchmarks drive a VM that may re-execute itself.
+
+use anyhow::Result;
+use serde_json::Value;
+use staunch_vmm::api::{request_within, ApiRequest, ApiResponse};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct ChildVm {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+    pub events: PathBuf,
+    pub disk: PathBuf,
+}
+
+pub struct Spec<'a> {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub cmdline: &'a str,
+    pub disk_mib: u64,
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl ChildVm {
+    /// Start in a fresh `dir` and wait for the guest's first report line.
+    pub fn start(dir: &Path, spec: &Spec) -> Result<ChildVm> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let kernel = crate::guestrun::test_guest()?;
+        let (sock, log, events, disk) =
+            (dir.join("api.sock"), dir.join("serial.log"), dir.join("events.jsonl"), dir.join("disk.img"));
+        // The very image that runs now, even if its file was replaced.
+        let mut c = Command::new("/proc/self/exe");
+        c.args(["vmm", "run", "--vcpus", &spec.vcpus.to_string(), "--mem", &spec.mem_mib.to_string(), "--kernel"]);
+        c.arg(&kernel).arg("--api-socket").arg(&sock).arg("--events").arg(&events);
+        c.arg("--serial").arg(format!("file:{}", log.display())).arg("--cmdline").arg(spec.cmdline);
+        if spec.disk_mib > 0 {
+            std::fs::write(&disk, vec![0u8; (spec.disk_mib << 20) as usize])?;
+            c.arg("--disk").arg(&disk);
+        }
+        c.env_remove("STAUNCH_FAILPOINTS");
+        for (k, v) in spec.env {
+            c.env(k, v);
+        }
+        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let vm = ChildVm { child, dir: dir.to_path_buf(), sock, log, events, disk };
+        if !vm.progress("STAUNCH ", 0, 1, Duration::from_secs(30)) {
+            anyhow::bail!("the VM did not start reporting");
+        }
+        Ok(vm)
+    }
+
+    /// Complete serial lines so far (the last one may still be printing).
+    pub fn lines(&self) -> Vec<String> {
+        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let complete = &t[..t.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().map(|l| l.trim_end().to_string()).collect()
+    }
+
+    pub fn reports(&self, prefix: &str) -> Vec<String> {
+        self.lines().into_iter().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    /// Wait for `more` lines starting with `prefix` beyond `from`.
+    pub fn progress(&self, prefix: &str, from: usize, more: usize, within: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if self.reports(prefix).len() >= from + more {
+                return true;
+            }
+            if !self.alive() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map(|s| !s.contains(") Z ") && !s.contains(") X "))
+            .unwrap_or(false)
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait for an event of `kind` after the first `seen` events.
+    pub fn wait_event(&self, kind: &str, seen: usize, within: Duration) -> Option<Value> {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Some(e) = self.events().into_iter().skip(seen).find(|e| e["event"] == kind) {
+                return Some(e);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
+
+    pub fn request(&self, req: &ApiRequest) -> Result<ApiResponse> {
+        Ok(request_within(&self.sock, req, Duration::from_secs(3))?)
+    }
+
+    /// Arm a failpoint, then send one more request (which `api.request`
+    /// failpoints fire on).
+    pub fn arm(&self, spec: &str) -> Result<()> {
+        let r = self.request(&ApiRequest::Failpoint { spec: spec.into() })?;
+        anyhow::ensure!(r.ok, "arming {spec}: {:?}", r.error);
+        let _ = self.request(&ApiRequest::Status {});
+        Ok(())
+    }
+
+    /// The VMM's long-lived threads (a control connection's thread may be
+    /// gone before a signal reaches it).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        let pid = self.child.id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .filter(|tid: &i32| {
+                        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                            .map(|c| c.trim() != "api-conn")
+                            .unwrap_or(false)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Wait for the VMM to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
