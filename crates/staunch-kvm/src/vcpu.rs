@@ -30,6 +30,8 @@ pub enum StopReason {
     TripleFault,
     /// The VMM asked this vCPU to stop.
     Requested,
+    /// The VMM stops the VM to boot it again from scratch.
+    ColdReboot,
     /// KVM reported something the VMM cannot continue from.
     Error(String),
 }

@@ -25,6 +25,8 @@ pub enum ApiRequest {
         #[serde(default)]
         binary: Option<PathBuf>,
     },
+    /// Cold reboot: a new VM from the kernel; the guest's state is lost.
+    Reboot {},
     /// Save the VM (state and memory) to a file and stop it.
     Snapshot {
         path: PathBuf,

@@ -103,8 +103,9 @@ pub(crate) fn arm(core: Arc<Core>) -> std::io::Result<()> {
     if let Some(ms) = core.cfg.hang_ms {
         HANG_MS.store(ms.max(1), Ordering::SeqCst);
     }
-    let first = CORE.lock().unwrap_or_else(|p| p.into_inner()).replace(core).is_none();
-    if !first {
+    *CORE.lock().unwrap_or_else(|p| p.into_inner()) = Some(core);
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    if INSTALLED.swap(true, Ordering::SeqCst) {
         return Ok(());
     }
     // SAFETY: plain eventfd(2).

@@ -260,8 +260,10 @@ fn serial_sink(
         (SerialConfig::Null | SerialConfig::Unix(_), None) => Box::new(std::io::sink()),
         (SerialConfig::File(p), None) => {
             let mut o = std::fs::OpenOptions::new();
-            // A rebuilt VM continues the same log instead of truncating it.
-            if reopen {
+            // A rebuilt or rebooted VM continues the same log; only the
+            // process's first VM starts it afresh.
+            static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if reopen || STARTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 o.append(true).create(true);
             } else {
                 o.write(true).create(true).truncate(true);
@@ -509,6 +511,11 @@ impl Core {
         let bin = binary.unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
         let save_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         tracing::info!(save_ms, bytes = bytes.len(), "record saved; exec {}", bin.display());
+        events::emit(
+            self.cfg.events.as_deref(),
+            "exec",
+            json!({"cause": cause, "save_ms": save_ms, "record_bytes": bytes.len(), "binary": bin}),
+        );
         defer_teardown();
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["vmm", "resume", "--preserved-fd", &memfd.as_raw_fd().to_string()]);
@@ -723,6 +730,7 @@ impl RunningVm {
                 "exits": self.core.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
                 "last_recovery": self.last_recovery,
             })),
+            ApiRequest::Reboot {} => ApiResponse::ok(json!({"rebooting": true})),
             ApiRequest::Snapshot { path } => match self.snapshot(&path) {
                 Ok(v) => v,
                 Err(e) => {
@@ -794,6 +802,9 @@ impl RunningVm {
                         let _ = reply.send(ApiResponse::ok(json!({"upgrading": true})));
                         let r = self.handle_api(req);
                         tracing::warn!(?r, "upgrade failed; VM continues");
+                    } else if matches!(req, ApiRequest::Reboot {}) {
+                        let _ = reply.send(ApiResponse::ok(json!({"rebooting": true})));
+                        break StopReason::ColdReboot;
                     } else {
                         let _ = reply.send(self.handle_api(req));
                         if self.snapshotted {

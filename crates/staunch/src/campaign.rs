@@ -9,10 +9,10 @@
 //! the guest must report progress again within a deadline and its mismatch
 //! count must not move; at the end the host checks every block on the disk.
 
+use crate::childvm::{ChildVm, Spec};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use staunch_testguest::proto;
-use crate::childvm::{ChildVm, Spec};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -131,6 +131,10 @@ fn mismatches(vm: &ChildVm) -> u64 {
 /// Stop the guest and check its disk from the host: every block it wrote
 /// must be intact (a block never reached is blank).
 fn close(mut vm: ChildVm) -> bool {
+    close_keep(&mut vm, false)
+}
+
+fn close_keep(vm: &mut ChildVm, keep: bool) -> bool {
     vm.kill();
     let Ok(bytes) = std::fs::read(&vm.disk) else { return false };
     let ok = (0..BLOCKS).all(|lba| {
@@ -138,7 +142,11 @@ fn close(mut vm: ChildVm) -> bool {
         let b: &[u8; proto::BLOCK_SIZE] = bytes[off..off + proto::BLOCK_SIZE].try_into().expect("block");
         matches!(proto::check_block(b, lba), Ok(_) | Err(proto::BlockError::Blank))
     });
-    let _ = std::fs::remove_dir_all(&vm.dir);
+    if ok && !keep {
+        let _ = std::fs::remove_dir_all(&vm.dir);
+    } else {
+        eprintln!("           (kept {} for inspection)", vm.dir.display());
+    }
     ok
 }
 
@@ -233,7 +241,20 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
         let ok = v.progress(REPORT, before, 2, Duration::from_secs(a.deadline));
         let events: Vec<Value> = v.events().into_iter().skip(seen).collect();
         let (outcome, how) = if !ok {
-            (Outcome::Lost, if v.alive() { "guest stopped making progress".into() } else { "VMM died".into() })
+            let how = if v.alive() {
+                "guest stopped making progress".to_string()
+            } else {
+                use std::os::unix::process::ExitStatusExt;
+                match vm.as_mut().and_then(|v| v.child.try_wait().ok().flatten()) {
+                    Some(st) => match (st.code(), st.signal()) {
+                        (Some(c), _) => format!("VMM exited with status {c}"),
+                        (_, Some(sig)) => format!("VMM killed by signal {sig}"),
+                        _ => "VMM died".into(),
+                    },
+                    None => "VMM died".into(),
+                }
+            };
+            (Outcome::Lost, how)
         } else if mismatches(v) != mism {
             (Outcome::Mismatch, format!("guest saw {} mismatches", mismatches(v) - mism))
         } else {
@@ -241,19 +262,17 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
             (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how })
         };
         eprintln!("[{:>4}/{}] {:<28} {:<10} {}", i + 1, a.runs, fault.describe(), format!("{outcome:?}"), how);
-        rows.push(Row { pause_ms: pause_after(&events), fault, outcome, how });
+        rows.push(Row { pause_ms: pause_after(&events), fault: fault.clone(), outcome, how });
         in_vm += 1;
         if outcome != Outcome::Recovered {
-            if let Some(old) = vm.take() {
-                close(old);
+            if let Some(mut old) = vm.take() {
+                close_keep(&mut old, !matches!(fault, Fault::Kill));
             }
         }
     }
     if let Some(old) = vm.take() {
         close_and_judge(old, &mut rows);
     }
-    let _ = std::fs::remove_dir_all(&base);
-
     let mut classes: Vec<String> = rows.iter().map(|r| r.fault.class()).collect();
     classes.sort();
     classes.dedup();

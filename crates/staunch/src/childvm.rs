@@ -47,7 +47,8 @@ impl ChildVm {
         for (k, v) in spec.env {
             c.env(k, v);
         }
-        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let stderr = std::fs::File::create(dir.join("stderr.log"))?;
+        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn()?;
         let vm = ChildVm { child, dir: dir.to_path_buf(), sock, log, events, disk };
         if !vm.progress("STAUNCH ", 0, 1, Duration::from_secs(30)) {
             anyhow::bail!("the VM did not start reporting");
@@ -81,10 +82,17 @@ impl ChildVm {
         false
     }
 
+    /// Not exited. (Not /proc/<pid>/stat: while a non-leader thread execs,
+    /// the old leader shows as a zombie for a moment.)
     pub fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .map(|s| !s.contains(") Z ") && !s.contains(") X "))
-            .unwrap_or(false)
+        // SAFETY: waitid with WNOWAIT only peeks at our child's state; the
+        // siginfo is a local we own.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let r =
+                libc::waitid(libc::P_PID, self.child.id(), &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
+            r == 0 && info.si_pid() == 0
+        }
     }
 
     pub fn events(&self) -> Vec<Value> {

@@ -44,7 +44,8 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report=1000",
         a.writes
     );
-    let mut vm = ChildVm::start(&dir, &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[] })?;
+    let mut vm =
+        ChildVm::start(&dir, &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[] })?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!("   VMM pid {}, guest log {}", vm.child.id(), vm.log.display());
     let mut shown = Shown(0);
@@ -71,7 +72,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     ];
     for (what, spec, kind) in faults {
         let seen = vm.events().len();
-        println!("   >> injecting {what}{}", if spec.is_empty() { String::new() } else { format!(" (failpoint {spec})") });
+        println!(
+            "   >> injecting {what}{}",
+            if spec.is_empty() { String::new() } else { format!(" (failpoint {spec})") }
+        );
         if spec.is_empty() {
             vm.request(&ApiRequest::Upgrade { binary: None })?;
         } else {
@@ -82,10 +86,17 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             "microreset" => (ev["recovery_us"].as_f64().unwrap_or(0.0) / 1e3, "microreset of the device, same process"),
             _ => (
                 ev["guest_pause_ms"].as_f64().unwrap_or(0.0),
-                if spec.is_empty() { "re-exec on purpose, state handed over in memory" } else { "crash re-exec, state saved next to guest memory" },
+                if spec.is_empty() {
+                    "re-exec on purpose, state handed over in memory"
+                } else {
+                    "crash re-exec, state saved next to guest memory"
+                },
             ),
         };
-        println!("   << recovered: {how}; guest paused {pause:.2} ms (generation {})", ev["generation"].as_u64().unwrap_or(0));
+        println!(
+            "   << recovered: {how}; guest paused {pause:.2} ms (generation {})",
+            ev["generation"].as_u64().unwrap_or(0)
+        );
         pauses.push((what, pause));
         wait_reports(&vm, &mut shown, 2)?;
     }
@@ -128,8 +139,19 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     println!("   host check of the disk    : {intact}/{region} blocks intact");
     println!("   VMM exit status           : {code} (the guest powered off)");
     println!("   total demo time           : {:.2} s", t0.elapsed().as_secs_f64());
-    let ok = code == 0 && intact == region && field("mismatches") == "0" && field("errors") == "0" && field("verified") == a.writes.to_string();
-    println!("== {}", if ok { "OK: the guest survived a device panic, a VMM crash and an upgrade with its data intact" } else { "FAILED" });
+    let ok = code == 0
+        && intact == region
+        && field("mismatches") == "0"
+        && field("errors") == "0"
+        && field("verified") == a.writes.to_string();
+    println!(
+        "== {}",
+        if ok {
+            "OK: the guest survived a device panic, a VMM crash and an upgrade with its data intact"
+        } else {
+            "FAILED"
+        }
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(if ok { 0 } else { 1 })
 }

@@ -92,6 +92,9 @@ enum VmCmd {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Cold reboot: discard the guest's state and boot it again from its
+    /// kernel, in the same VMM process.
+    Reboot,
     /// Save the VM's state and memory to a file and stop it.
     Snapshot {
         #[arg(long)]
@@ -131,6 +134,10 @@ struct RunArgs {
     /// Append structured events (JSON lines) to this file.
     #[arg(long)]
     events: Option<PathBuf>,
+    /// A handler busy this long (ms) counts as hung and escalates to crash
+    /// re-exec (default 100).
+    #[arg(long)]
+    hang_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -166,6 +173,9 @@ impl RunArgs {
         if self.events.is_some() {
             cfg.events = self.events;
         }
+        if self.hang_ms.is_some() {
+            cfg.hang_ms = self.hang_ms;
+        }
         if let Ok(dev) = std::env::var("STAUNCH_KVM_DEVICE") {
             cfg.kvm_device = dev;
         }
@@ -191,6 +201,13 @@ fn vmm_run(args: RunArgs) -> Result<i32> {
 
 fn vmm_resume(fd: i32, events_file: Option<PathBuf>) -> Result<i32> {
     use std::os::fd::FromRawFd;
+    // The predecessor's teardown helper (a CLONE_VM child) exits on its own
+    // shortly; reap it so it does not linger as a zombie.
+    let _ = std::thread::Builder::new().name("reaper".into()).spawn(|| {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // SAFETY: waitpid on our own children, non-blocking.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG | libc::__WALL) } > 0 {}
+    });
     // SAFETY: the predecessor image passed this inherited memfd's number.
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     let bytes = staunch_vmm::record::read_fd(&mut f)?;
@@ -228,6 +245,7 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
         VmCmd::Status => ApiRequest::Status {},
         VmCmd::Upgrade { binary } => ApiRequest::Upgrade { binary: binary.clone() },
         VmCmd::Failpoint { spec } => ApiRequest::Failpoint { spec: spec.clone() },
+        VmCmd::Reboot => ApiRequest::Reboot {},
         VmCmd::Snapshot { path } => ApiRequest::Snapshot { path: std::path::absolute(path)? },
     };
     let before =
@@ -257,8 +275,21 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
     Ok(0)
 }
 
-fn serve(vm: RunningVm) -> Result<i32> {
-    let exit = vm.wait(None);
+fn serve(mut vm: RunningVm) -> Result<i32> {
+    let exit = loop {
+        let cfg = vm.config().clone();
+        let exit = vm.wait(None);
+        if exit.reason != StopReason::ColdReboot {
+            break exit;
+        }
+        let t = std::time::Instant::now();
+        vm = RunningVm::start(&cfg)?;
+        staunch_vmm::events::emit(
+            cfg.events.as_deref(),
+            "cold-reboot",
+            serde_json::json!({"rebuild_ms": t.elapsed().as_secs_f64() * 1e3, "outcome": "guest state discarded"}),
+        );
+    };
     let first = exit.first_output.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "never".into());
     let summary =
         format!("first serial output after {first}, ran {:.2} s, {} exits", exit.runtime.as_secs_f64(), exit.exits);
@@ -283,10 +314,17 @@ fn serve(vm: RunningVm) -> Result<i32> {
 }
 
 /// An image exec'd from a signal handler starts with that handler's mask
-/// (everything blocked): unblock before any thread inherits it.
+/// (everything blocked), and signals still pending for the old image (a vCPU
+/// kick, a park request) would now find their default action: terminate.
+/// Discard those, then unblock before any thread inherits the mask.
 fn unblock_all_signals() {
-    // SAFETY: sigemptyset + pthread_sigmask on a local set.
+    // SAFETY: signal(2) to SIG_IGN drops pending instances of our own
+    // real-time signals; the VMM installs its handlers later. Then
+    // sigemptyset + pthread_sigmask on a local set.
     unsafe {
+        for s in [libc::SIGRTMIN(), libc::SIGRTMIN() + 1] {
+            libc::signal(s, libc::SIG_IGN);
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());

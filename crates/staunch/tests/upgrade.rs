@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use std::time::Duration;
 
 #[test]
 fn kvm_warm_upgrade_keeps_counter_and_all_vcpus() {
@@ -91,4 +92,53 @@ fn kvm_control_socket_rejects_bad_requests() {
     let mut child = vm.child;
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn kvm_snapshot_restore_and_cold_reboot() {
+    require_kvm();
+    let d = tmpdir("snapshot");
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let (writes, blocks) = (20_000u64, 256u64);
+    let vm = Vm::start(
+        &d,
+        2,
+        Some(&disk),
+        &format!("staunch.work=blk-verify staunch.writes={writes} staunch.blocks={blocks} staunch.report=500"),
+    );
+    vm.wait_for("some I/O", |l| l.matches("blk written=").count() >= 3);
+    let snap = d.join("vm.snap");
+    let r = vm.ctl(&["snapshot", "--path", snap.to_str().unwrap()]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let saved = vm.finish();
+    assert_eq!(saved.status, 0, "{}", saved.stderr);
+    assert!(saved.stderr.contains("VM stopped on request"), "{}", saved.stderr);
+    let before = saved.stdout.matches("blk written=").count();
+    assert!(!saved.stdout.contains("final=1"), "the guest finished before the snapshot");
+    // The saved VM continues from where it stopped, in a new process.
+    let restored = run(staunch().args(["vmm", "restore", "--from"]).arg(&snap), None, Duration::from_secs(120));
+    assert_eq!(restored.status, 0, "{}", restored.stderr);
+    let log = std::fs::read_to_string(d.join("serial.log")).unwrap();
+    assert!(log.matches("blk written=").count() > before);
+    assert_eq!(log.matches("STAUNCH ready").count(), 1, "the guest booted again instead of continuing");
+    let last = log.lines().rfind(|l| l.contains("final=1")).expect("final report");
+    assert_eq!(field(last, "verified"), writes);
+    assert_eq!(field(last, "mismatches"), 0);
+    check_disk(&disk, writes, blocks);
+
+    // Cold reboot: the guest starts over (its counter from zero).
+    let d2 = tmpdir("reboot");
+    let vm = Vm::start(&d2, 1, None, "staunch.work=counter staunch.chunk=1M staunch.reports=100000");
+    vm.wait_for("ticks", |l| counters(l).len() >= 3);
+    assert_eq!(vm.ctl(&["reboot"]).status, 0);
+    vm.wait_for("a second boot", |l| l.matches("STAUNCH ready").count() >= 2);
+    vm.wait_for("ticks again", |l| l.split("STAUNCH ready").nth(2).is_some_and(|t| counters(t).len() >= 2));
+    let after = vm.log();
+    let second = after.split("STAUNCH ready").nth(2).unwrap();
+    assert_eq!(counters(second)[0], 1 << 20, "counter restarted from zero");
+    assert!(vm.events().iter().any(|e| e["event"] == "cold-reboot"));
+    let mut c = vm.child;
+    let _ = c.kill();
+    let _ = c.wait();
 }
