@@ -228,7 +228,7 @@ fn overhead(mut a: BenchArgs) -> Result<i32> {
 
 pub fn run(mut a: BenchArgs) -> Result<i32> {
     match a.which.as_str() {
-        "recovery" => return crate::bench_recovery::run(a.quick, a.rounds),
+        "recovery" => return crate::bench_recovery::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu)),
         "overhead" => return overhead(a),
         _ => {}
     }

@@ -126,6 +126,144 @@ struct Row {
     what: String,
     guest: Vec<f64>,
     vmm: Vec<f64>,
+    /// QEMU 10 cpr-transfer, guest-visible pause measured the same way.
+    qemu: Vec<f64>,
+}
+
+/// QEMU's cpr-transfer live update of the same guest (memfd-backed RAM):
+/// start the old QEMU, let the guest print, start the new one waiting on the
+/// cpr and migration channels, migrate over QMP, and take the largest gap
+/// between the guest's serial lines across both processes.
+fn qemu_cpr(qemu: &Path, dir: &Path, mem: u64, vcpus: u8) -> Result<f64> {
+    use std::io::Write;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let usr = qemu.parent().and_then(|p| p.parent()).ok_or_else(|| anyhow::anyhow!("QEMU path"))?;
+    let root = usr.parent().unwrap_or(usr);
+    let libs = std::env::join_paths([usr.join("lib/x86_64-linux-gnu"), root.join("lib/x86_64-linux-gnu")])?;
+    let kernel = test_guest()?;
+    let base = |qmp: &Path| {
+        let mut c = Command::new(qemu);
+        c.env("LD_LIBRARY_PATH", &libs);
+        c.arg("-L").arg(usr.join("share/qemu")).arg("-L").arg(usr.join("share/seabios"));
+        c.args([
+            "-bios",
+            "qboot.rom",
+            "-M",
+            "microvm,rtc=off,pic=off,isa-serial=on,acpi=off,memory-backend=ram0,aux-ram-share=on",
+        ]);
+        c.args(["-object", &format!("memory-backend-memfd,id=ram0,size={mem}M,share=on")]);
+        c.args([
+            "-accel",
+            "kvm",
+            "-m",
+            &format!("{mem}M"),
+            "-smp",
+            &vcpus.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+        ]);
+        c.args([
+            "-nographic",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=1",
+        ]);
+        c.arg("-kernel").arg(&kernel).args(["-append", COUNTER]);
+        c.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+        c
+    };
+    let (old_qmp, new_qmp) = (dir.join("old.qmp"), dir.join("new.qmp"));
+    let (mig, cpr) = (dir.join("mig.sock"), dir.join("cpr.sock"));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let watch_into = |child: &mut Child, lines: &Arc<Mutex<Vec<Instant>>>| {
+        let out = child.stdout.take().expect("piped stdout");
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("STAUNCH") {
+                    l.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+                }
+            }
+        });
+    };
+    let mut old = base(&old_qmp).spawn()?;
+    watch_into(&mut old, &lines);
+    let count = || lines.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let t = Instant::now();
+    while count() < 20 {
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = old.kill();
+            bail!("QEMU guest did not print");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let chan = |kind: &str, p: &Path| serde_json::json!({"channel-type": kind, "addr": {"transport": "socket", "type": "unix", "path": p}});
+    let mut newc = base(&new_qmp);
+    newc.arg("-incoming").arg(chan("main", &mig).to_string()).arg("-incoming").arg(chan("cpr", &cpr).to_string());
+    let mut new = newc.spawn()?;
+    watch_into(&mut new, &lines);
+    let t = Instant::now();
+    let sock = loop {
+        match std::os::unix::net::UnixStream::connect(&old_qmp) {
+            Ok(s) => break s,
+            Err(_) if t.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => bail!("QMP: {e}"),
+        }
+    };
+    while !cpr.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = sock.try_clone()?;
+    let mut r = BufReader::new(sock);
+    let mut read = || -> Result<Value> {
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l)?;
+            let v: Value = serde_json::from_str(&l)?;
+            if v.get("return").is_some() || v.get("error").is_some() || v.get("QMP").is_some() {
+                return Ok(v);
+            }
+        }
+    };
+    read()?;
+    let mut cmd = |c: Value| -> Result<Value> {
+        writeln!(w, "{c}")?;
+        read()
+    };
+    cmd(serde_json::json!({"execute": "qmp_capabilities"}))?;
+    cmd(serde_json::json!({"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-transfer"}}))?;
+    let t = Instant::now();
+    let r = cmd(
+        serde_json::json!({"execute": "migrate", "arguments": {"channels": [chan("main", &mig), chan("cpr", &cpr)]}}),
+    )?;
+    anyhow::ensure!(r.get("error").is_none(), "cpr-transfer: {r}");
+    loop {
+        let st = cmd(serde_json::json!({"execute": "query-migrate"}))?;
+        match st["return"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => bail!("cpr-transfer failed: {st}"),
+            _ if t.elapsed() > Duration::from_secs(30) => bail!("cpr-transfer did not complete"),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    let n = count();
+    let t1 = Instant::now();
+    while count() < n + 30 && t1.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = old.kill();
+    let _ = new.kill();
+    let _ = old.wait();
+    let _ = new.wait();
+    let l = lines.lock().unwrap_or_else(|p| p.into_inner());
+    let first = l.iter().rposition(|x| *x <= t).unwrap_or(0);
+    Ok(l[first..].windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).fold(0.0, f64::max))
 }
 
 fn stats(v: &[f64]) -> (String, String) {
@@ -137,7 +275,7 @@ fn stats(v: &[f64]) -> (String, String) {
     (format!("{:.2}", s[s.len() / 2]), format!("{:.2}", s[s.len() - 1]))
 }
 
-pub fn run(quick: bool, rounds: usize) -> Result<i32> {
+pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
     let rounds = if quick { 2 } else { rounds.max(5) };
     let dir = cache_dir().join(format!("bench-recovery-{}", std::process::id()));
     let mut rows: Vec<Row> = Vec::new();
@@ -148,7 +286,16 @@ pub fn run(quick: bool, rounds: usize) -> Result<i32> {
     for &(mem, vcpus) in configs {
         eprintln!("warm upgrade, {mem} MiB, {vcpus} vCPU ...");
         let vm = LiveVm::start(&dir.join("up"), mem, vcpus, COUNTER)?;
-        let mut row = Row { what: format!("warm upgrade, {mem} MiB, {vcpus} vCPU"), guest: vec![], vmm: vec![] };
+        let mut row =
+            Row { what: format!("warm upgrade, {mem} MiB, {vcpus} vCPU"), guest: vec![], vmm: vec![], qemu: vec![] };
+        if let Some(q) = &qemu {
+            for _ in 0..rounds {
+                match qemu_cpr(q, &dir.join("qemu"), mem, vcpus) {
+                    Ok(g) => row.qemu.push(g),
+                    Err(e) => eprintln!("  QEMU cpr-transfer: {e}"),
+                }
+            }
+        }
         for _ in 0..rounds {
             let (g, ev) = vm.around("resumed", || {
                 request(&vm.sock, &ApiRequest::Upgrade { binary: None })?;
@@ -164,19 +311,22 @@ pub fn run(quick: bool, rounds: usize) -> Result<i32> {
     // Crash re-exec, hang escalation and microreset in one 1 GiB VM.
     eprintln!("crash re-exec, hang, microreset ...");
     let vm = LiveVm::start(&dir.join("crash"), 1024, 1, COUNTER)?;
-    let mut crash = Row { what: "crash re-exec (SIGSEGV in a device), 1 GiB".into(), guest: vec![], vmm: vec![] };
+    let mut crash =
+        Row { what: "crash re-exec (SIGSEGV in a device), 1 GiB".into(), guest: vec![], vmm: vec![], qemu: vec![] };
     for _ in 0..rounds {
         let (g, ev) = vm.around("resumed", || vm.arm("pio.write=segv"))?;
         crash.guest.push(g);
         crash.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0));
     }
-    let mut hang = Row { what: "hang (100 ms watchdog) -> re-exec, 1 GiB".into(), guest: vec![], vmm: vec![] };
+    let mut hang =
+        Row { what: "hang (100 ms watchdog) -> re-exec, 1 GiB".into(), guest: vec![], vmm: vec![], qemu: vec![] };
     for _ in 0..rounds.min(3) {
         let (g, ev) = vm.around("resumed", || vm.arm("pio.write=hang"))?;
         hang.guest.push(g);
         hang.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0) + 100.0);
     }
-    let mut micro = Row { what: "microreset (panic in the UART model)".into(), guest: vec![], vmm: vec![] };
+    let mut micro =
+        Row { what: "microreset (panic in the UART model)".into(), guest: vec![], vmm: vec![], qemu: vec![] };
     for _ in 0..rounds {
         let (g, ev) = vm.around("microreset", || vm.arm("serial.write=panic"))?;
         micro.guest.push(g);
@@ -189,8 +339,12 @@ pub fn run(quick: bool, rounds: usize) -> Result<i32> {
     let snaps: &[(u64, u64)] = if quick { &[(256, 64)] } else { &[(256, 200), (1024, 800)] };
     for &(mem, used) in snaps {
         eprintln!("snapshot + restore, {mem} MiB ({used} MiB used) ...");
-        let mut row =
-            Row { what: format!("snapshot to file + restore, {mem} MiB, {used} MiB used"), guest: vec![], vmm: vec![] };
+        let mut row = Row {
+            what: format!("snapshot to file + restore, {mem} MiB, {used} MiB used"),
+            guest: vec![],
+            vmm: vec![],
+            qemu: vec![],
+        };
         for _ in 0..rounds.min(3) {
             let d = dir.join("snap");
             let vm = LiveVm::start(&d, mem, 1, &format!("{COUNTER} staunch.touch={used}"))?;
@@ -222,7 +376,8 @@ pub fn run(quick: bool, rounds: usize) -> Result<i32> {
 
     // Cold reboot: a new VM from the kernel; the guest's state is gone.
     eprintln!("cold reboot ...");
-    let mut cold = Row { what: "cold reboot (new VM, state lost), 1 GiB".into(), guest: vec![], vmm: vec![] };
+    let mut cold =
+        Row { what: "cold reboot (new VM, state lost), 1 GiB".into(), guest: vec![], vmm: vec![], qemu: vec![] };
     for _ in 0..rounds {
         let t = Instant::now();
         let mut c = Command::new("/proc/self/exe");
@@ -244,12 +399,19 @@ pub fn run(quick: bool, rounds: usize) -> Result<i32> {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!();
-    println!("| recovery (Staunch, {rounds} rounds) | guest-visible pause p50 ms | max ms | VMM-measured p50 ms |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| recovery ({rounds} rounds) | Staunch guest-visible pause p50 ms | max ms | VMM-measured p50 ms | QEMU 10 cpr-transfer p50 ms | Staunch/QEMU |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for r in &rows {
         let (g50, gmax) = stats(&r.guest);
         let (v50, _) = stats(&r.vmm);
-        println!("| {} | {g50} | {gmax} | {v50} |", r.what);
+        let (q50, _) = stats(&r.qemu);
+        let ratio = match (g50.parse::<f64>(), q50.parse::<f64>()) {
+            (Ok(g), Ok(q)) if q > 0.0 => format!("{:.2}", g / q),
+            _ => "-".into(),
+        };
+        println!("| {} | {g50} | {gmax} | {v50} | {q50} | {ratio} |", r.what);
     }
     println!();
     println!(

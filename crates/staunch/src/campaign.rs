@@ -35,6 +35,10 @@ pub struct CampaignArgs {
     /// Seconds a guest has to show progress after a fault.
     #[arg(long, default_value_t = 10)]
     deadline: u64,
+    /// Fail (exit 1) below this fraction of catchable faults recovered.
+    /// Any data mismatch fails regardless.
+    #[arg(long, default_value_t = 0.99)]
+    min_recovered: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -322,5 +326,6 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
         println!("not recovered: {}", unrecovered.join("; "));
     }
     let mismatches = rows.iter().any(|r| r.outcome == Outcome::Mismatch);
-    Ok(if !a.baseline && (mismatches || rec < catchable.len()) { 1 } else { 0 })
+    let rate = rec as f64 / catchable.len().max(1) as f64;
+    Ok(if !a.baseline && (mismatches || rate < a.min_recovered) { 1 } else { 0 })
 }

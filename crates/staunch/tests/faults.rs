@@ -159,3 +159,18 @@ fn kvm_corrupted_record_is_refused() {
     assert_eq!(failed["outcome"], "guest-lost");
     assert!(failed["error"].as_str().unwrap().contains("corrupted"), "{failed}");
 }
+
+/// The short campaign (the full one is `staunch campaign vmm --runs 500`):
+/// random faults from the whole catalog, judged by the guest's evidence.
+#[test]
+fn kvm_short_campaign() {
+    require_kvm();
+    let r = run(
+        staunch().args(["campaign", "vmm", "--runs", "24", "--seed", "3", "--min-recovered", "0.9"]),
+        None,
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("**all but SIGKILL**"), "{}", r.stdout);
+    assert!(r.stdout.contains("data mismatches: 0"), "{}", r.stdout);
+}
