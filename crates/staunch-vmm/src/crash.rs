@@ -140,8 +140,14 @@ pub(crate) fn arm(core: Arc<Core>) -> std::io::Result<()> {
     // vCPU's fd must not be dropped on the way).
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if staunch_fault::in_contained_region() {
+            // Contained: a microreset follows and reports it. One line, no
+            // backtrace: symbolizing one would stall the guest.
+            tracing::warn!("contained panic: {info}");
+            return;
+        }
         prev(info);
-        if !staunch_fault::in_contained_region() && CORE.lock().map(|c| c.is_some()).unwrap_or(true) {
+        if CORE.lock().map(|c| c.is_some()).unwrap_or(true) {
             if IN_CRASH.swap(true, Ordering::SeqCst) {
                 park();
             }

@@ -110,9 +110,13 @@ impl LiveVm {
         Ok((self.gap_after(t), ev))
     }
 
+    /// Arm a failpoint. The fault may take the VMM down (into its re-exec)
+    /// before it answers, so a lost reply is not an error.
     fn arm(&self, spec: &str) -> Result<()> {
-        let r = request(&self.sock, &ApiRequest::Failpoint { spec: spec.into() })?;
-        anyhow::ensure!(r.ok, "{:?}", r.error);
+        match request(&self.sock, &ApiRequest::Failpoint { spec: spec.into() }) {
+            Ok(r) => anyhow::ensure!(r.ok, "{:?}", r.error),
+            Err(e) => tracing::debug!("no reply after arming {spec}: {e}"),
+        }
         Ok(())
     }
 
