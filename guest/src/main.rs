@@ -172,7 +172,15 @@ extern "C" fn kmain(cpu: u64, info: u64, kind: u64) -> ! {
         boot::setup_cpu(cpu);
     }
     // SAFETY: CONFIG is read-only after release.
-    let ring = unsafe { CONFIG.ring };
+    let (ring, work) = unsafe { (CONFIG.ring, CONFIG.work) };
+    if cpu != 0 && work != Work::Counter {
+        // Nothing for this CPU to do: halt with interrupts off, so its vCPU
+        // thread sleeps in the hypervisor instead of spinning.
+        loop {
+            // SAFETY: ring 0, interrupts disabled: the CPU just stops.
+            unsafe { asm!("cli", "hlt") };
+        }
+    }
     if ring == 3 {
         boot::enter_user(user_main, boot::user_stack(cpu), cpu as u64);
     }

@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 pub const MAGIC: [u8; 8] = *b"STNCHREC";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8 + 4;
 /// A record larger than this is corrupt, not big.
 const MAX_LEN: u64 = 64 << 20;
@@ -66,6 +66,9 @@ pub struct VmRecord {
     pub replay_in_flight: bool,
     /// How many times this VM was rebuilt so far (upgrades and recoveries).
     pub generation: u64,
+    /// Inherited descriptors of the disks, in config order (empty: reopen
+    /// by path, as after a snapshot restore).
+    pub disk_fds: Vec<RawFd>,
 }
 
 pub fn encode(r: &VmRecord) -> Result<Vec<u8>, RecordError> {
@@ -186,6 +189,8 @@ pub fn read_snapshot(path: &std::path::Path) -> Result<(VmRecord, Vec<File>), Re
     let mut framed = vec![0u8; len as usize];
     f.read_exact(&mut framed)?;
     let mut rec = decode(&framed)?;
+    // Descriptors of the saving process mean nothing here.
+    rec.disk_fds.clear();
     let file_len = f.metadata()?.len();
     let mut off = 20 + len;
     let mut files = Vec::new();

@@ -247,6 +247,7 @@ struct Devices {
     first_output: Arc<OnceLock<Instant>>,
     acpi: staunch_boot::acpi::Devices,
     cmdline_extra: String,
+    disk_files: Vec<std::fs::File>,
 }
 
 fn serial_sink(
@@ -279,11 +280,22 @@ fn assemble(
     ram: &GuestRam,
     output: Option<Box<dyn Write + Send>>,
     saved: Option<(&DevicesState, bool)>,
+    inherited_disks: &[std::os::fd::RawFd],
 ) -> Result<Devices, VmmError> {
     let mut disks = Vec::new();
-    for d in &cfg.disks {
-        disks.push(Block::open(&d.path, d.read_only)?);
+    for (i, d) in cfg.disks.iter().enumerate() {
+        disks.push(match inherited_disks.get(i) {
+            // SAFETY: the predecessor image kept this disk's descriptor open
+            // across exec and recorded its number; we take it over once.
+            Some(fd) => Block::from_file(unsafe { std::fs::File::from_raw_fd(*fd) }, &d.path, d.read_only)?,
+            None => Block::open(&d.path, d.read_only)?,
+        });
     }
+    let disk_files = disks
+        .iter()
+        .map(|b| b.file().try_clone())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| VmmError::Device(format!("disk descriptor: {e}")))?;
     if let Some((s, _)) = saved
         && s.virtio.len() != disks.len()
     {
@@ -374,6 +386,7 @@ fn assemble(
         first_output,
         acpi,
         cmdline_extra,
+        disk_files,
     })
 }
 
@@ -387,6 +400,8 @@ pub(crate) struct Core {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     shadows: Vec<Arc<Mutex<staunch_devices::virtio::mmio::MmioState>>>,
     pub(crate) workers: Vec<WorkerWatch>,
+    /// Duplicates of the disks' descriptors, handed to a successor image.
+    disk_files: Vec<std::fs::File>,
     msrs: Vec<u32>,
     generation: u64,
     // Memory slots point into `ram`; both live as long as the VM.
@@ -438,6 +453,7 @@ impl Core {
             paused_at_ns,
             replay_in_flight: crash,
             generation: self.generation,
+            disk_fds: self.disk_files.iter().map(|f| f.as_raw_fd()).collect(),
         })
     }
 
@@ -506,6 +522,9 @@ impl Core {
             record::keep_across_exec(&r.file).map_err(RecordError::Io)?;
         }
         record::keep_across_exec(&memfd).map_err(RecordError::Io)?;
+        for f in &self.disk_files {
+            record::keep_across_exec(f).map_err(RecordError::Io)?;
+        }
         // By default the very image that runs now, even if its file was
         // replaced or deleted since (the magic link keeps the inode).
         let bin = binary.unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
@@ -547,7 +566,7 @@ impl RunningVm {
         }
         let ram = GuestRam::new(cfg.mem_mib)?;
         let vm = Vm::new(&cfg.kvm_device, &ram)?;
-        let devs = assemble(cfg, &vm, &ram, output, None)?;
+        let devs = assemble(cfg, &vm, &ram, output, None, &[])?;
         let cmdline = format!("{}{}", cfg.cmdline.trim(), devs.cmdline_extra);
         let boot =
             staunch_boot::load(&ram.mem, ram.bytes, &cfg.kernel, cfg.initrd.as_deref(), cmdline.trim(), &devs.acpi)?;
@@ -579,7 +598,8 @@ impl RunningVm {
             .collect();
         let ram = GuestRam::from_regions(regions)?;
         let vm = Vm::new(&rec.config.kvm_device, &ram)?;
-        let devs = assemble(&rec.config, &vm, &ram, output, Some((&rec.devices, rec.replay_in_flight)))?;
+        let devs =
+            assemble(&rec.config, &vm, &ram, output, Some((&rec.devices, rec.replay_in_flight)), &rec.disk_fds)?;
         state::restore_vm(&vm.fd, &rec.vm)?;
         let mut fds = Vec::new();
         for s in &rec.vcpus {
@@ -643,6 +663,7 @@ impl RunningVm {
             transports: devs.transports,
             shadows,
             workers: watches,
+            disk_files: devs.disk_files,
             msrs,
             generation,
             vm,

@@ -47,6 +47,10 @@ fn kvm_warm_upgrade_during_block_io_loses_nothing() {
         Some(&disk),
         &format!("staunch.work=blk-verify staunch.writes={writes} staunch.blocks={blocks} staunch.report=500"),
     );
+    // The disk's descriptor is handed over, not its path: renaming the file
+    // under the running VM changes nothing.
+    let moved = d.join("moved.img");
+    std::fs::rename(&disk, &moved).unwrap();
     for _ in 0..3 {
         let before = vm.log().matches("blk written=").count();
         assert_eq!(vm.ctl(&["upgrade"]).status, 0);
@@ -60,7 +64,7 @@ fn kvm_warm_upgrade_during_block_io_loses_nothing() {
     assert_eq!(field(last, "verified"), writes, "{last}");
     assert_eq!(field(last, "mismatches"), 0);
     assert_eq!(field(last, "errors"), 0);
-    check_disk(&disk, writes, blocks);
+    check_disk(&moved, writes, blocks);
 }
 
 #[test]

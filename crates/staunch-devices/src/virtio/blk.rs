@@ -66,6 +66,13 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(|err| BlkError::Open { path: p.clone(), err })?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// A disk over an already open file (inherited across a re-exec, so it
+    /// keeps working even if its path was renamed or removed meanwhile).
+    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, BlkError> {
+        let p = path.display().to_string();
         let meta = file.metadata().map_err(|err| BlkError::Open { path: p.clone(), err })?;
         if !meta.is_file() {
             return Err(BlkError::Open { path: p, err: std::io::Error::other("not a regular file") });
@@ -89,6 +96,11 @@ impl Block {
             sizes: [QUEUE_SIZE],
             requests: 0,
         })
+    }
+
+    /// The backing file, e.g. to hand it to a successor image.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn state(&self) -> BlkState {
