@@ -120,7 +120,11 @@ impl LiveVm {
         Ok(())
     }
 
-    fn stop(mut self) {
+    fn stop(self) {}
+}
+
+impl Drop for LiveVm {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -356,8 +360,9 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
             let t = Instant::now();
             let r = request(&vm.sock, &ApiRequest::Snapshot { path: file.clone() })?;
             anyhow::ensure!(r.ok, "snapshot: {:?}", r.error);
-            let mut old = vm.child;
-            let _ = old.wait();
+            let mut vm = vm;
+            let _ = vm.child.wait();
+            drop(vm);
             let mut c = Command::new("/proc/self/exe");
             c.args(["vmm", "restore", "--from"]).arg(&file);
             let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;

@@ -164,3 +164,12 @@ impl ChildVm {
         let _ = self.child.wait();
     }
 }
+
+impl Drop for ChildVm {
+    /// A VMM outlives its launcher by design; tools that start one for a
+    /// while must not leave it behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -178,3 +178,11 @@ pub fn check_disk(disk: &Path, writes: u64, blocks: u64) {
         assert_eq!(seq, (0..writes).filter(|s| s % blocks == lba).max().unwrap(), "block {lba}");
     }
 }
+
+impl Drop for Vm {
+    /// A failed test must not leave its VMM running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

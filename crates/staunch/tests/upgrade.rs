@@ -93,9 +93,7 @@ fn kvm_control_socket_rejects_bad_requests() {
     let st = vm.ctl(&["status"]);
     assert!(st.stdout.contains("Paused"), "{}", st.stdout);
     assert_eq!(vm.ctl(&["resume"]).status, 0);
-    let mut child = vm.child;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(vm);
 }
 
 #[test]
@@ -142,7 +140,5 @@ fn kvm_snapshot_restore_and_cold_reboot() {
     let second = after.split("STAUNCH ready").nth(2).unwrap();
     assert_eq!(counters(second)[0], 1 << 20, "counter restarted from zero");
     assert!(vm.events().iter().any(|e| e["event"] == "cold-reboot"));
-    let mut c = vm.child;
-    let _ = c.kill();
-    let _ = c.wait();
+    drop(vm);
 }
