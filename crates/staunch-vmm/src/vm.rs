@@ -598,8 +598,7 @@ impl RunningVm {
             .collect();
         let ram = GuestRam::from_regions(regions)?;
         let vm = Vm::new(&rec.config.kvm_device, &ram)?;
-        let devs =
-            assemble(&rec.config, &vm, &ram, output, Some((&rec.devices, rec.replay_in_flight)), &rec.disk_fds)?;
+        let devs = assemble(&rec.config, &vm, &ram, output, Some((&rec.devices, rec.replay_in_flight)), &rec.disk_fds)?;
         state::restore_vm(&vm.fd, &rec.vm)?;
         let mut fds = Vec::new();
         for s in &rec.vcpus {
