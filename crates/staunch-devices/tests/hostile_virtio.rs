@@ -218,3 +218,30 @@ fn random_descriptor_tables_never_panic() {
         }
     }
 }
+
+/// A VMM saved between the driver's "select feature word 1" and its write
+/// must resume with the selector intact (a campaign found this).
+#[test]
+fn state_restored_mid_feature_negotiation() {
+    let disk = std::env::temp_dir().join(format!("staunch-negotiation-{}.img", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 64 * 1024]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mut dev =
+        MmioTransport::new(Box::new(Block::open(&disk, false).unwrap()), mem.clone(), Arc::new(Count::default()));
+    w(&mut dev, 0x70, 1);
+    w(&mut dev, 0x70, 3);
+    w(&mut dev, 0x24, 1); // select the high feature word...
+    let saved = dev.state();
+    let mut dev = MmioTransport::restore(
+        Box::new(Block::open(&disk, false).unwrap()),
+        mem,
+        Arc::new(Count::default()),
+        &saved,
+        true,
+    )
+    .unwrap();
+    w(&mut dev, 0x20, 1); // ...and write VERSION_1 into it, after the restore
+    w(&mut dev, 0x70, 3 | 8);
+    assert_eq!(r(&mut dev, 0x70) & 8, 8, "FEATURES_OK accepted after restore");
+    let _ = std::fs::remove_file(&disk);
+}

@@ -40,11 +40,17 @@ pub struct MmioTransport {
     shadow: Arc<std::sync::Mutex<MmioState>>,
 }
 
+pub const MMIO_STATE_VERSION: u32 = 2;
+
 /// Versioned, serializable transport state (queue positions included).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MmioState {
     pub version: u32,
     pub status: u32,
+    /// The feature-word selectors: a driver may be saved between selecting
+    /// a word and writing it (found by the fault campaign).
+    pub dev_features_sel: u32,
+    pub drv_features_sel: u32,
     pub drv_features: u64,
     pub queue_sel: u32,
     pub interrupt_status: u32,
@@ -80,8 +86,10 @@ impl MmioTransport {
             config_generation: 0,
             observer: None,
             shadow: Arc::new(std::sync::Mutex::new(MmioState {
-                version: 1,
+                version: MMIO_STATE_VERSION,
                 status: 0,
+                dev_features_sel: 0,
+                drv_features_sel: 0,
                 drv_features: 0,
                 queue_sel: 0,
                 interrupt_status: 0,
@@ -161,8 +169,10 @@ impl MmioTransport {
 
     pub fn state(&self) -> MmioState {
         MmioState {
-            version: 1,
+            version: MMIO_STATE_VERSION,
             status: self.status,
+            dev_features_sel: self.dev_features_sel,
+            drv_features_sel: self.drv_features_sel,
             drv_features: self.drv_features,
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt_status,
@@ -194,7 +204,7 @@ impl MmioTransport {
         s: &MmioState,
         replay_in_flight: bool,
     ) -> Result<Self, String> {
-        if s.version != 1 {
+        if s.version != MMIO_STATE_VERSION {
             return Err(format!("virtio-mmio state version {} is not supported", s.version));
         }
         let mut t = MmioTransport::new(device, mem, irq);
@@ -221,6 +231,8 @@ impl MmioTransport {
             q.set_next_avail(if replay_in_flight { next_used } else { qs.next_avail });
         }
         t.status = s.status;
+        t.dev_features_sel = s.dev_features_sel;
+        t.drv_features_sel = s.drv_features_sel;
         t.drv_features = s.drv_features;
         t.queue_sel = s.queue_sel;
         t.interrupt_status = s.interrupt_status;
