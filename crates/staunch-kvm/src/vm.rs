@@ -40,7 +40,9 @@ impl Vm {
         if v != 12 {
             return Err(VmError::ApiVersion(v));
         }
+        let t = std::time::Instant::now();
         let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        tracing::debug!(us = t.elapsed().as_micros() as u64, "KVM_CREATE_VM");
         fd.set_tss_address(TSS_ADDR).map_err(kvm_err("set TSS address"))?;
         fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
@@ -56,8 +58,10 @@ impl Vm {
             // SAFETY: the mapping lives as long as `ram`, which the VMM keeps
             // for the VM's whole life.
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+            tracing::debug!(us = t.elapsed().as_micros() as u64, slot, "memory slot registered");
         }
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+        tracing::debug!(us = t.elapsed().as_micros() as u64, "supported CPUID read");
         Ok(Vm { kvm, fd, cpuid })
     }
 

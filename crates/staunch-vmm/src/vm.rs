@@ -596,9 +596,14 @@ impl RunningVm {
                 RamRegion { gpa: r.gpa, size: r.size, file }
             })
             .collect();
+        let lap = |what: &str| tracing::debug!(ms = (record::monotonic_ns() - t0) as f64 / 1e6, "restore: {what}");
+        lap("start (since pause)");
         let ram = GuestRam::from_regions(regions)?;
+        lap("guest memory mapped");
         let vm = Vm::new(&rec.config.kvm_device, &ram)?;
+        lap("VM created, memory slots registered");
         let devs = assemble(&rec.config, &vm, &ram, output, Some((&rec.devices, rec.replay_in_flight)), &rec.disk_fds)?;
+        lap("devices rebuilt");
         state::restore_vm(&vm.fd, &rec.vm)?;
         let mut fds = Vec::new();
         for s in &rec.vcpus {
@@ -606,9 +611,12 @@ impl RunningVm {
             state::restore_vcpu(&fd, s)?;
             fds.push(fd);
         }
+        lap("vCPUs restored");
         let msrs = state::msr_list(&vm.kvm, &fds[0])?;
+        lap("MSR list probed");
         let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         let mut me = Self::launch(rec.config, vm, ram, devs, fds, msrs, started, rec.generation + 1)?;
+        lap("running");
         let pause_ms = record::monotonic_ns().saturating_sub(rec.paused_at_ns) as f64 / 1e6;
         let ev = json!({"cause": rec.cause, "generation": me.core.generation, "guest_pause_ms": pause_ms, "restore_ms": restore_ms,
                         "vcpus": me.core.vcpus.len(), "outcome": "recovered"});
