@@ -82,9 +82,22 @@ pub fn contained<T: BusDevice + ?Sized, R>(
     dev: &Mutex<T>,
     observer: Option<&Observer>,
     point: Option<&'static Point>,
+    f: impl FnMut(&mut T) -> R,
+) -> Option<R> {
+    contained_with(staunch_fault::recovery_enabled(), name, dev, observer, point, f)
+}
+
+/// [`contained`] with recovery switched on or off explicitly (benchmarks
+/// compare the two paths in one process).
+pub fn contained_with<T: BusDevice + ?Sized, R>(
+    recovery: bool,
+    name: &'static str,
+    dev: &Mutex<T>,
+    observer: Option<&Observer>,
+    point: Option<&'static Point>,
     mut f: impl FnMut(&mut T) -> R,
 ) -> Option<R> {
-    if !staunch_fault::recovery_enabled() {
+    if !recovery {
         if let Some(p) = point {
             let _ = staunch_fault::hit(p);
         }

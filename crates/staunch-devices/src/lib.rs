@@ -7,7 +7,7 @@ pub mod legacy;
 pub mod serial;
 pub mod virtio;
 
-pub use bus::{Bus, BusDevice, BusError, DeviceAction, FaultReport, Observer, contained};
+pub use bus::{Bus, BusDevice, BusError, DeviceAction, FaultReport, Observer, contained, contained_with};
 
 /// An interrupt line a device can raise (an irqfd in the VMM).
 pub trait Interrupt: Send + Sync {
