@@ -69,6 +69,9 @@ pub struct VmRecord {
     /// Inherited descriptors of the disks, in config order (empty: reopen
     /// by path, as after a snapshot restore).
     pub disk_fds: Vec<RawFd>,
+    /// Inherited console descriptors: the log file, or the unix listener
+    /// and its attached client (empty: reopen or rebind by path).
+    pub console_fds: Vec<RawFd>,
 }
 
 pub fn encode(r: &VmRecord) -> Result<Vec<u8>, RecordError> {
@@ -191,6 +194,7 @@ pub fn read_snapshot(path: &std::path::Path) -> Result<(VmRecord, Vec<File>), Re
     let mut rec = decode(&framed)?;
     // Descriptors of the saving process mean nothing here.
     rec.disk_fds.clear();
+    rec.console_fds.clear();
     let file_len = f.metadata()?.len();
     let mut off = 20 + len;
     let mut files = Vec::new();

@@ -45,10 +45,16 @@ impl Write for StdoutNow {
     }
 }
 
+/// Where console input goes.
+type Input = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// A listening unix socket; the latest client gets output and sends input.
+/// Both descriptors can be handed to a successor image, so an attached
+/// console stays attached across an upgrade or a crash re-exec.
 #[derive(Clone)]
 pub struct UnixConsole {
     client: Arc<Mutex<Option<UnixStream>>>,
+    listener: Arc<UnixListener>,
 }
 
 impl UnixConsole {
@@ -56,21 +62,39 @@ impl UnixConsole {
     /// what clients send.
     pub fn bind(path: &Path, input: impl Fn(&[u8]) + Send + Sync + 'static) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        let me = UnixConsole { client: Arc::new(Mutex::new(None)) };
+        Self::adopt(UnixListener::bind(path)?, None, input)
+    }
+
+    /// Serve an inherited listener and, if one was attached, its client.
+    pub fn adopt(
+        listener: UnixListener,
+        client: Option<UnixStream>,
+        input: impl Fn(&[u8]) + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        let me = UnixConsole { client: Arc::new(Mutex::new(None)), listener: Arc::new(listener.try_clone()?) };
         let slot = me.client.clone();
-        let input = Arc::new(input);
+        let input: Input = Arc::new(input);
+        let attach = move |stream: UnixStream, slot: &Mutex<Option<UnixStream>>, input: &Input| {
+            let Ok(reader) = stream.try_clone() else { return };
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+            let input = input.clone();
+            let _ = std::thread::Builder::new().name("serial-in".into()).spawn(move || pump(reader, &*input));
+        };
+        if let Some(c) = client {
+            attach(c, &slot, &input);
+        }
         std::thread::Builder::new().name("serial-accept".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
-                let Ok(reader) = stream.try_clone() else {
-                    continue;
-                };
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
-                let input = input.clone();
-                let _ = std::thread::Builder::new().name("serial-in".into()).spawn(move || pump(reader, &*input));
+                attach(stream, &slot, &input);
             }
         })?;
         Ok(me)
+    }
+
+    /// Duplicates of the listener and the attached client, for a successor.
+    pub fn handover(&self) -> std::io::Result<(UnixListener, Option<UnixStream>)> {
+        let client = self.client.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|c| c.try_clone().ok());
+        Ok((self.listener.try_clone()?, client))
     }
 }
 

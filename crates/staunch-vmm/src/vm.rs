@@ -248,15 +248,34 @@ struct Devices {
     acpi: staunch_boot::acpi::Devices,
     cmdline_extra: String,
     disk_files: Vec<std::fs::File>,
+    console: Console,
+}
+
+/// What a successor needs to keep the console attached.
+#[derive(Clone)]
+enum Console {
+    None,
+    File(Arc<std::fs::File>),
+    Unix(UnixConsole),
 }
 
 fn serial_sink(
     cfg: &VmConfig,
     output: Option<Box<dyn Write + Send>>,
     reopen: bool,
+    inherited: &[std::os::fd::RawFd],
+    console: &mut Console,
 ) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match (&cfg.serial, output) {
         (_, Some(out)) => out,
+        (SerialConfig::File(_), None) if !inherited.is_empty() => {
+            // SAFETY: the predecessor kept its console file open across
+            // exec and recorded the number; we take it over once.
+            let f = unsafe { std::fs::File::from_raw_fd(inherited[0]) };
+            let keep = f.try_clone().map_err(|err| VmmError::Serial { what: "console file".into(), err })?;
+            *console = Console::File(Arc::new(keep));
+            Box::new(f)
+        }
         (SerialConfig::Stdio, None) => Box::new(StdoutNow),
         (SerialConfig::Null | SerialConfig::Unix(_), None) => Box::new(std::io::sink()),
         (SerialConfig::File(p), None) => {
@@ -269,7 +288,10 @@ fn serial_sink(
             } else {
                 o.write(true).create(true).truncate(true);
             }
-            Box::new(o.open(p).map_err(|err| VmmError::Serial { what: format!("file {}", p.display()), err })?)
+            let f = o.open(p).map_err(|err| VmmError::Serial { what: format!("file {}", p.display()), err })?;
+            let keep = f.try_clone().map_err(|err| VmmError::Serial { what: format!("file {}", p.display()), err })?;
+            *console = Console::File(Arc::new(keep));
+            Box::new(f)
         }
     })
 }
@@ -281,6 +303,7 @@ fn assemble(
     output: Option<Box<dyn Write + Send>>,
     saved: Option<(&DevicesState, bool)>,
     inherited_disks: &[std::os::fd::RawFd],
+    inherited_console: &[std::os::fd::RawFd],
 ) -> Result<Devices, VmmError> {
     let mut disks = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
@@ -311,7 +334,8 @@ fn assemble(
         Ok(e)
     };
 
-    let stamped = Stamped::new(serial_sink(cfg, output, saved.is_some())?);
+    let mut console = Console::None;
+    let stamped = Stamped::new(serial_sink(cfg, output, saved.is_some(), inherited_console, &mut console)?);
     let first_output = stamped.first.clone();
     let com1 = irq(COM1_IRQ)?;
     let make_serial = |irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>| match saved {
@@ -329,9 +353,25 @@ fn assemble(
         }
         SerialConfig::Unix(path) => {
             let s = serial.clone();
-            let console = UnixConsole::bind(path, move |b| feed(&s, b))
-                .map_err(|err| VmmError::Serial { what: format!("socket {}", path.display()), err })?;
-            let stamped = Stamped { inner: console, first: first_output.clone() };
+            let input = move |b: &[u8]| feed(&s, b);
+            let serr = |err| VmmError::Serial { what: format!("socket {}", path.display()), err };
+            let unix = match inherited_console {
+                [l, rest @ ..] => {
+                    // SAFETY: the predecessor kept the listener (and the
+                    // attached client, if any) open across exec; we take
+                    // them over once.
+                    let (listener, client) = unsafe {
+                        (
+                            std::os::unix::net::UnixListener::from_raw_fd(*l),
+                            rest.first().map(|c| std::os::unix::net::UnixStream::from_raw_fd(*c)),
+                        )
+                    };
+                    UnixConsole::adopt(listener, client, input).map_err(serr)?
+                }
+                [] => UnixConsole::bind(path, input).map_err(serr)?,
+            };
+            console = Console::Unix(unix.clone());
+            let stamped = Stamped { inner: unix, first: first_output.clone() };
             *serial.lock().unwrap_or_else(|p| p.into_inner()) = make_serial(com1.clone(), Box::new(stamped))?;
         }
         _ => {}
@@ -387,6 +427,7 @@ fn assemble(
         acpi,
         cmdline_extra,
         disk_files,
+        console,
     })
 }
 
@@ -402,6 +443,7 @@ pub(crate) struct Core {
     pub(crate) workers: Vec<WorkerWatch>,
     /// Duplicates of the disks' descriptors, handed to a successor image.
     disk_files: Vec<std::fs::File>,
+    console: Console,
     msrs: Vec<u32>,
     generation: u64,
     // Memory slots point into `ram`; both live as long as the VM.
@@ -454,6 +496,7 @@ impl Core {
             replay_in_flight: crash,
             generation: self.generation,
             disk_fds: self.disk_files.iter().map(|f| f.as_raw_fd()).collect(),
+            console_fds: Vec::new(),
         })
     }
 
@@ -510,7 +553,20 @@ impl Core {
         crash: bool,
     ) -> Result<std::convert::Infallible, VmmError> {
         use std::os::unix::process::CommandExt;
-        let rec = self.save(cause, t0, crash)?;
+        let mut rec = self.save(cause, t0, crash)?;
+        // Console descriptors for the successor, alive until the exec.
+        let console: Vec<std::os::fd::OwnedFd> = match &self.console {
+            Console::None => Vec::new(),
+            Console::File(f) => f.try_clone().map(|f| vec![f.into()]).unwrap_or_default(),
+            Console::Unix(u) => match u.handover() {
+                Ok((l, c)) => std::iter::once(std::os::fd::OwnedFd::from(l)).chain(c.map(Into::into)).collect(),
+                Err(_) => Vec::new(),
+            },
+        };
+        for fd in &console {
+            record::keep_across_exec(fd).map_err(RecordError::Io)?;
+        }
+        rec.console_fds = console.iter().map(|f| f.as_raw_fd()).collect();
         let mut bytes = record::encode(&rec)?;
         if staunch_fault::hit(&staunch_fault::RECORD_SAVE).map_err(|e| VmmError::Device(e.to_string()))? {
             // Injected corruption after the CRC: the new image must refuse it.
@@ -566,7 +622,7 @@ impl RunningVm {
         }
         let ram = GuestRam::new(cfg.mem_mib)?;
         let vm = Vm::new(&cfg.kvm_device, &ram)?;
-        let devs = assemble(cfg, &vm, &ram, output, None, &[])?;
+        let devs = assemble(cfg, &vm, &ram, output, None, &[], &[])?;
         let cmdline = format!("{}{}", cfg.cmdline.trim(), devs.cmdline_extra);
         let boot =
             staunch_boot::load(&ram.mem, ram.bytes, &cfg.kernel, cfg.initrd.as_deref(), cmdline.trim(), &devs.acpi)?;
@@ -602,7 +658,15 @@ impl RunningVm {
         lap("guest memory mapped");
         let vm = Vm::new(&rec.config.kvm_device, &ram)?;
         lap("VM created, memory slots registered");
-        let devs = assemble(&rec.config, &vm, &ram, output, Some((&rec.devices, rec.replay_in_flight)), &rec.disk_fds)?;
+        let devs = assemble(
+            &rec.config,
+            &vm,
+            &ram,
+            output,
+            Some((&rec.devices, rec.replay_in_flight)),
+            &rec.disk_fds,
+            &rec.console_fds,
+        )?;
         lap("devices rebuilt");
         state::restore_vm(&vm.fd, &rec.vm)?;
         let mut fds = Vec::new();
@@ -671,6 +735,7 @@ impl RunningVm {
             shadows,
             workers: watches,
             disk_files: devs.disk_files,
+            console: devs.console,
             msrs,
             generation,
             vm,

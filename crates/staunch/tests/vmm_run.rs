@@ -174,18 +174,20 @@ fn kvm_guest_reset_ends_the_vm_cleanly() {
 }
 
 #[test]
-fn kvm_serial_over_unix_socket() {
+fn kvm_serial_over_unix_socket_survives_upgrade() {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
     require_kvm();
     let d = tmpdir("unix");
     let g = guest(&d);
-    let sock = d.join("console.sock");
+    let (sock, api) = (d.join("console.sock"), d.join("api.sock"));
     let mut child = staunch()
         .args(["vmm", "run", "--kernel"])
         .arg(&g)
         .arg("--serial")
         .arg(format!("unix:{}", sock.display()))
+        .arg("--api-socket")
+        .arg(&api)
         .args(["--cmdline", "staunch.work=echo"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -200,17 +202,24 @@ fn kvm_serial_over_unix_socket() {
         }
     };
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    // Output before the client connected is dropped; input drives the echo.
-    s.write_all(b"ping over unix\n").unwrap();
     let mut reader = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "console closed");
-        if line.contains("STAUNCH echo ping over unix") {
-            break;
+    let mut expect = |s: &mut UnixStream, send: &str| {
+        s.write_all(format!("{send}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "console closed");
+            if line.contains(&format!("STAUNCH echo {send}")) {
+                break;
+            }
         }
-    }
+    };
+    // Output before the client connected is dropped; input drives the echo.
+    expect(&mut s, "ping over unix");
+    // The same connection stays attached through a re-exec of the VMM.
+    let up = run(staunch().arg("vm").arg("--socket").arg(&api).arg("upgrade"), None, Duration::from_secs(60));
+    assert_eq!(up.status, 0, "{}", up.stderr);
+    expect(&mut s, "still here after the upgrade");
     s.write_all(b"quit\n").unwrap();
     let status = child.wait().unwrap();
     assert!(status.success());
