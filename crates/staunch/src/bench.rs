@@ -196,9 +196,9 @@ fn measure(ctx: &Ctx, vmms: &[Vmm], a: &BenchArgs) -> Result<[Metric; 5]> {
     Ok(m)
 }
 
-/// The main benchmarks with the resilience machinery (failpoint checks,
-/// contained regions, watchdog, rescuer) on and off, same binary.
-fn overhead(mut a: BenchArgs) -> Result<i32> {
+/// Apply `--quick` and set up the guest image, the scratch directory and,
+/// if wanted, the QEMU peer.
+fn prepare(mut a: BenchArgs, with_qemu: bool) -> Result<(BenchArgs, Ctx)> {
     if a.quick {
         a.iters = a.iters.min(500);
         a.ios = a.ios.min(200);
@@ -206,7 +206,15 @@ fn overhead(mut a: BenchArgs) -> Result<i32> {
     }
     let dir = cache_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let ctx = Ctx { kernel: test_guest()?, qemu: None, dir };
+    let qemu = if with_qemu { a.qemu.clone().or_else(default_qemu) } else { None };
+    let ctx = Ctx { kernel: test_guest()?, qemu, dir };
+    Ok((a, ctx))
+}
+
+/// The main benchmarks with the resilience machinery (failpoint checks,
+/// contained regions, watchdog, rescuer) on and off, same binary.
+fn overhead(a: BenchArgs) -> Result<i32> {
+    let (a, ctx) = prepare(a, false)?;
     let (on_ns, off_ns) = dispatch_cost();
     let m = measure(&ctx, &[Vmm::Staunch, Vmm::StaunchBare], &a)?;
     println!();
@@ -286,20 +294,13 @@ fn dispatch_cost() -> (f64, f64) {
     (on, off)
 }
 
-pub fn run(mut a: BenchArgs) -> Result<i32> {
+pub fn run(a: BenchArgs) -> Result<i32> {
     match a.which.as_str() {
         "recovery" => return crate::bench_recovery::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu)),
         "overhead" => return overhead(a),
         _ => {}
     }
-    if a.quick {
-        a.iters = a.iters.min(500);
-        a.ios = a.ios.min(200);
-        a.rounds = 1;
-    }
-    let dir = cache_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let ctx = Ctx { kernel: test_guest()?, qemu: a.qemu.clone().or_else(default_qemu), dir };
+    let (a, ctx) = prepare(a, true)?;
     let mut vmms = vec![Vmm::Staunch];
     match &ctx.qemu {
         Some(q) => {

@@ -24,8 +24,15 @@ struct LiveVm {
     lines: Arc<Mutex<Vec<Instant>>>,
 }
 
+/// Timestamp the guest's serial lines from `child`'s stdout.
 fn watch(child: &mut Child) -> Arc<Mutex<Vec<Instant>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
+    watch_into(child, &lines);
+    lines
+}
+
+/// Like [`watch`], appending to a shared list (two processes, one guest).
+fn watch_into(child: &mut Child, lines: &Arc<Mutex<Vec<Instant>>>) {
     let out = child.stdout.take().expect("piped stdout");
     let l = lines.clone();
     std::thread::spawn(move || {
@@ -35,7 +42,6 @@ fn watch(child: &mut Child) -> Arc<Mutex<Vec<Instant>>> {
             }
         }
     });
-    lines
 }
 
 impl LiveVm {
@@ -188,17 +194,6 @@ fn qemu_cpr(qemu: &Path, dir: &Path, mem: u64, vcpus: u8) -> Result<f64> {
     let (old_qmp, new_qmp) = (dir.join("old.qmp"), dir.join("new.qmp"));
     let (mig, cpr) = (dir.join("mig.sock"), dir.join("cpr.sock"));
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let watch_into = |child: &mut Child, lines: &Arc<Mutex<Vec<Instant>>>| {
-        let out = child.stdout.take().expect("piped stdout");
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.contains("STAUNCH") {
-                    l.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
-                }
-            }
-        });
-    };
     let mut old = base(&old_qmp).spawn()?;
     watch_into(&mut old, &lines);
     let count = || lines.lock().unwrap_or_else(|p| p.into_inner()).len();

@@ -20,24 +20,10 @@ fn kernel() -> PathBuf {
     elf
 }
 
-#[test]
-fn kvm_linux_banner_on_serial() {
-    require_kvm();
-    let k = kernel();
-    let dir = tmpdir("linux");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let mut child = staunch()
-        .args(["vmm", "run", "--mem", "512", "--vcpus", "2", "--kernel"])
-        .arg(&k)
-        .arg("--disk")
-        .arg(&disk)
-        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Start `staunch vmm run` with `args` and stream its serial lines.
+fn boot(args: &mut std::process::Command) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child =
+        args.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn staunch");
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -47,25 +33,47 @@ fn kvm_linux_banner_on_serial() {
             }
         }
     });
+    (child, rx)
+}
+
+/// Lines until one contains `needle` (returned) or `within` runs out.
+fn until(
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    within: Duration,
+    seen: &mut Vec<String>,
+) -> Option<String> {
     let start = Instant::now();
-    let mut seen = Vec::new();
-    let banner = loop {
-        match rx.recv_timeout(Duration::from_secs(120).saturating_sub(start.elapsed())) {
-            Ok(l) if l.contains("Linux version") => break Some(l),
+    loop {
+        match rx.recv_timeout(within.saturating_sub(start.elapsed())) {
+            Ok(l) if l.contains(needle) => return Some(l),
             Ok(l) => seen.push(l),
-            Err(_) => break None,
+            Err(_) => return None,
         }
-    };
+    }
+}
+
+#[test]
+fn kvm_linux_banner_on_serial() {
+    require_kvm();
+    let k = kernel();
+    let dir = tmpdir("linux");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (mut child, rx) = boot(
+        staunch()
+            .args(["vmm", "run", "--mem", "512", "--vcpus", "2", "--kernel"])
+            .arg(&k)
+            .arg("--disk")
+            .arg(&disk)
+            .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"]),
+    );
+    let mut seen = Vec::new();
+    let banner = until(&rx, "Linux version", Duration::from_secs(120), &mut seen);
     let cmdline = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
     // ACPI: the tables are found and the MADT announces both vCPUs.
     let mut acpi = Vec::new();
-    let smp = loop {
-        match rx.recv_timeout(Duration::from_secs(180).saturating_sub(start.elapsed())) {
-            Ok(l) if l.contains("smpboot: Allowing") => break Some(l),
-            Ok(l) => acpi.push(l),
-            Err(_) => break None,
-        }
-    };
+    let smp = until(&rx, "smpboot: Allowing", Duration::from_secs(180), &mut acpi);
     let _ = child.kill();
     let _ = child.wait();
     let banner = banner.unwrap_or_else(|| panic!("no Linux banner within 120 s; serial so far: {seen:?}"));
@@ -85,32 +93,13 @@ fn kvm_linux_banner_on_serial() {
 fn kvm_linux_bzimage_banner_on_serial() {
     require_kvm();
     let bz = kernel().with_file_name("vmlinuz");
-    let mut child = staunch()
-        .args(["vmm", "run", "--mem", "512", "--kernel"])
-        .arg(&bz)
-        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let start = Instant::now();
-    let banner = loop {
-        match rx.recv_timeout(Duration::from_secs(600).saturating_sub(start.elapsed())) {
-            Ok(l) if l.contains("Linux version") => break Some(l),
-            Ok(_) => {}
-            Err(_) => break None,
-        }
-    };
+    let (mut child, rx) = boot(
+        staunch()
+            .args(["vmm", "run", "--mem", "512", "--kernel"])
+            .arg(&bz)
+            .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"]),
+    );
+    let banner = until(&rx, "Linux version", Duration::from_secs(600), &mut Vec::new());
     let _ = child.kill();
     let _ = child.wait();
     let banner = banner.expect("no Linux banner from the bzImage within 600 s");
