@@ -20,6 +20,13 @@ impl I8042 {
     pub fn state(&self) -> I8042State {
         I8042State { version: 1, ..self.state.clone() }
     }
+
+    pub fn restore(s: &I8042State) -> Result<Self, String> {
+        if s.version != 1 {
+            return Err(format!("i8042 state version {} is not supported", s.version));
+        }
+        Ok(I8042 { state: s.clone() })
+    }
 }
 
 impl BusDevice for I8042 {
@@ -63,6 +70,15 @@ impl BusDevice for PowerPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_round_trip() {
+        let mut k = I8042::default();
+        k.write(4, &[0xd1]);
+        let r = I8042::restore(&k.state()).unwrap();
+        assert_eq!(r.state(), k.state());
+        assert!(I8042::restore(&I8042State { version: 9, last_command: 0 }).is_err());
+    }
 
     #[test]
     fn reset_and_power() {

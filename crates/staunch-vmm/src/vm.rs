@@ -378,7 +378,10 @@ fn assemble(
     }
 
     let observer = microreset_observer(cfg.events.clone());
-    let i8042 = Arc::new(Mutex::new(I8042::default()));
+    let i8042 = Arc::new(Mutex::new(match saved {
+        Some((s, _)) => I8042::restore(&s.i8042).map_err(VmmError::Device)?,
+        None => I8042::default(),
+    }));
     let mut pio = Bus::with_points(&staunch_fault::PIO_READ, &staunch_fault::PIO_WRITE);
     pio.set_observer(observer.clone());
     pio.insert(COM1, 8, "serial", serial.clone())?;
