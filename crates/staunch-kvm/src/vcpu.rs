@@ -349,6 +349,9 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
     ctl.tid.store(unsafe { libc::gettid() }, Ordering::Release);
     PARK.with(|p| p.set((ctl as *const VcpuControl, &mut fd as *mut VcpuFd)));
     big_signal_stack();
+    // Whether Running was announced since the last pause: the state lock is
+    // taken on transitions only, not on every exit.
+    let mut announced = false;
     let reason = loop {
         match ctl.requested.load(Ordering::SeqCst) {
             REQ_STOP => break StopReason::Requested,
@@ -372,12 +375,14 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
                     break r;
                 }
                 ctl.wait_while_paused(&mut fd);
+                announced = false;
                 continue;
             }
             _ => {}
         }
-        if ctl.state() != VcpuState::Running {
+        if !announced {
             ctl.set_state(VcpuState::Running);
+            announced = true;
         }
         // Between two guest entries no exit is in flight: a panic here is
         // contained and the loop simply goes on (nothing to reset). The

@@ -251,6 +251,31 @@ struct Devices {
     console: Console,
 }
 
+/// The VM's disks: descriptors a predecessor image handed over, else opened
+/// by path. Done before KVM is touched, so a missing disk is the error seen.
+fn open_disks(cfg: &VmConfig, inherited: &[std::os::fd::RawFd]) -> Result<Vec<Block>, VmmError> {
+    let mut disks = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        disks.push(match inherited.get(i) {
+            // SAFETY: the predecessor image kept this disk's descriptor open
+            // across exec and recorded its number; we take it over once.
+            Some(fd) => Block::from_file(unsafe { std::fs::File::from_raw_fd(*fd) }, &d.path, d.read_only)?,
+            None => Block::open(&d.path, d.read_only)?,
+        });
+    }
+    Ok(disks)
+}
+
+/// What a VM takes over from the one it replaces (nothing for a fresh boot).
+#[derive(Default)]
+struct Inherited<'a> {
+    /// Saved device state, and whether in-flight requests must be replayed.
+    devices: Option<(&'a DevicesState, bool)>,
+    console_fds: &'a [std::os::fd::RawFd],
+    /// Append to a file console instead of starting it afresh.
+    continue_log: bool,
+}
+
 /// What a successor needs to keep the console attached.
 #[derive(Clone)]
 enum Console {
@@ -280,10 +305,8 @@ fn serial_sink(
         (SerialConfig::Null | SerialConfig::Unix(_), None) => Box::new(std::io::sink()),
         (SerialConfig::File(p), None) => {
             let mut o = std::fs::OpenOptions::new();
-            // A rebuilt or rebooted VM continues the same log; only the
-            // process's first VM starts it afresh.
-            static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if reopen || STARTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A rebuilt or rebooted VM continues the same log.
+            if reopen {
                 o.append(true).create(true);
             } else {
                 o.write(true).create(true).truncate(true);
@@ -301,19 +324,10 @@ fn assemble(
     vm: &Vm,
     ram: &GuestRam,
     output: Option<Box<dyn Write + Send>>,
-    saved: Option<(&DevicesState, bool)>,
-    inherited_disks: &[std::os::fd::RawFd],
-    inherited_console: &[std::os::fd::RawFd],
+    disks: Vec<Block>,
+    from: Inherited,
 ) -> Result<Devices, VmmError> {
-    let mut disks = Vec::new();
-    for (i, d) in cfg.disks.iter().enumerate() {
-        disks.push(match inherited_disks.get(i) {
-            // SAFETY: the predecessor image kept this disk's descriptor open
-            // across exec and recorded its number; we take it over once.
-            Some(fd) => Block::from_file(unsafe { std::fs::File::from_raw_fd(*fd) }, &d.path, d.read_only)?,
-            None => Block::open(&d.path, d.read_only)?,
-        });
-    }
+    let Inherited { devices: saved, console_fds: inherited_console, continue_log } = from;
     let disk_files = disks
         .iter()
         .map(|b| b.file().try_clone())
@@ -335,7 +349,7 @@ fn assemble(
     };
 
     let mut console = Console::None;
-    let stamped = Stamped::new(serial_sink(cfg, output, saved.is_some(), inherited_console, &mut console)?);
+    let stamped = Stamped::new(serial_sink(cfg, output, continue_log, inherited_console, &mut console)?);
     let first_output = stamped.first.clone();
     let com1 = irq(COM1_IRQ)?;
     let make_serial = |irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>| match saved {
@@ -617,15 +631,23 @@ impl RunningVm {
     /// Like [`start`](Self::start), but serial output goes to `output`
     /// (overriding `cfg.serial`); for embedding the VMM in tools.
     pub fn start_with_output(cfg: &VmConfig, output: Option<Box<dyn Write + Send>>) -> Result<Self, VmmError> {
+        Self::boot(cfg, output, false)
+    }
+
+    /// Cold reboot: a new VM from the kernel, the guest's state discarded;
+    /// a file console continues the same log.
+    pub fn reboot(cfg: &VmConfig) -> Result<Self, VmmError> {
+        Self::boot(cfg, None, true)
+    }
+
+    fn boot(cfg: &VmConfig, output: Option<Box<dyn Write + Send>>, continue_log: bool) -> Result<Self, VmmError> {
         cfg.validate()?;
         let started = Instant::now();
         staunch_boot::detect(&cfg.kernel)?;
-        for d in &cfg.disks {
-            Block::open(&d.path, d.read_only)?;
-        }
+        let disks = open_disks(cfg, &[])?;
         let ram = GuestRam::new(cfg.mem_mib)?;
         let vm = Vm::new(&cfg.kvm_device, &ram)?;
-        let devs = assemble(cfg, &vm, &ram, output, None, &[], &[])?;
+        let devs = assemble(cfg, &vm, &ram, output, disks, Inherited { continue_log, ..Default::default() })?;
         let cmdline = format!("{}{}", cfg.cmdline.trim(), devs.cmdline_extra);
         let boot =
             staunch_boot::load(&ram.mem, ram.bytes, &cfg.kernel, cfg.initrd.as_deref(), cmdline.trim(), &devs.acpi)?;
@@ -658,18 +680,16 @@ impl RunningVm {
         let lap = |what: &str| tracing::debug!(ms = (record::monotonic_ns() - t0) as f64 / 1e6, "restore: {what}");
         lap("start (since pause)");
         let ram = GuestRam::from_regions(regions)?;
+        let disks = open_disks(&rec.config, &rec.disk_fds)?;
         lap("guest memory mapped");
         let vm = Vm::new(&rec.config.kvm_device, &ram)?;
         lap("VM created, memory slots registered");
-        let devs = assemble(
-            &rec.config,
-            &vm,
-            &ram,
-            output,
-            Some((&rec.devices, rec.replay_in_flight)),
-            &rec.disk_fds,
-            &rec.console_fds,
-        )?;
+        let from = Inherited {
+            devices: Some((&rec.devices, rec.replay_in_flight)),
+            console_fds: &rec.console_fds,
+            continue_log: true,
+        };
+        let devs = assemble(&rec.config, &vm, &ram, output, disks, from)?;
         lap("devices rebuilt");
         state::restore_vm(&vm.fd, &rec.vm)?;
         let mut fds = Vec::new();
@@ -679,8 +699,8 @@ impl RunningVm {
             fds.push(fd);
         }
         lap("vCPUs restored");
-        let msrs = state::msr_list(&vm.kvm, &fds[0])?;
-        lap("MSR list probed");
+        // The saved MSRs are exactly those this host let us read.
+        let msrs: Vec<u32> = rec.vcpus.first().map(|v| v.msrs.iter().map(|e| e.index).collect()).unwrap_or_default();
         let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         let mut me = Self::launch(rec.config, vm, ram, devs, fds, msrs, started, rec.generation + 1)?;
         lap("running");

@@ -283,7 +283,7 @@ fn serve(mut vm: RunningVm) -> Result<i32> {
             break exit;
         }
         let t = std::time::Instant::now();
-        vm = RunningVm::start(&cfg)?;
+        vm = RunningVm::reboot(&cfg)?;
         staunch_vmm::events::emit(
             cfg.events.as_deref(),
             "cold-reboot",

@@ -43,7 +43,7 @@ pub struct MmioTransport {
 pub const MMIO_STATE_VERSION: u32 = 2;
 
 /// Versioned, serializable transport state (queue positions included).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MmioState {
     pub version: u32,
     pub status: u32,
@@ -72,7 +72,7 @@ pub struct QueueState {
 impl MmioTransport {
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Arc<dyn Interrupt>) -> Self {
         let queues = device.queue_max_sizes().iter().filter_map(|m| Queue::new(*m).ok()).collect();
-        MmioTransport {
+        let t = MmioTransport {
             device,
             mem,
             irq,
@@ -85,18 +85,11 @@ impl MmioTransport {
             interrupt_status: 0,
             config_generation: 0,
             observer: None,
-            shadow: Arc::new(std::sync::Mutex::new(MmioState {
-                version: MMIO_STATE_VERSION,
-                status: 0,
-                dev_features_sel: 0,
-                drv_features_sel: 0,
-                drv_features: 0,
-                queue_sel: 0,
-                interrupt_status: 0,
-                config_generation: 0,
-                queues: Vec::new(),
-            })),
-        }
+            // Filled by the publish below, before anyone can read it.
+            shadow: Arc::default(),
+        };
+        t.publish();
+        t
     }
 
     /// The crash-path copy of this transport's configuration.
