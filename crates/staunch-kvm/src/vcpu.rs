@@ -34,6 +34,9 @@ pub enum StopReason {
     ColdReboot,
     /// KVM reported something the VMM cannot continue from.
     Error(String),
+    /// The VM now runs in a successor process (this pid); this process's
+    /// copy is paused for good.
+    HandedOver(u32),
 }
 
 /// Decoded exits, answered by the VMM's device buses.

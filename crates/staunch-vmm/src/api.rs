@@ -57,10 +57,16 @@ impl ApiResponse {
 
 const MAX_LINE: usize = 64 * 1024;
 
-/// Bind `path` and serve it in the background.
+/// Bind `path` and serve it in the background. A predecessor's socket at
+/// `path` is replaced atomically (bind beside it, rename over it), so
+/// clients never find the path missing across an upgrade or a recovery.
 pub fn serve(path: &Path, tx: Sender<VmEvent>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.new", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::rename(&tmp, path)?;
     std::thread::Builder::new().name("api".into()).spawn(move || {
         for conn in listener.incoming().flatten() {
             let tx = tx.clone();

@@ -204,7 +204,7 @@ fn rescue() -> ! {
             }
         }
     }
-    let err = match core.exec_successor(None, &format!("crash: {cause}"), t0, true) {
+    let err = match core.exec_successor(&format!("crash: {cause}"), t0, true) {
         Ok(never) => match never {},
         Err(e) => e,
     };

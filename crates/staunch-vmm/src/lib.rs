@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 mod crash;
 pub mod events;
+pub mod handover;
 pub mod record;
 pub mod serial_out;
 pub mod vm;

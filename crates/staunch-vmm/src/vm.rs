@@ -4,6 +4,7 @@
 use crate::api::{self, ApiRequest, ApiResponse};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::events;
+use crate::handover::{HandoverError, Link, Msg, Successor};
 use crate::record::{self, DevicesState, RamInfo, RecordError, VmRecord};
 use crate::serial_out::{Stamped, StdoutNow, UnixConsole, pump};
 use serde_json::json;
@@ -17,10 +18,10 @@ use staunch_kvm::memory::RamRegion;
 use staunch_kvm::state::{self, StateError};
 use staunch_kvm::{ExitHandler, GuestRam, MemError, StopReason, VcpuControl, VcpuError, Vm, VmError};
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
@@ -59,6 +60,10 @@ pub enum VmmError {
     VcpuGone(u8),
     #[error("exec of {path} failed: {err}")]
     Exec { path: String, err: std::io::Error },
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+    #[error("successor does not match the VM: {0}")]
+    Mismatch(String),
 }
 
 /// How a VM ended, with what the VMM measured.
@@ -427,12 +432,6 @@ fn assemble(
         cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         acpi.virtio_mmio.push((base, layout::VIRTIO_MMIO_SIZE, gsi));
     }
-    // A restored device may have had work queued when it was saved.
-    if saved.is_some() {
-        for w in &workers {
-            let _ = w.evt.write(1);
-        }
-    }
     Ok(Devices {
         handler: Arc::new(Exits { pio, mmio, observer }),
         serial,
@@ -484,6 +483,8 @@ pub struct RunningVm {
     first_output: Arc<OnceLock<Instant>>,
     workers: Vec<QueueWorker>,
     last_recovery: Option<serde_json::Value>,
+    upgrade_failures: u64,
+    last_upgrade_error: Option<String>,
     snapshotted: bool,
     _irqs: Vec<Arc<EventFd>>,
 }
@@ -491,6 +492,17 @@ pub struct RunningVm {
 impl Core {
     /// Capture the whole VM. The vCPUs must be paused.
     pub(crate) fn save(&self, cause: &str, paused_at_ns: u64, crash: bool) -> Result<VmRecord, VmmError> {
+        let devices = if crash { self.devices_after_crash() } else { self.devices() };
+        self.save_with(cause, paused_at_ns, crash, devices)
+    }
+
+    fn save_with(
+        &self,
+        cause: &str,
+        paused_at_ns: u64,
+        crash: bool,
+        devices: DevicesState,
+    ) -> Result<VmRecord, VmmError> {
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
             let (msrs, index) = (self.msrs.clone(), v.index);
@@ -498,7 +510,6 @@ impl Core {
             vcpus.push(snap);
         }
         let vm = state::save_vm(&self.vm.fd)?;
-        let devices = if crash { self.devices_after_crash() } else { self.devices() };
         let ram =
             self.ram.regions.iter().map(|r| RamInfo { gpa: r.gpa, size: r.size, fd: r.file.as_raw_fd() }).collect();
         Ok(VmRecord {
@@ -562,35 +573,41 @@ impl Core {
         }
     }
 
+    /// Encode `rec` into a memfd for a successor, with duplicates of the
+    /// console's descriptors (alive as long as the returned handles are).
+    fn preserve(&self, mut rec: VmRecord) -> Result<(std::fs::File, Vec<OwnedFd>, usize), VmmError> {
+        let console: Vec<OwnedFd> = match &self.console {
+            Console::None => Vec::new(),
+            Console::File(f) => f.try_clone().map(|f| vec![f.into()]).unwrap_or_default(),
+            Console::Unix(u) => match u.handover() {
+                Ok((l, c)) => std::iter::once(OwnedFd::from(l)).chain(c.map(Into::into)).collect(),
+                Err(_) => Vec::new(),
+            },
+        };
+        rec.console_fds = console.iter().map(|f| f.as_raw_fd()).collect();
+        let mut bytes = record::encode(&rec)?;
+        if staunch_fault::hit(&staunch_fault::RECORD_SAVE).map_err(|e| VmmError::Device(e.to_string()))? {
+            // Injected corruption after the CRC: the successor must refuse it.
+            let n = bytes.len();
+            bytes[n / 2] ^= 0x5a;
+        }
+        Ok((record::to_memfd(&bytes)?, console, bytes.len()))
+    }
+
+    /// The crash path: exec a fresh image of this binary, which rebuilds the
+    /// VM from the record around the same memfds.
     pub(crate) fn exec_successor(
         &self,
-        binary: Option<PathBuf>,
         cause: &str,
         t0: u64,
         crash: bool,
     ) -> Result<std::convert::Infallible, VmmError> {
         use std::os::unix::process::CommandExt;
-        let mut rec = self.save(cause, t0, crash)?;
-        // Console descriptors for the successor, alive until the exec.
-        let console: Vec<std::os::fd::OwnedFd> = match &self.console {
-            Console::None => Vec::new(),
-            Console::File(f) => f.try_clone().map(|f| vec![f.into()]).unwrap_or_default(),
-            Console::Unix(u) => match u.handover() {
-                Ok((l, c)) => std::iter::once(std::os::fd::OwnedFd::from(l)).chain(c.map(Into::into)).collect(),
-                Err(_) => Vec::new(),
-            },
-        };
+        let rec = self.save(cause, t0, crash)?;
+        let (memfd, console, len) = self.preserve(rec)?;
         for fd in &console {
             record::keep_across_exec(fd).map_err(RecordError::Io)?;
         }
-        rec.console_fds = console.iter().map(|f| f.as_raw_fd()).collect();
-        let mut bytes = record::encode(&rec)?;
-        if staunch_fault::hit(&staunch_fault::RECORD_SAVE).map_err(|e| VmmError::Device(e.to_string()))? {
-            // Injected corruption after the CRC: the new image must refuse it.
-            let n = bytes.len();
-            bytes[n / 2] ^= 0x5a;
-        }
-        let memfd = record::to_memfd(&bytes)?;
         for r in &self.ram.regions {
             record::keep_across_exec(&r.file).map_err(RecordError::Io)?;
         }
@@ -598,15 +615,15 @@ impl Core {
         for f in &self.disk_files {
             record::keep_across_exec(f).map_err(RecordError::Io)?;
         }
-        // By default the very image that runs now, even if its file was
-        // replaced or deleted since (the magic link keeps the inode).
-        let bin = binary.unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+        // The very image that runs now, even if its file was replaced or
+        // deleted since (the magic link keeps the inode).
+        let bin = PathBuf::from("/proc/self/exe");
         let save_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
-        tracing::info!(save_ms, bytes = bytes.len(), "record saved; exec {}", bin.display());
+        tracing::info!(save_ms, bytes = len, "record saved; exec {}", bin.display());
         events::emit(
             self.cfg.events.as_deref(),
             "exec",
-            json!({"cause": cause, "save_ms": save_ms, "record_bytes": bytes.len(), "binary": bin}),
+            json!({"cause": cause, "save_ms": save_ms, "record_bytes": len, "binary": bin}),
         );
         defer_teardown();
         let mut cmd = std::process::Command::new(&bin);
@@ -619,6 +636,52 @@ impl Core {
         }
         let err = cmd.exec();
         Err(VmmError::Exec { path: bin.display().to_string(), err })
+    }
+}
+
+/// A new VM over (inherited) guest memory with its vCPUs created: the slow
+/// part of a rebuild, which a standby successor does before the guest pauses.
+struct Prepared {
+    vm: Vm,
+    ram: GuestRam,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+}
+
+impl Prepared {
+    fn new(cfg: &VmConfig, regions: Vec<RamRegion>) -> Result<Self, VmmError> {
+        let ram = GuestRam::from_regions(regions)?;
+        let vm = Vm::new(&cfg.kvm_device, &ram)?;
+        let vcpus = (0..cfg.vcpus).map(|i| vm.create_vcpu(i, cfg.vcpus)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Prepared { vm, ram, vcpus })
+    }
+
+    /// Devices and vCPU state from `rec`; nothing runs yet.
+    fn restore(
+        &self,
+        rec: &VmRecord,
+        disks: Vec<Block>,
+        output: Option<Box<dyn Write + Send>>,
+    ) -> Result<Devices, VmmError> {
+        if rec.vcpus.len() != self.vcpus.len() {
+            return Err(VmmError::Mismatch(format!("record has {} vCPUs, VM {}", rec.vcpus.len(), self.vcpus.len())));
+        }
+        let want: Vec<(u64, u64)> = rec.ram.iter().map(|r| (r.gpa, r.size)).collect();
+        let have: Vec<(u64, u64)> = self.ram.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        if want != have {
+            return Err(VmmError::Mismatch(format!("record's memory {want:x?}, VM's {have:x?}")));
+        }
+        let from = Inherited {
+            devices: Some((&rec.devices, rec.replay_in_flight)),
+            console_fds: &rec.console_fds,
+            continue_log: true,
+        };
+        let devs = assemble(&rec.config, &self.vm, &self.ram, output, disks, from)?;
+        state::restore_vm(&self.vm.fd, &rec.vm)?;
+        for s in &rec.vcpus {
+            let fd = self.vcpus.get(s.index as usize).ok_or(VmmError::VcpuGone(s.index))?;
+            state::restore_vcpu(fd, s)?;
+        }
+        Ok(devs)
     }
 }
 
@@ -678,38 +741,98 @@ impl RunningVm {
             })
             .collect();
         let lap = |what: &str| tracing::debug!(ms = (record::monotonic_ns() - t0) as f64 / 1e6, "restore: {what}");
-        lap("start (since pause)");
-        let ram = GuestRam::from_regions(regions)?;
         let disks = open_disks(&rec.config, &rec.disk_fds)?;
-        lap("guest memory mapped");
-        let vm = Vm::new(&rec.config.kvm_device, &ram)?;
+        let p = Prepared::new(&rec.config, regions)?;
         lap("VM created, memory slots registered");
-        let from = Inherited {
-            devices: Some((&rec.devices, rec.replay_in_flight)),
-            console_fds: &rec.console_fds,
-            continue_log: true,
-        };
-        let devs = assemble(&rec.config, &vm, &ram, output, disks, from)?;
-        lap("devices rebuilt");
-        state::restore_vm(&vm.fd, &rec.vm)?;
-        let mut fds = Vec::new();
-        for s in &rec.vcpus {
-            let fd = vm.create_vcpu(s.index, rec.config.vcpus)?;
-            state::restore_vcpu(&fd, s)?;
-            fds.push(fd);
-        }
-        lap("vCPUs restored");
+        let devs = p.restore(&rec, disks, output)?;
+        lap("devices and vCPUs restored");
+        let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+        Self::resume_restored(rec, p, devs, started, json!({"restore_ms": restore_ms}))
+    }
+
+    /// Start a restored VM's vCPUs and report the recovery.
+    fn resume_restored(
+        rec: VmRecord,
+        p: Prepared,
+        devs: Devices,
+        started: Instant,
+        mut report: serde_json::Value,
+    ) -> Result<Self, VmmError> {
         // The saved MSRs are exactly those this host let us read.
         let msrs: Vec<u32> = rec.vcpus.first().map(|v| v.msrs.iter().map(|e| e.index).collect()).unwrap_or_default();
-        let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
-        let mut me = Self::launch(rec.config, vm, ram, devs, fds, msrs, started, rec.generation + 1)?;
-        lap("running");
+        let mut me = Self::launch(rec.config, p.vm, p.ram, devs, p.vcpus, msrs, started, rec.generation + 1)?;
+        // A restored device may have had work queued when it was saved.
+        for w in &me.workers {
+            let _ = w.evt.write(1);
+        }
         let pause_ms = record::monotonic_ns().saturating_sub(rec.paused_at_ns) as f64 / 1e6;
-        let ev = json!({"cause": rec.cause, "generation": me.core.generation, "guest_pause_ms": pause_ms, "restore_ms": restore_ms,
-                        "vcpus": me.core.vcpus.len(), "outcome": "recovered"});
-        events::emit(me.core.cfg.events.as_deref(), "resumed", ev.clone());
-        me.last_recovery = Some(ev);
+        report["cause"] = json!(rec.cause);
+        report["generation"] = json!(me.core.generation);
+        report["guest_pause_ms"] = json!(pause_ms);
+        report["vcpus"] = json!(me.core.vcpus.len());
+        report["outcome"] = json!("recovered");
+        events::emit(me.core.cfg.events.as_deref(), "resumed", report.clone());
+        me.last_recovery = Some(report);
         Ok(me)
+    }
+
+    /// The successor's side of a warm upgrade (see [`crate::handover`]):
+    /// prepare while the guest runs, restore once it is paused, run on
+    /// `Commit`. Any failure before `Commit` is reported over the link, and
+    /// the old VMM resumes the guest.
+    pub fn standby(link: &Link) -> Result<Self, VmmError> {
+        let r = Self::standby_inner(link);
+        if let Err(e) = &r {
+            let _ = link.send(&Msg::Failed { error: e.to_string() }, &[]);
+        }
+        r
+    }
+
+    fn standby_inner(link: &Link) -> Result<Self, VmmError> {
+        let started = Instant::now();
+        let unexpected = |m: Msg| VmmError::Handover(HandoverError::Unexpected(format!("{m:?}")));
+        let (msg, fds) = link.recv(Some(Duration::from_secs(30)))?;
+        let Msg::Prepare { config, ram } = msg else { return Err(unexpected(msg)) };
+        if fds.len() != ram.len() {
+            return Err(VmmError::Mismatch(format!("{} memory regions, {} descriptors", ram.len(), fds.len())));
+        }
+        let regions = ram
+            .iter()
+            .zip(fds)
+            .map(|(&(gpa, size), fd)| RamRegion { gpa, size, file: std::fs::File::from(fd) })
+            .collect();
+        let p = Prepared::new(&config, regions)?;
+        let prepare_ms = started.elapsed().as_secs_f64() * 1e3;
+        link.send(&Msg::Ready { pid: std::process::id(), prepare_ms }, &[])?;
+
+        // The old VMM pauses the guest now and sends its state.
+        let (msg, fds) = link.recv(None)?;
+        let t0 = record::monotonic_ns();
+        let Msg::Record { disks, consoles } = msg else { return Err(unexpected(msg)) };
+        let (disks, consoles) = (disks as usize, consoles as usize);
+        if fds.len() != 1 + disks + consoles {
+            return Err(VmmError::Mismatch(format!("{} descriptors with the record", fds.len())));
+        }
+        let mut fds = fds.into_iter();
+        let mut memfd = std::fs::File::from(fds.next().ok_or(VmmError::Mismatch("no record".into()))?);
+        let mut rec = record::decode(&record::read_fd(&mut memfd)?)?;
+        // Descriptor numbers in the record are the old process's; ours differ.
+        let mut raw = fds.map(IntoRawFd::into_raw_fd);
+        rec.disk_fds = raw.by_ref().take(disks).collect();
+        rec.console_fds = raw.collect();
+        for (info, region) in rec.ram.iter_mut().zip(&p.ram.regions) {
+            info.fd = region.file.as_raw_fd();
+        }
+        let disks = open_disks(&rec.config, &rec.disk_fds)?;
+        let devs = p.restore(&rec, disks, None)?;
+        let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+        link.send(&Msg::Restored, &[])?;
+        match link.recv(Some(Duration::from_secs(10)))? {
+            (Msg::Commit, _) => {}
+            (m, _) => return Err(unexpected(m)),
+        }
+        let report = json!({"restore_ms": restore_ms, "prepare_ms": prepare_ms, "mode": "standby"});
+        Self::resume_restored(rec, p, devs, started, report)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -774,6 +897,8 @@ impl RunningVm {
             first_output: devs.first_output,
             workers: devs.workers,
             last_recovery: None,
+            upgrade_failures: 0,
+            last_upgrade_error: None,
             snapshotted: false,
             _irqs: devs.irqs,
         })
@@ -813,20 +938,95 @@ impl RunningVm {
         feed(&self.core.serial, bytes);
     }
 
-    /// Warm upgrade (RootHammer's warm-VM reboot): pause, save the VM next to
-    /// its memory, exec `binary` (default: this one) which rebuilds the VM
-    /// around the same memfds and resumes it. Returns only on failure, with
-    /// the VM running again.
-    pub fn upgrade(&self, binary: Option<PathBuf>) -> VmmError {
+    /// Warm upgrade (RootHammer's warm-VM reboot) through a standby
+    /// successor running `binary` (default: this very image): it builds its
+    /// VM around the same memfds while the guest runs; the guest pauses only
+    /// for the state to cross over. On success the VM runs in the successor
+    /// (its pid is returned) and this process must leave without touching
+    /// the guest; on failure the guest runs on here, unharmed.
+    pub fn upgrade(&self, binary: Option<PathBuf>) -> Result<u32, VmmError> {
+        let r = self.upgrade_inner(binary);
+        if let Err(e) = &r {
+            events::emit(
+                self.core.cfg.events.as_deref(),
+                "upgrade-failed",
+                json!({"error": e.to_string(), "outcome": "VM continues"}),
+            );
+        }
+        r
+    }
+
+    fn upgrade_inner(&self, binary: Option<PathBuf>) -> Result<u32, VmmError> {
+        let bin = binary.unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+        let started = Instant::now();
+        let succ = Successor::spawn(&bin)?;
+        // Phase 1, the guest runs: the successor prepares its VM.
+        let prepared = (|| -> Result<f64, VmmError> {
+            let ram = self.core.ram.regions.iter().map(|r| (r.gpa, r.size)).collect();
+            let fds: Vec<RawFd> = self.core.ram.regions.iter().map(|r| r.file.as_raw_fd()).collect();
+            succ.link.send(&Msg::Prepare { config: Box::new(self.core.cfg.clone()), ram }, &fds)?;
+            match succ.link.recv(Some(Duration::from_secs(30)))? {
+                (Msg::Ready { prepare_ms, .. }, _) => Ok(prepare_ms),
+                (m, _) => Err(HandoverError::Unexpected(format!("{m:?}")).into()),
+            }
+        })();
+        let prepare_ms = match prepared {
+            Ok(ms) => ms,
+            Err(e) => {
+                succ.abort(&e.to_string());
+                return Err(e);
+            }
+        };
+        let ready_ms = started.elapsed().as_secs_f64() * 1e3;
+
+        // Phase 2, the guest is paused: state crosses over.
         let t0 = record::monotonic_ns();
         self.pause();
-        let err = match self.core.exec_successor(binary, "upgrade", t0, false) {
-            Ok(never) => match never {},
-            Err(e) => e,
+        // The crash path must not revive this copy while the successor owns
+        // the guest; queue workers must not touch the guest once its state is
+        // taken: hold their devices' locks until this process ends.
+        crate::crash::disarm();
+        let held: Vec<MutexGuard<'_, MmioTransport>> =
+            self.core.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner())).collect();
+        let handed = self.send_state(&succ, &held, t0).and_then(|()| Ok(succ.link.send(&Msg::Commit, &[])?));
+        if let Err(e) = handed {
+            succ.abort(&e.to_string());
+            drop(held);
+            self.resume();
+            crate::crash::arm(self.core.clone()).map_err(VmmError::Thread)?;
+            return Err(e);
+        }
+        std::mem::forget(held);
+        let pid = succ.pid();
+        let commit_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+        events::emit(
+            self.core.cfg.events.as_deref(),
+            "handover",
+            json!({"successor_pid": pid, "binary": bin, "prepare_ms": prepare_ms, "ready_ms": ready_ms,
+                   "paused_to_commit_ms": commit_ms}),
+        );
+        Ok(pid)
+    }
+
+    /// Save the paused VM and send it to the successor; wait until it has
+    /// restored everything (it runs nothing before `Commit`).
+    fn send_state(&self, succ: &Successor, held: &[MutexGuard<'_, MmioTransport>], t0: u64) -> Result<(), VmmError> {
+        let devices = DevicesState {
+            serial: self.core.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            i8042: self.core.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            virtio: held.iter().map(|t| t.state()).collect(),
         };
-        self.resume();
-        events::emit(self.core.cfg.events.as_deref(), "upgrade-failed", json!({"error": err.to_string()}));
-        err
+        let rec = self.core.save_with("upgrade", t0, false, devices)?;
+        let (memfd, console, _) = self.core.preserve(rec)?;
+        let mut fds = vec![memfd.as_raw_fd()];
+        fds.extend(self.core.disk_files.iter().map(|f| f.as_raw_fd()));
+        fds.extend(console.iter().map(|f| f.as_raw_fd()));
+        let msg = Msg::Record { disks: self.core.disk_files.len() as u32, consoles: console.len() as u32 };
+        succ.link.send(&msg, &fds)?;
+        match succ.link.recv(Some(Duration::from_secs(10)))? {
+            (Msg::Restored, _) => Ok(()),
+            (m, _) => Err(HandoverError::Unexpected(format!("{m:?}")).into()),
+        }
     }
 
     fn handle_api(&mut self, req: ApiRequest) -> ApiResponse {
@@ -845,6 +1045,8 @@ impl RunningVm {
                 "vcpus": self.vcpu_states().iter().map(|s| format!("{s:?}")).collect::<Vec<_>>(),
                 "exits": self.core.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
                 "last_recovery": self.last_recovery,
+                "upgrade_failures": self.upgrade_failures,
+                "last_upgrade_error": self.last_upgrade_error,
             })),
             ApiRequest::Reboot {} => ApiResponse::ok(json!({"rebooting": true})),
             ApiRequest::Snapshot { path } => match self.snapshot(&path) {
@@ -858,11 +1060,8 @@ impl RunningVm {
                 Ok(()) => ApiResponse::ok(json!({"armed": spec})),
                 Err(e) => ApiResponse::err(e.to_string()),
             },
-            ApiRequest::Upgrade { binary } => {
-                // The reply goes out before the exec; clients poll `status`
-                // for the new generation.
-                ApiResponse::err(self.upgrade(binary).to_string())
-            }
+            // The main loop runs these itself: they end this VM here.
+            ApiRequest::Upgrade { .. } => ApiResponse::err("upgrade is run by the VM's main loop"),
         }
     }
 
@@ -912,13 +1111,32 @@ impl RunningVm {
             };
             match ev {
                 VmEvent::Stopped(_, r) => break r,
+                VmEvent::Api(ApiRequest::Upgrade { binary }, reply) => {
+                    // Answered at once; clients poll `status` for the new
+                    // generation (or for `upgrade_failures`).
+                    let _ = reply.send(ApiResponse::ok(json!({"upgrading": true})));
+                    match self.upgrade(binary) {
+                        Ok(pid) => {
+                            // Nothing here may touch the guest any more: no
+                            // joins, no teardown; the process ends next.
+                            let exit = VmExit {
+                                reason: StopReason::HandedOver(pid),
+                                first_output: self.first_output.get().map(|t| t.duration_since(self.started)),
+                                runtime: self.started.elapsed(),
+                                exits: 0,
+                            };
+                            std::mem::forget(self);
+                            return exit;
+                        }
+                        Err(e) => {
+                            tracing::warn!("upgrade failed; VM continues: {e}");
+                            self.upgrade_failures += 1;
+                            self.last_upgrade_error = Some(e.to_string());
+                        }
+                    }
+                }
                 VmEvent::Api(req, reply) => {
-                    let upgrading = matches!(req, ApiRequest::Upgrade { .. });
-                    if upgrading {
-                        let _ = reply.send(ApiResponse::ok(json!({"upgrading": true})));
-                        let r = self.handle_api(req);
-                        tracing::warn!(?r, "upgrade failed; VM continues");
-                    } else if matches!(req, ApiRequest::Reboot {}) {
+                    if matches!(req, ApiRequest::Reboot {}) {
                         let _ = reply.send(ApiResponse::ok(json!({"rebooting": true})));
                         break StopReason::ColdReboot;
                     } else {

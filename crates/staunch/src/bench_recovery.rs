@@ -129,9 +129,19 @@ impl LiveVm {
     fn stop(self) {}
 }
 
+/// A peer process that must not outlive its measurement, error or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for LiveVm {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        staunch_vmm::handover::kill_family(self.child.id());
         let _ = self.child.wait();
     }
 }
@@ -194,13 +204,12 @@ fn qemu_cpr(qemu: &Path, dir: &Path, mem: u64, vcpus: u8) -> Result<f64> {
     let (old_qmp, new_qmp) = (dir.join("old.qmp"), dir.join("new.qmp"));
     let (mig, cpr) = (dir.join("mig.sock"), dir.join("cpr.sock"));
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let mut old = base(&old_qmp).spawn()?;
-    watch_into(&mut old, &lines);
+    let mut old = KillOnDrop(base(&old_qmp).spawn()?);
+    watch_into(&mut old.0, &lines);
     let count = || lines.lock().unwrap_or_else(|p| p.into_inner()).len();
     let t = Instant::now();
     while count() < 20 {
         if t.elapsed() > Duration::from_secs(30) {
-            let _ = old.kill();
             bail!("QEMU guest did not print");
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -208,8 +217,8 @@ fn qemu_cpr(qemu: &Path, dir: &Path, mem: u64, vcpus: u8) -> Result<f64> {
     let chan = |kind: &str, p: &Path| serde_json::json!({"channel-type": kind, "addr": {"transport": "socket", "type": "unix", "path": p}});
     let mut newc = base(&new_qmp);
     newc.arg("-incoming").arg(chan("main", &mig).to_string()).arg("-incoming").arg(chan("cpr", &cpr).to_string());
-    let mut new = newc.spawn()?;
-    watch_into(&mut new, &lines);
+    let mut new = KillOnDrop(newc.spawn()?);
+    watch_into(&mut new.0, &lines);
     let t = Instant::now();
     let sock = loop {
         match std::os::unix::net::UnixStream::connect(&old_qmp) {
@@ -260,10 +269,7 @@ fn qemu_cpr(qemu: &Path, dir: &Path, mem: u64, vcpus: u8) -> Result<f64> {
     while count() < n + 30 && t1.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(2));
     }
-    let _ = old.kill();
-    let _ = new.kill();
-    let _ = old.wait();
-    let _ = new.wait();
+    drop((old, new));
     let l = lines.lock().unwrap_or_else(|p| p.into_inner());
     let first = l.iter().rposition(|x| *x <= t).unwrap_or(0);
     Ok(l[first..].windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).fold(0.0, f64::max))

@@ -159,8 +159,9 @@ impl ChildVm {
         None
     }
 
+    /// The VMM and, after an upgrade, the successor its first process keeps.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
+        staunch_vmm::handover::kill_family(self.child.id());
         let _ = self.child.wait();
     }
 }
@@ -169,7 +170,6 @@ impl Drop for ChildVm {
     /// A VMM outlives its launcher by design; tools that start one for a
     /// while must not leave it behind.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }

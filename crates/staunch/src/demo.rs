@@ -87,7 +87,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             _ => (
                 ev["guest_pause_ms"].as_f64().unwrap_or(0.0),
                 if spec.is_empty() {
-                    "re-exec on purpose, state handed over in memory"
+                    "a standby successor built its VM first, then took the state over"
                 } else {
                     "crash re-exec, state saved next to guest memory"
                 },

@@ -76,6 +76,18 @@ enum VmmCmd {
         #[arg(long)]
         events: Option<PathBuf>,
     },
+    /// Standby successor of a warm upgrade (started by the running VMM; not
+    /// for direct use).
+    #[command(hide = true)]
+    Standby {
+        /// The inherited handover socket.
+        #[arg(long)]
+        handover_fd: i32,
+    },
+    /// What the VM's first process becomes once its VM runs in a successor:
+    /// waits for it and exits with its status (not for direct use).
+    #[command(hide = true)]
+    Keep,
 }
 
 #[derive(Subcommand)]
@@ -237,6 +249,25 @@ fn vmm_resume(fd: i32, events_file: Option<PathBuf>) -> Result<i32> {
     }
 }
 
+/// The VM runs in successor `pid` now. The VM's first process stays as its
+/// keeper (one pid and exit status for whoever started it); a successor's
+/// own successor lets it go. Either way, nothing here runs on: exec and exit
+/// end every thread without touching the guest.
+fn leave_after_handover(pid: u32) -> ! {
+    use staunch_vmm::handover::{HANDED_OVER_EXIT, KEEPER_ENV};
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(KEEPER_ENV).is_none() {
+        tracing::info!(successor = pid, "VM handed over; staying as its keeper");
+        let err = std::process::Command::new("/proc/self/exe").args(["vmm", "keep"]).exec();
+        tracing::error!("cannot exec the keeper ({err}); keeping from here");
+        let code = staunch_vmm::handover::keep();
+        // SAFETY: _exit ends the process without running other threads' code.
+        unsafe { libc::_exit(code) };
+    }
+    // SAFETY: as above.
+    unsafe { libc::_exit(HANDED_OVER_EXIT) }
+}
+
 fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
     use staunch_vmm::api::{request, ApiRequest};
     let req = match &cmd {
@@ -257,12 +288,19 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
     if let VmCmd::Upgrade { .. } = cmd {
         // The VMM re-executes; wait for the new generation to answer.
         let old = before.data["generation"].as_u64().unwrap_or(0);
+        let failures = before.data["upgrade_failures"].as_u64().unwrap_or(0);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             if let Ok(s) = request(socket, &ApiRequest::Status {}) {
                 if s.data["generation"].as_u64().unwrap_or(0) > old {
                     println!("{}", serde_json::json!(s.data));
                     return Ok(0);
+                }
+                if s.data["upgrade_failures"].as_u64().unwrap_or(0) > failures {
+                    anyhow::bail!(
+                        "upgrade failed, the VM continues on the old VMM: {}",
+                        s.data["last_upgrade_error"].as_str().unwrap_or("?")
+                    );
                 }
             }
             if std::time::Instant::now() > deadline {
@@ -279,6 +317,9 @@ fn serve(mut vm: RunningVm) -> Result<i32> {
     let exit = loop {
         let cfg = vm.config().clone();
         let exit = vm.wait(None);
+        if let StopReason::HandedOver(pid) = exit.reason {
+            leave_after_handover(pid);
+        }
         if exit.reason != StopReason::ColdReboot {
             break exit;
         }
@@ -342,6 +383,12 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Vmm { cmd: VmmCmd::Run(a) } => vmm_run(*a),
         Cmd::Vmm { cmd: VmmCmd::Resume { preserved_fd, events } } => vmm_resume(preserved_fd, events),
+        Cmd::Vmm { cmd: VmmCmd::Standby { handover_fd } } => {
+            // SAFETY: our predecessor passed this inherited socket's number.
+            let link = unsafe { staunch_vmm::handover::Link::from_fd(handover_fd) };
+            RunningVm::standby(&link).map_err(anyhow::Error::from).and_then(serve)
+        }
+        Cmd::Vmm { cmd: VmmCmd::Keep } => Ok(staunch_vmm::handover::keep()),
         Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),
         Cmd::Vmm { cmd: VmmCmd::Restore { from } } => {
             RunningVm::restore_snapshot(&from).map_err(anyhow::Error::from).and_then(serve)

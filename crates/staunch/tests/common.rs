@@ -180,9 +180,9 @@ pub fn check_disk(disk: &Path, writes: u64, blocks: u64) {
 }
 
 impl Drop for Vm {
-    /// A failed test must not leave its VMM running.
+    /// A failed test must not leave its VMM (or its successor) running.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        staunch_vmm::handover::kill_family(self.child.id());
         let _ = self.child.wait();
     }
 }

@@ -1,6 +1,7 @@
-//! Warm upgrade: the VMM re-executes itself around the running guest's memory
-//! and the guest carries on: its counter never resets or goes back, every
-//! block write it saw complete is on disk, and each upgrade is an event.
+//! Warm upgrade: a standby successor builds its VM around the running guest's
+//! memory and takes over, and the guest carries on: its counter never resets
+//! or goes back, every block write it saw complete is on disk, each upgrade
+//! is an event, and a failed upgrade leaves the guest running on the old VMM.
 
 mod common;
 use common::*;
@@ -18,14 +19,20 @@ fn kvm_warm_upgrade_keeps_counter_and_all_vcpus() {
         let status: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
         assert_eq!(status["generation"], round, "{status}");
         assert_eq!(status["last_recovery"]["cause"], "upgrade");
+        assert_eq!(status["last_recovery"]["mode"], "standby");
+        // The VM runs in a successor; the process we started keeps it.
+        assert_ne!(status["pid"].as_u64().unwrap(), vm.child.id() as u64);
         vm.wait_for("progress after the upgrade", |l| counters(l).len() >= before + 3);
     }
+    let last_pid = status_of(&vm)["pid"].as_u64().unwrap();
     let events = vm.events();
     let resumed: Vec<_> = events.iter().filter(|e| e["event"] == "resumed").collect();
     assert_eq!(resumed.len(), 3, "{events:?}");
     assert!(resumed.iter().all(|e| e["guest_pause_ms"].as_f64().unwrap() > 0.0));
     let r = vm.finish();
+    // The keeper exits with the VM's status once the successor is done.
     assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(!std::path::Path::new(&format!("/proc/{last_pid}")).exists(), "the successor outlived its VM");
     let c = counters(&r.stdout);
     assert_eq!(c.len(), 400);
     assert!(c.windows(2).all(|w| w[1] == w[0] + (1 << 20)), "counter skipped or went back: {c:?}");
@@ -37,6 +44,47 @@ fn kvm_warm_upgrade_keeps_counter_and_all_vcpus() {
     assert!(both * 2 >= ticks.len() - 1, "the AP stopped: only {both} of {} ticks saw it move", ticks.len() - 1);
     let tail = &ticks[ticks.len() - 50..];
     assert!(tail.iter().any(|l| l.contains("cpus=2")), "the AP is not running at the end");
+}
+
+fn status_of(vm: &Vm) -> serde_json::Value {
+    let r = vm.ctl(&["status"]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    serde_json::from_str(r.stdout.trim()).unwrap()
+}
+
+#[test]
+fn kvm_failed_upgrade_rolls_back_and_the_guest_runs_on() {
+    require_kvm();
+    let d = tmpdir("upgrade-rollback");
+    let vm = Vm::start(&d, 1, None, "staunch.work=counter staunch.chunk=1M staunch.reports=300");
+    // A successor that cannot start, and one that refuses a corrupted record
+    // (after the guest was paused for it).
+    let r = vm.ctl(&["upgrade", "--binary", "/nonexistent/staunch"]);
+    assert_ne!(r.status, 0);
+    assert!(r.stderr.contains("the VM continues") && r.stderr.contains("/nonexistent/staunch"), "{}", r.stderr);
+    assert_eq!(vm.ctl(&["failpoint", "record.save=corrupt"]).status, 0);
+    let r = vm.ctl(&["upgrade"]);
+    assert_ne!(r.status, 0);
+    assert!(r.stderr.contains("the VM continues") && r.stderr.contains("CRC"), "{}", r.stderr);
+    let s = status_of(&vm);
+    assert_eq!(s["generation"], 0, "{s}");
+    assert_eq!(s["upgrade_failures"], 2, "{s}");
+    assert_eq!(s["pid"].as_u64().unwrap(), vm.child.id() as u64);
+    // The refused successor is gone; the old VMM has no child left.
+    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", vm.child.id(), vm.child.id()));
+    assert_eq!(children.unwrap_or_default().trim(), "");
+    let before = counters(&vm.log()).len();
+    vm.wait_for("progress after the failed upgrades", |l| counters(l).len() >= before + 3);
+    // And a good upgrade still works afterwards.
+    let r = vm.ctl(&["upgrade"]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let failed = vm.events().into_iter().filter(|e| e["event"] == "upgrade-failed").count();
+    assert_eq!(failed, 2);
+    let r = vm.finish();
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let c = counters(&r.stdout);
+    assert_eq!(c.len(), 300);
+    assert!(c.windows(2).all(|w| w[1] == w[0] + (1 << 20)), "counter skipped or went back: {c:?}");
 }
 
 #[test]
