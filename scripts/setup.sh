@@ -8,6 +8,8 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found: Staunch's asset scripts need a Debian-based host"
 need_pkgs=()
 command -v cc >/dev/null || need_pkgs+=(gcc)
+# Debian's real XenStore clients: the config store's conformance tests.
+command -v xenstore-read >/dev/null || need_pkgs+=(xenstore-utils)
 if ((${#need_pkgs[@]})); then
     [[ "$(id -u)" == 0 ]] || die "need root to install: ${need_pkgs[*]}"
     say "installing ${need_pkgs[*]}"

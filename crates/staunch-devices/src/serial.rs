@@ -17,12 +17,21 @@ impl vm_superio::Trigger for IrqTrigger {
     }
 }
 
+type Uart = vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
 pub struct Serial {
-    uart: vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Uart,
+    /// The registers as the last completed access left them, with their
+    /// checksum. Each access checks the live UART against this copy first:
+    /// a difference means something other than the UART's own code changed
+    /// it (a wild write, a bit flip, injected corruption). That is a fault:
+    /// microreset goes back to this copy and the access is retried.
+    good: SerialState,
+    seal: u64,
 }
 
 /// Versioned, serializable UART state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Hash)]
 pub struct SerialState {
     pub version: u32,
     pub divisor_low: u8,
@@ -39,7 +48,37 @@ pub struct SerialState {
 
 impl Serial {
     pub fn new(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>) -> Self {
-        Serial { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
+        Self::sealed(vm_superio::Serial::new(IrqTrigger(irq), out))
+    }
+
+    fn sealed(uart: Uart) -> Self {
+        let mut s = Serial { uart, good: SerialState::default(), seal: 0 };
+        s.commit();
+        s
+    }
+
+    fn commit(&mut self) {
+        self.good = self.state();
+        self.seal = checksum(&self.good);
+    }
+
+    /// Panics (inside the bus's contained region) if the registers changed
+    /// since the last access.
+    fn check(&self) {
+        let now = self.state();
+        if now != self.good {
+            panic!("UART state corrupted outside the device model ({}): checksum mismatch", first_difference(&self.good, &now));
+        }
+    }
+
+    /// Replace the live UART with one built from `st`, keeping its output and
+    /// interrupt line.
+    fn rebuild(&mut self, st: &SerialState) -> Result<(), String> {
+        let irq = self.uart.interrupt_evt().0.clone();
+        let old = std::mem::replace(&mut self.uart, vm_superio::Serial::new(IrqTrigger(irq.clone()), Box::new(std::io::sink())));
+        self.uart = vm_superio::Serial::from_state(&to_superio(st), IrqTrigger(irq), vm_superio::serial::NoEvents, old.into_writer())
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(())
     }
 
     /// Rebuild a UART from saved state (registers and pending input).
@@ -47,21 +86,9 @@ impl Serial {
         if s.version != 1 {
             return Err(format!("serial state version {} is not supported", s.version));
         }
-        let st = vm_superio::serial::SerialState {
-            baud_divisor_low: s.divisor_low,
-            baud_divisor_high: s.divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.rx_fifo.clone(),
-        };
-        let uart = vm_superio::Serial::from_state(&st, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+        let uart = vm_superio::Serial::from_state(&to_superio(s), IrqTrigger(irq), vm_superio::serial::NoEvents, out)
             .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(Serial { uart })
+        Ok(Self::sealed(uart))
     }
 
     /// Queue input for the guest; returns how many bytes fit in the FIFO.
@@ -70,7 +97,9 @@ impl Serial {
         if room == 0 {
             return 0;
         }
-        self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
+        let n = self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0);
+        self.commit();
+        n
     }
 
     pub fn state(&self) -> SerialState {
@@ -92,24 +121,155 @@ impl Serial {
 }
 
 impl BusDevice for Serial {
-    // Microreset: the default. The UART's state is a set of independent
-    // byte registers, each either old or new after a failed write, so the
-    // current values are consistent; a byte being transmitted may be lost.
-
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let (Ok(off), Some(b)) = (u8::try_from(offset), data.first_mut()) {
-            *b = self.uart.read(off);
+    /// Back to the registers as the last completed access left them (their
+    /// checksum proves the copy itself intact; if not, power-on state). A
+    /// byte being transmitted when the handler failed may be lost.
+    fn microreset(&mut self) {
+        let good = if checksum(&self.good) == self.seal { self.good.clone() } else { SerialState::default() };
+        if self.rebuild(&good).is_ok() {
+            self.commit();
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> DeviceAction {
-        if let Err(e) = staunch_fault::hit(&staunch_fault::SERIAL_WRITE) {
-            panic!("{e}");
+    /// Flip the divisor-latch bit of the line control register: unnoticed,
+    /// the guest's next bytes would go to the baud-rate divisor, not out.
+    fn corrupt(&mut self) -> Option<&'static str> {
+        let mut st = self.state();
+        st.line_control ^= 0x80;
+        self.rebuild(&st).ok().map(|()| "uart.line_control")
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.check();
+        if let (Ok(off), Some(b)) = (u8::try_from(offset), data.first_mut()) {
+            *b = self.uart.read(off);
         }
+        self.commit();
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> DeviceAction {
+        match staunch_fault::hit(&staunch_fault::SERIAL_WRITE) {
+            Err(e) => panic!("{e}"),
+            Ok(true) => {
+                let field = self.corrupt();
+                tracing::warn!(?field, "injected corruption");
+            }
+            Ok(false) => {}
+        }
+        self.check();
         if let (Ok(off), Some(b)) = (u8::try_from(offset), data.first()) {
             // An output error (closed pipe) must not stop the guest.
             let _ = self.uart.write(off, *b);
         }
+        self.commit();
         DeviceAction::Continue
+    }
+}
+
+impl Default for SerialState {
+    /// A UART at power-on (vm-superio's reset values).
+    fn default() -> Self {
+        let s = vm_superio::serial::SerialState::default();
+        SerialState {
+            version: 1,
+            divisor_low: s.baud_divisor_low,
+            divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+}
+
+fn to_superio(s: &SerialState) -> vm_superio::serial::SerialState {
+    vm_superio::serial::SerialState {
+        baud_divisor_low: s.divisor_low,
+        baud_divisor_high: s.divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.rx_fifo.clone(),
+    }
+}
+
+fn checksum(s: &SerialState) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+fn first_difference(a: &SerialState, b: &SerialState) -> &'static str {
+    let regs = [
+        (a.divisor_low != b.divisor_low, "divisor_low"),
+        (a.divisor_high != b.divisor_high, "divisor_high"),
+        (a.interrupt_enable != b.interrupt_enable, "interrupt_enable"),
+        (a.interrupt_identification != b.interrupt_identification, "interrupt_identification"),
+        (a.line_control != b.line_control, "line_control"),
+        (a.line_status != b.line_status, "line_status"),
+        (a.modem_control != b.modem_control, "modem_control"),
+        (a.modem_status != b.modem_status, "modem_status"),
+        (a.scratch != b.scratch, "scratch"),
+    ];
+    regs.iter().find(|(d, _)| *d).map_or("rx_fifo", |(_, n)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Out(Arc<Mutex<Vec<u8>>>);
+    impl Write for Out {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    struct NoIrq;
+    impl Interrupt for NoIrq {
+        fn trigger(&self) {}
+    }
+
+    /// A corrupted register is caught at the next access, the bus's
+    /// microreset restores the committed copy, and the retried write goes
+    /// out: the guest's byte is not lost to the divisor latch.
+    #[test]
+    fn corruption_is_detected_and_repaired() {
+        let out = Out::default();
+        let dev = Mutex::new(Serial::new(Arc::new(NoIrq), Box::new(out.clone())));
+        let write = |b: u8| {
+            crate::bus::contained("serial", &dev, None, None, |s| {
+                s.write(0, &[b]);
+            })
+        };
+        write(b'a');
+        assert_eq!(dev.lock().unwrap().corrupt(), Some("uart.line_control"));
+        assert!(write(b'b').is_some());
+        write(b'c');
+        assert_eq!(&*out.0.lock().unwrap(), b"abc");
+        assert_eq!(dev.lock().unwrap().state().line_control & 0x80, 0);
+    }
+
+    #[test]
+    fn a_corrupted_committed_copy_falls_back_to_power_on() {
+        let mut s = Serial::new(Arc::new(NoIrq), Box::new(std::io::sink()));
+        s.write(3, &[0x03]); // 8N1
+        s.good.scratch ^= 1; // the copy itself is hit: its seal no longer matches
+        s.microreset();
+        assert_eq!(s.state(), SerialState::default());
     }
 }
