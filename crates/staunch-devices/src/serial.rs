@@ -67,7 +67,10 @@ impl Serial {
     fn check(&self) {
         let now = self.state();
         if now != self.good {
-            panic!("UART state corrupted outside the device model ({}): checksum mismatch", first_difference(&self.good, &now));
+            panic!(
+                "UART state corrupted outside the device model ({}): checksum mismatch",
+                first_difference(&self.good, &now)
+            );
         }
     }
 
@@ -75,9 +78,17 @@ impl Serial {
     /// interrupt line.
     fn rebuild(&mut self, st: &SerialState) -> Result<(), String> {
         let irq = self.uart.interrupt_evt().0.clone();
-        let old = std::mem::replace(&mut self.uart, vm_superio::Serial::new(IrqTrigger(irq.clone()), Box::new(std::io::sink())));
-        self.uart = vm_superio::Serial::from_state(&to_superio(st), IrqTrigger(irq), vm_superio::serial::NoEvents, old.into_writer())
-            .map_err(|e| format!("serial state: {e:?}"))?;
+        let old = std::mem::replace(
+            &mut self.uart,
+            vm_superio::Serial::new(IrqTrigger(irq.clone()), Box::new(std::io::sink())),
+        );
+        self.uart = vm_superio::Serial::from_state(
+            &to_superio(st),
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            old.into_writer(),
+        )
+        .map_err(|e| format!("serial state: {e:?}"))?;
         Ok(())
     }
 

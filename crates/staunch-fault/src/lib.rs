@@ -7,7 +7,9 @@
 //!
 //! Actions: `panic`, `error` (the call site returns an error), `hang` (the
 //! thread sleeps forever), `corrupt` (the call site corrupts a named field),
-//! `segv` (a real invalid memory access), `abort`, `stack-overflow`.
+//! `segv` (a real invalid memory access), `abort`, `stack-overflow`, and
+//! `kill` (SIGKILL to the own process: `kill -9` at exactly that point; not
+//! in the VMM campaign's catalog, which injects SIGKILL from outside).
 
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
@@ -22,6 +24,7 @@ pub enum Action {
     Segv,
     Abort,
     StackOverflow,
+    Kill,
 }
 
 impl Action {
@@ -45,6 +48,7 @@ impl Action {
             Action::Segv => "segv",
             Action::Abort => "abort",
             Action::StackOverflow => "stack-overflow",
+            Action::Kill => "kill",
         }
     }
 
@@ -57,12 +61,13 @@ impl Action {
             5 => Action::Segv,
             6 => Action::Abort,
             7 => Action::StackOverflow,
+            8 => Action::Kill,
             _ => Action::Off,
         }
     }
 
     pub fn parse(s: &str) -> Option<Action> {
-        Action::ALL.iter().copied().chain([Action::Off]).find(|a| a.name() == s)
+        Action::ALL.iter().copied().chain([Action::Off, Action::Kill]).find(|a| a.name() == s)
     }
 }
 
@@ -82,14 +87,15 @@ impl Point {
 static ARMED: AtomicUsize = AtomicUsize::new(0);
 
 macro_rules! points {
-    ($($id:ident = $name:literal: $doc:literal;)*) => {
+    ($all:ident: $($id:ident = $name:literal: $doc:literal;)*) => {
         $( #[doc = $doc] pub static $id: Point = Point::new($name); )*
-        /// Every failpoint, for listing and for campaigns.
-        pub static ALL: &[&Point] = &[$(&$id),*];
+        pub static $all: &[&Point] = &[$(&$id),*];
     };
 }
 
 points! {
+    // Every VMM failpoint, for listing and for campaigns.
+    ALL:
     VCPU_LOOP = "vcpu.loop": "a vCPU thread's loop, between two guest entries";
     PIO_WRITE = "pio.write": "a port-I/O device's register write";
     PIO_READ = "pio.read": "a port-I/O device's register read";
@@ -101,13 +107,25 @@ points! {
     API_REQUEST = "api.request": "the control socket's request handler (outside any contained region)";
 }
 
+points! {
+    // The config store's points (crash-at-every-point durability tests).
+    STORE:
+    STORE_WAL_APPEND = "store.wal.append": "before a committed change is appended to the store's log";
+    STORE_WAL_TORN = "store.wal.torn": "half of a log record written, not synced";
+    STORE_WAL_SYNCED = "store.wal.synced": "a change is durable, not yet applied or acknowledged";
+    STORE_TX_COMMIT = "store.tx.commit": "a transaction validated, before its log record";
+    STORE_COMPACT_SNAPSHOT = "store.compact.snapshot": "a compaction's snapshot written, not yet renamed into place";
+    STORE_COMPACT_RENAMED = "store.compact.renamed": "a compaction's snapshot in place, the old log not yet cut";
+    STORE_REQUEST = "store.request": "a store connection's request handler";
+}
+
 pub fn find(name: &str) -> Option<&'static Point> {
-    ALL.iter().copied().find(|p| p.name == name)
+    ALL.iter().chain(STORE.iter()).copied().find(|p| p.name == name)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FailError {
-    #[error("unknown failpoint '{0}' (known: {known})", known = ALL.iter().map(|p| p.name).collect::<Vec<_>>().join(", "))]
+    #[error("unknown failpoint '{0}' (known: {known})", known = ALL.iter().chain(STORE.iter()).map(|p| p.name).collect::<Vec<_>>().join(", "))]
     Unknown(String),
     #[error("unknown failpoint action '{0}'")]
     Action(String),
@@ -248,6 +266,13 @@ fn act(p: &'static Point, a: Action) -> Result<bool, Injected> {
             unreachable!()
         }
         Action::Abort => std::process::abort(),
+        Action::Kill => {
+            // SAFETY: kill(2) of ourselves; SIGKILL cannot be caught.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            loop {
+                std::thread::park();
+            }
+        }
         Action::StackOverflow => {
             overflow(std::hint::black_box(1));
             unreachable!()

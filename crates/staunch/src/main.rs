@@ -38,6 +38,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Fault-injection campaign: random real faults, judged by the guest.
     Campaign(campaign::CampaignArgs),
+    /// The config store: XenStore's protocol on a unix socket, durable.
+    Store(StoreArgs),
     /// Benchmarks, side by side with QEMU where it is installed.
     Bench(bench::BenchArgs),
     /// Control a running VM through its control socket.
@@ -115,6 +117,62 @@ enum VmCmd {
     /// Arm failpoints in the running VMM: `name=action[*count],...`
     /// (actions: panic, error, hang, corrupt, segv, abort, stack-overflow).
     Failpoint { spec: String },
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Unix socket to serve (XenStore clients: XENSTORED_PATH=<this>).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Directory for the log and snapshot (created if missing).
+    #[arg(long)]
+    data: PathBuf,
+    /// Nodes an unprivileged domain may own.
+    #[arg(long, default_value_t = 1000)]
+    quota_nodes: usize,
+    /// Largest value an unprivileged domain may write, in bytes.
+    #[arg(long, default_value_t = 2048)]
+    quota_value: usize,
+    /// Watches per connection.
+    #[arg(long, default_value_t = 128)]
+    quota_watches: usize,
+    /// Open transactions per connection.
+    #[arg(long, default_value_t = 10)]
+    quota_transactions: usize,
+    /// Compact the log into a snapshot past this many bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    compact_bytes: u64,
+}
+
+fn store(a: StoreArgs) -> Result<i32> {
+    let cfg = staunch_store::Config {
+        socket: a.socket,
+        data: a.data,
+        quotas: staunch_store::Quotas {
+            nodes_per_domain: a.quota_nodes,
+            value_bytes: a.quota_value,
+            watches_per_conn: a.quota_watches,
+            transactions_per_conn: a.quota_transactions,
+        },
+        compact_bytes: a.compact_bytes,
+    };
+    staunch_fault::from_env()?;
+    let s = staunch_store::start(&cfg)?;
+    eprintln!(
+        "staunch store: serving {} ({} nodes, {} log records replayed, ready in {:.1} ms)",
+        cfg.socket.display(),
+        s.nodes,
+        s.replayed,
+        s.open_ms
+    );
+    staunch_vmm::events::emit(
+        None,
+        "store-serving",
+        serde_json::json!({"socket": cfg.socket, "nodes": s.nodes, "replayed": s.replayed, "open_ms": s.open_ms}),
+    );
+    loop {
+        std::thread::park();
+    }
 }
 
 #[derive(Args)]
@@ -396,6 +454,7 @@ fn main() {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Campaign(a) => campaign::run(a),
+        Cmd::Store(a) => store(a),
         Cmd::Testguest { dir } => staunch_testguest::install(&dir)
             .with_context(|| format!("writing the test guest to {}", dir.display()))
             .map(|p| {

@@ -1,0 +1,13 @@
+//! Staunch's config store (`staunch store`): XenStore's data model and wire
+//! protocol on a unix socket, durable through a write-ahead log with
+//! snapshots. Debian's `xenstore-utils` talk to it unchanged
+//! (`XENSTORED_PATH=<socket>`).
+
+pub mod client;
+pub mod server;
+pub mod tree;
+pub mod wal;
+pub mod wire;
+
+pub use server::{Config, StoreError, start};
+pub use tree::Quotas;

@@ -1,0 +1,451 @@
+//! The store's unix-socket server: one thread per connection, one lock over
+//! the tree and its log. A change is persisted, then applied, then its
+//! watches fire, then it is acknowledged.
+
+use crate::tree::{Caller, Overlay, Pending, Perm, Quotas, Tree, watch_matches};
+use crate::wal::{Wal, WalError};
+use crate::wire::{self, Op, PAYLOAD_MAX, ReadError, XsError};
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("socket {path}: {err}")]
+    Socket { path: String, err: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub data: PathBuf,
+    pub quotas: Quotas,
+    /// Compact the log into a snapshot once it grows past this.
+    pub compact_bytes: u64,
+}
+
+struct Watch {
+    conn: u64,
+    /// Absolute path, or `@introduceDomain` / `@releaseDomain`.
+    path: String,
+    token: String,
+    /// Set for a watch registered with a relative path: events strip it.
+    home: Option<String>,
+}
+
+struct Shared {
+    tree: Tree,
+    wal: Wal,
+    quotas: Quotas,
+    compact_bytes: u64,
+    watches: Vec<Watch>,
+    writers: HashMap<u64, Arc<Mutex<UnixStream>>>,
+    introduced: BTreeSet<u32>,
+}
+
+/// What `staunch store` reports once it serves.
+pub struct Started {
+    pub nodes: usize,
+    pub replayed: u64,
+    pub open_ms: f64,
+}
+
+/// Open the data, bind the socket (atomically replacing a stale one) and
+/// serve for ever on background threads.
+pub fn start(cfg: &Config) -> Result<Started, StoreError> {
+    let t = Instant::now();
+    let (wal, tree, replayed) = Wal::open(&cfg.data)?;
+    let nodes = tree.len();
+    let shared = Arc::new(Mutex::new(Shared {
+        tree,
+        wal,
+        quotas: cfg.quotas,
+        compact_bytes: cfg.compact_bytes,
+        watches: Vec::new(),
+        writers: HashMap::new(),
+        introduced: BTreeSet::new(),
+    }));
+    let serr = |err| StoreError::Socket { path: cfg.socket.display().to_string(), err };
+    let mut tmp = cfg.socket.as_os_str().to_owned();
+    tmp.push(format!(".{}.new", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(serr)?;
+    std::fs::rename(&tmp, &cfg.socket).map_err(serr)?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    std::thread::Builder::new()
+        .name("store-accept".into())
+        .spawn(move || {
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            for conn in listener.incoming().flatten() {
+                let (s, id) = (shared.clone(), NEXT.fetch_add(1, Ordering::Relaxed));
+                let _ = std::thread::Builder::new().name("store-conn".into()).spawn(move || connection(id, conn, s));
+            }
+        })
+        .map_err(serr)?;
+    Ok(Started { nodes, replayed, open_ms })
+}
+
+fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A panic while the lock was held happened before `apply` or after it
+    // (apply itself does not fail): the tree is consistent either way.
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per-connection state.
+struct Conn {
+    id: u64,
+    caller: Caller,
+    txs: HashMap<u32, Pending>,
+    next_tx: u32,
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+fn connection(id: u64, stream: UnixStream, shared: Arc<Mutex<Shared>>) {
+    let Ok(w) = stream.try_clone() else { return };
+    // A client that stops reading its events is dropped, not waited for.
+    let _ = w.set_write_timeout(Some(Duration::from_secs(2)));
+    let writer = Arc::new(Mutex::new(w));
+    lock(&shared).writers.insert(id, writer.clone());
+    let mut conn = Conn { id, caller: Caller { dom: 0 }, txs: HashMap::new(), next_tx: 1, writer };
+    let mut reader = std::io::BufReader::new(stream);
+    loop {
+        let msg = match wire::read_msg(&mut reader) {
+            Ok(m) => m,
+            Err(ReadError::TooLong(n)) => {
+                // The stream cannot be resynchronised: say why, then close.
+                tracing::warn!(conn = id, bytes = n, "oversized store message; closing the connection");
+                let _ = send(&conn.writer, Op::Error as u32, 0, 0, b"E2BIG\0");
+                break;
+            }
+            Err(_) => break,
+        };
+        let (ty, req, tx) = (msg.header.ty, msg.header.req_id, msg.header.tx_id);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&mut conn, &shared, &msg)));
+        let (rty, payload) = match r {
+            Ok(Ok((payload, after))) => {
+                let ok = send(&conn.writer, ty, req, tx, &payload);
+                if let Some(after) = after {
+                    after(&lock(&shared));
+                }
+                if ok.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Ok(Err(e)) => (Op::Error as u32, format!("{e}\0").into_bytes()),
+            Err(_) => {
+                tracing::error!(conn = id, "store request handler panicked; request failed with EIO");
+                (Op::Error as u32, b"EIO\0".to_vec())
+            }
+        };
+        if send(&conn.writer, rty, req, tx, &payload).is_err() {
+            break;
+        }
+    }
+    let mut s = lock(&shared);
+    s.writers.remove(&id);
+    s.watches.retain(|w| w.conn != id);
+}
+
+fn send(w: &Mutex<UnixStream>, ty: u32, req: u32, tx: u32, payload: &[u8]) -> std::io::Result<()> {
+    w.lock().unwrap_or_else(|p| p.into_inner()).write_all(&wire::encode(ty, req, tx, payload))
+}
+
+type After = Box<dyn FnOnce(&Shared)>;
+type Reply = Result<(Vec<u8>, Option<After>), XsError>;
+
+fn ok() -> Reply {
+    Ok((b"OK\0".to_vec(), None))
+}
+
+fn handle(conn: &mut Conn, shared: &Mutex<Shared>, msg: &wire::Msg) -> Reply {
+    staunch_fault::hit(&staunch_fault::STORE_REQUEST).map_err(|_| XsError::Io)?;
+    let op = Op::from_u32(msg.header.ty).ok_or(XsError::Inval)?;
+    let p = &msg.payload;
+    let caller = conn.caller;
+    let tx = msg.header.tx_id;
+    match op {
+        Op::Read => {
+            let path = caller.path(wire::one_string(p)?)?;
+            let v = query(conn, shared, tx, |o| o.read(&path))?;
+            Ok((v, None))
+        }
+        Op::Directory => {
+            let path = caller.path(wire::one_string(p)?)?;
+            let names = query(conn, shared, tx, |o| o.directory(&path))?;
+            let mut out = Vec::new();
+            for n in names {
+                out.extend_from_slice(n.as_bytes());
+                out.push(0);
+            }
+            if out.len() > PAYLOAD_MAX {
+                return Err(XsError::TooBig);
+            }
+            Ok((out, None))
+        }
+        Op::DirectoryPart => {
+            let args = wire::strings(p)?;
+            let [path, offset] = args.as_slice() else { return Err(XsError::Inval) };
+            let path = caller.path(path)?;
+            let offset: usize = offset.parse().map_err(|_| XsError::Inval)?;
+            let (generation, names) = query(conn, shared, tx, |o| o.directory_gen(&path))?;
+            let mut out = format!("{generation}\0").into_bytes();
+            let mut flat = Vec::new();
+            for n in names {
+                flat.extend_from_slice(n.as_bytes());
+                flat.push(0);
+            }
+            let rest = flat.get(offset..).ok_or(XsError::Inval)?;
+            let room = PAYLOAD_MAX - out.len() - 1;
+            if rest.len() <= room {
+                out.extend_from_slice(rest);
+                out.push(0); // an empty string: the end of the list
+            } else {
+                let cut = rest[..room].iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+                out.extend_from_slice(&rest[..cut]);
+            }
+            Ok((out, None))
+        }
+        Op::GetPerms => {
+            let path = caller.path(wire::one_string(p)?)?;
+            let perms = query(conn, shared, tx, |o| o.get_perms(&path))?;
+            Ok((perms.iter().flat_map(|p| format!("{}\0", p.render()).into_bytes()).collect(), None))
+        }
+        Op::Write => {
+            let (path, value) = wire::split_first(p)?;
+            let path = caller.path(path)?;
+            let value = value.to_vec();
+            change(conn, shared, tx, move |o| o.write(&path, &value))
+        }
+        Op::Mkdir => {
+            let path = caller.path(wire::one_string(p)?)?;
+            change(conn, shared, tx, move |o| o.mkdir(&path))
+        }
+        Op::Rm => {
+            let path = caller.path(wire::one_string(p)?)?;
+            change(conn, shared, tx, move |o| o.rm(&path))
+        }
+        Op::SetPerms => {
+            let args = wire::strings(p)?;
+            let (path, perms) = args.split_first().ok_or(XsError::Inval)?;
+            let path = caller.path(path)?;
+            let perms = perms.iter().map(|s| Perm::parse(s)).collect::<Result<Vec<_>, _>>()?;
+            change(conn, shared, tx, move |o| o.set_perms(&path, perms))
+        }
+        Op::Watch => {
+            let args = wire::strings(p)?;
+            let [path, token] = args.as_slice() else { return Err(XsError::Inval) };
+            let (abs, home) = if path.starts_with('@') {
+                (path.to_string(), None)
+            } else if path.starts_with('/') {
+                (caller.path(path)?, None)
+            } else {
+                (caller.path(path)?, Some(format!("{}/", crate::tree::home(caller.dom))))
+            };
+            let mut s = lock(shared);
+            let mine = s.watches.iter().filter(|w| w.conn == conn.id).count();
+            if mine >= s.quotas.watches_per_conn {
+                return Err(XsError::Quota);
+            }
+            if s.watches.iter().any(|w| w.conn == conn.id && w.path == abs && w.token == *token) {
+                return Err(XsError::Exist);
+            }
+            s.watches.push(Watch { conn: conn.id, path: abs, token: token.to_string(), home });
+            // A new watch fires once at once (after the reply), with its path.
+            let (path, token, w) = (path.to_string(), token.to_string(), conn.writer.clone());
+            let after: After = Box::new(move |_| {
+                let _ = send(&w, Op::WatchEvent as u32, 0, 0, format!("{path}\0{token}\0").as_bytes());
+            });
+            Ok((b"OK\0".to_vec(), Some(after)))
+        }
+        Op::Unwatch => {
+            let args = wire::strings(p)?;
+            let [path, token] = args.as_slice() else { return Err(XsError::Inval) };
+            let abs = if path.starts_with('@') { path.to_string() } else { caller.path(path)? };
+            let mut s = lock(shared);
+            let before = s.watches.len();
+            s.watches.retain(|w| !(w.conn == conn.id && w.path == abs && w.token == *token));
+            if s.watches.len() == before { Err(XsError::NoEnt) } else { ok() }
+        }
+        Op::ResetWatches => {
+            lock(shared).watches.retain(|w| w.conn != conn.id);
+            conn.txs.clear();
+            ok()
+        }
+        Op::TransactionStart => {
+            let quota = lock(shared).quotas.transactions_per_conn;
+            if conn.txs.len() >= quota {
+                return Err(XsError::Quota);
+            }
+            let id = conn.next_tx;
+            conn.next_tx = conn.next_tx.checked_add(1).unwrap_or(1).max(1);
+            conn.txs.insert(id, Pending::default());
+            Ok((format!("{id}\0").into_bytes(), None))
+        }
+        Op::TransactionEnd => {
+            let commit = match wire::one_string(p)? {
+                "T" => true,
+                "F" => false,
+                _ => return Err(XsError::Inval),
+            };
+            let pending = conn.txs.remove(&tx).ok_or(XsError::NoEnt)?;
+            if !commit {
+                return ok();
+            }
+            let mut s = lock(shared);
+            pending.validate(&s.tree)?;
+            staunch_fault::hit(&staunch_fault::STORE_TX_COMMIT).map_err(|_| XsError::Io)?;
+            commit_changes(&mut s, &pending)?;
+            ok()
+        }
+        Op::GetDomainPath => {
+            let dom: u32 = wire::one_string(p)?.parse().map_err(|_| XsError::Inval)?;
+            Ok((format!("{}\0", crate::tree::home(dom)).into_bytes(), None))
+        }
+        Op::Introduce | Op::Release => {
+            if !caller.privileged() {
+                return Err(XsError::Acces);
+            }
+            let args = wire::strings(p)?;
+            let dom: u32 = args.first().ok_or(XsError::Inval)?.parse().map_err(|_| XsError::Inval)?;
+            let mut s = lock(shared);
+            let special = if op == Op::Introduce {
+                s.introduced.insert(dom);
+                "@introduceDomain"
+            } else {
+                if !s.introduced.remove(&dom) {
+                    return Err(XsError::NoEnt);
+                }
+                "@releaseDomain"
+            };
+            fire(&s, &[special.to_string()], &[]);
+            ok()
+        }
+        Op::IsDomainIntroduced => {
+            let dom: u32 = wire::one_string(p)?.parse().map_err(|_| XsError::Inval)?;
+            let yes = dom == 0 || lock(shared).introduced.contains(&dom);
+            Ok((if yes { b"T\0".to_vec() } else { b"F\0".to_vec() }, None))
+        }
+        Op::Control => {
+            let args = wire::strings(p)?;
+            match args.as_slice() {
+                // Staunch's extension: a dom0 connection acts as `domid`
+                // from now on (how a component or a test drops privilege).
+                ["restrict", dom] if caller.privileged() => {
+                    conn.caller = Caller { dom: dom.parse().map_err(|_| XsError::Inval)? };
+                    ok()
+                }
+                // Fault injection, like the VMM's control socket.
+                ["failpoint", spec] if caller.privileged() => {
+                    staunch_fault::configure(spec).map_err(|_| XsError::Inval)?;
+                    ok()
+                }
+                ["compact"] if caller.privileged() => {
+                    let mut s = lock(shared);
+                    let s = &mut *s;
+                    s.wal.compact(&s.tree).map_err(|e| log_io(&e))?;
+                    ok()
+                }
+                _ => Err(XsError::Inval),
+            }
+        }
+        Op::Resume | Op::SetTarget => {
+            if caller.privileged() {
+                ok()
+            } else {
+                Err(XsError::Acces)
+            }
+        }
+        Op::WatchEvent | Op::Error => Err(XsError::Inval),
+    }
+}
+
+fn log_io(e: &WalError) -> XsError {
+    tracing::error!("store log: {e}");
+    XsError::Io
+}
+
+/// A read-only request, in a transaction (`tx` != 0) or not.
+fn query<R>(
+    conn: &mut Conn,
+    shared: &Mutex<Shared>,
+    tx: u32,
+    f: impl FnOnce(&mut Overlay) -> Result<R, XsError>,
+) -> Result<R, XsError> {
+    let s = lock(shared);
+    let pending = if tx == 0 { Pending::default() } else { conn.txs.remove(&tx).ok_or(XsError::NoEnt)? };
+    let mut o = Overlay { tree: &s.tree, pending, quotas: s.quotas, caller: conn.caller };
+    let r = f(&mut o);
+    if tx != 0 {
+        conn.txs.insert(tx, o.pending);
+    }
+    r
+}
+
+/// A changing request: inside a transaction it only joins the transaction;
+/// otherwise it is persisted, applied and its watches fire before the reply.
+fn change(
+    conn: &mut Conn,
+    shared: &Mutex<Shared>,
+    tx: u32,
+    f: impl FnOnce(&mut Overlay) -> Result<(), XsError>,
+) -> Reply {
+    let mut s = lock(shared);
+    if tx != 0 {
+        let pending = conn.txs.remove(&tx).ok_or(XsError::NoEnt)?;
+        let mut o = Overlay { tree: &s.tree, pending, quotas: s.quotas, caller: conn.caller };
+        let r = f(&mut o);
+        conn.txs.insert(tx, o.pending);
+        return r.and_then(|()| ok());
+    }
+    let mut o = Overlay { tree: &s.tree, pending: Pending::default(), quotas: s.quotas, caller: conn.caller };
+    f(&mut o)?;
+    let pending = o.pending;
+    commit_changes(&mut s, &pending)?;
+    ok()
+}
+
+fn commit_changes(s: &mut Shared, p: &Pending) -> Result<(), XsError> {
+    if p.writes.is_empty() {
+        return Ok(());
+    }
+    s.wal.append(&p.writes).map_err(|e| log_io(&e))?;
+    s.tree.apply(&p.writes);
+    let targets: Vec<String> = p.targets.iter().cloned().collect();
+    let removed: Vec<String> = p.removed.iter().cloned().collect();
+    fire(s, &targets, &removed);
+    if s.wal.log_bytes() > s.compact_bytes {
+        let s = &mut *s;
+        if let Err(e) = s.wal.compact(&s.tree) {
+            // The change itself is durable in the log; compaction retries later.
+            tracing::error!("store compaction failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Send watch events for changed `targets` (and, for `removed` subtrees,
+/// for watches below them).
+fn fire(s: &Shared, targets: &[String], removed: &[String]) {
+    for w in &s.watches {
+        let mut hits: Vec<&str> = targets.iter().filter(|t| watch_matches(&w.path, t)).map(|t| t.as_str()).collect();
+        if removed.iter().any(|r| watch_matches(r, &w.path) && *r != w.path) {
+            hits.push(&w.path);
+        }
+        for path in hits {
+            let shown = match &w.home {
+                Some(h) => path.strip_prefix(h.as_str()).unwrap_or(path),
+                None => path,
+            };
+            if let Some(out) = s.writers.get(&w.conn) {
+                let _ = send(out, Op::WatchEvent as u32, 0, 0, format!("{shown}\0{}\0", w.token).as_bytes());
+            }
+        }
+    }
+}

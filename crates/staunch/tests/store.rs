@@ -1,0 +1,276 @@
+//! The config store: conformance with Debian's real XenStore clients, the
+//! protocol's errors, transactions and quotas, bad input, and kill -9 at
+//! every durability failpoint with the acknowledged state checked after
+//! restart.
+
+mod common;
+use common::*;
+use staunch_store::client::{nul, Client};
+use staunch_store::wire::Op;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Store {
+    child: Child,
+    sock: PathBuf,
+    data: PathBuf,
+}
+
+impl Store {
+    fn start(dir: &Path, extra: &[&str]) -> Store {
+        let (sock, data) = (dir.join("xs.sock"), dir.join("data"));
+        let _ = std::fs::remove_file(&sock);
+        let mut c = staunch();
+        c.arg("store").arg("--socket").arg(&sock).arg("--data").arg(&data).args(extra);
+        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let t = Instant::now();
+        while Client::connect(&sock).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "store did not come up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Store { child, sock, data }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.sock).unwrap()
+    }
+
+    /// Wait for the store to die on its own (an injected kill).
+    fn wait_killed(&mut self) {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(s.signal(), Some(libc::SIGKILL), "{s:?}");
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "store did not die at the failpoint");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn xs(store: &Store, tool: &str, args: &[&str]) -> (i32, String) {
+    let which = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap();
+    assert!(which.status.success(), "{tool} missing: scripts/setup.sh installs Debian's xenstore-utils");
+    let o = Command::new(tool).args(args).env("XENSTORED_PATH", &store.sock).output().unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+#[test]
+fn store_conformance_with_debian_xenstore_utils() {
+    let d = tmpdir("store-xsutils");
+    let store = Store::start(&d, &[]);
+    assert_eq!(xs(&store, "xenstore-write", &["/vm/1/name", "alpha", "/vm/1/mem", "512"]).0, 0);
+    assert_eq!(xs(&store, "xenstore-read", &["/vm/1/name"]), (0, "alpha\n".into()));
+    assert_eq!(xs(&store, "xenstore-list", &["/vm/1"]), (0, "mem\nname\n".into()));
+    assert_eq!(xs(&store, "xenstore-ls", &["/vm"]).1, "1 = \"\"\n mem = \"512\"\n name = \"alpha\"\n");
+    assert_eq!(xs(&store, "xenstore-exists", &["/vm/1/name"]).0, 0);
+    assert_ne!(xs(&store, "xenstore-exists", &["/vm/1/nope"]).0, 0);
+    assert_ne!(xs(&store, "xenstore-read", &["/vm/9"]).0, 0);
+    assert_eq!(xs(&store, "xenstore-chmod", &["/vm/1/name", "n0", "r5"]).0, 0);
+    let ls = xs(&store, "xenstore-ls", &["-p", "/vm"]).1;
+    assert!(ls.lines().any(|l| l.contains("name = \"alpha\"") && l.ends_with("(n0,r5)")), "{ls}");
+    // A watch fires once on registration, then for changes at or below it.
+    let watch = Command::new("xenstore-watch")
+        .args(["-n", "3", "/vm/1"])
+        .env("XENSTORED_PATH", &store.sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(xs(&store, "xenstore-write", &["/vm/1/state", "running"]).0, 0);
+    assert_eq!(xs(&store, "xenstore-write", &["/vm/2/state", "ignored"]).0, 0);
+    assert_eq!(xs(&store, "xenstore-rm", &["/vm/1/mem"]).0, 0);
+    let out = watch.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/vm/1\n/vm/1/state\n/vm/1/mem\n");
+    assert_eq!(xs(&store, "xenstore-list", &["/vm/1"]), (0, "name\nstate\n".into()));
+    assert_eq!(xs(&store, "xenstore-rm", &["/vm"]).0, 0);
+    assert_eq!(xs(&store, "xenstore-list", &["/"]).1, "");
+}
+
+#[test]
+fn store_errors_transactions_permissions_and_quotas() {
+    let d = tmpdir("store-proto");
+    let store = Store::start(&d, &["--quota-nodes", "4", "--quota-watches", "4", "--quota-transactions", "2"]);
+    let mut a = store.client();
+    let mut b = store.client();
+    assert_eq!(a.read_value(0, "/missing").unwrap(), Err("ENOENT".into()));
+    assert_eq!(a.read_value(0, "/bad//path").unwrap(), Err("EINVAL".into()));
+    assert_eq!(a.write_value(0, "/k", b"0").unwrap(), Ok(b"OK\0".to_vec()));
+    // Optimistic transactions: a conflicting commit fails with EAGAIN.
+    let t = a.transaction_start().unwrap().unwrap();
+    assert_eq!(a.read_value(t, "/k").unwrap(), Ok(b"0".to_vec()));
+    a.write_value(t, "/k", b"a").unwrap().unwrap();
+    a.write_value(t, "/k2", b"a").unwrap().unwrap();
+    assert_eq!(b.read_value(0, "/k2").unwrap(), Err("ENOENT".into()), "uncommitted write visible");
+    b.write_value(0, "/k", b"b").unwrap().unwrap();
+    assert_eq!(a.transaction_end(t, true).unwrap(), Err("EAGAIN".into()));
+    assert_eq!(b.read_value(0, "/k2").unwrap(), Err("ENOENT".into()));
+    let t = a.transaction_start().unwrap().unwrap();
+    a.write_value(t, "/k2", b"c").unwrap().unwrap();
+    a.transaction_end(t, true).unwrap().unwrap();
+    assert_eq!(b.read_value(0, "/k2").unwrap(), Ok(b"c".to_vec()));
+    assert_eq!(a.transaction_end(99, true).unwrap(), Err("ENOENT".into()));
+    let (t1, t2) = (a.transaction_start().unwrap().unwrap(), a.transaction_start().unwrap().unwrap());
+    assert_eq!(a.transaction_start().unwrap(), Err("EQUOTA".into()));
+    a.transaction_end(t1, false).unwrap().unwrap();
+    a.transaction_end(t2, false).unwrap().unwrap();
+    // Permissions: domain 5 (a connection that dropped its privilege).
+    a.write_value(0, "/local/domain/5/name", b"five").unwrap().unwrap();
+    a.request(Op::SetPerms, 0, &nul(&["/local/domain/5", "n5"])).unwrap().unwrap();
+    let mut g = store.client();
+    g.request(Op::Control, 0, &nul(&["restrict", "5"])).unwrap().unwrap();
+    assert_eq!(g.read_value(0, "/k").unwrap(), Err("EACCES".into()));
+    assert_eq!(g.read_value(0, "name").unwrap(), Err("EACCES".into()), "dom0's node under 5's home");
+    g.write_value(0, "data/a", b"1").unwrap().unwrap();
+    assert_eq!(g.read_value(0, "/local/domain/5/data/a").unwrap(), Ok(b"1".to_vec()));
+    g.write_value(0, "data/b", b"1").unwrap().unwrap();
+    assert_eq!(g.write_value(0, "data/c", b"1").unwrap(), Err("EQUOTA".into()));
+    assert_eq!(g.write_value(0, "data/a", &[b'x'; 3000]).unwrap(), Err("E2BIG".into()));
+    assert_eq!(g.request(Op::Control, 0, &nul(&["restrict", "0"])).unwrap(), Err("EINVAL".into()));
+    let perms = a.request(Op::GetPerms, 0, &nul(&["/local/domain/5/data/a"])).unwrap().unwrap();
+    assert_eq!(perms, nul(&["n5"]));
+    // Watches: relative paths come back relative; special paths fire on
+    // introduce/release; the watch quota holds.
+    g.request(Op::Watch, 0, &nul(&["data", "tok"])).unwrap().unwrap();
+    assert_eq!(g.next_event(Duration::from_secs(2)).unwrap(), Some(("data".into(), "tok".into())));
+    a.write_value(0, "/local/domain/5/data/a", b"2").unwrap().unwrap();
+    assert_eq!(g.next_event(Duration::from_secs(2)).unwrap(), Some(("data/a".into(), "tok".into())));
+    a.request(Op::Watch, 0, &nul(&["@introduceDomain", "i"])).unwrap().unwrap();
+    assert_eq!(a.next_event(Duration::from_secs(2)).unwrap(), Some(("@introduceDomain".into(), "i".into())));
+    a.request(Op::Introduce, 0, &nul(&["7", "0", "0"])).unwrap().unwrap();
+    assert_eq!(a.next_event(Duration::from_secs(2)).unwrap(), Some(("@introduceDomain".into(), "i".into())));
+    assert_eq!(a.request(Op::IsDomainIntroduced, 0, &nul(&["7"])).unwrap(), Ok(b"T\0".to_vec()));
+    assert_eq!(g.request(Op::Introduce, 0, &nul(&["8", "0", "0"])).unwrap(), Err("EACCES".into()));
+    for i in 0..3 {
+        a.request(Op::Watch, 0, &nul(&["/w", &i.to_string()])).unwrap().unwrap();
+    }
+    assert_eq!(a.request(Op::Watch, 0, &nul(&["/w", "9"])).unwrap(), Err("EQUOTA".into()));
+    assert_eq!(a.request(Op::GetDomainPath, 0, &nul(&["3"])).unwrap(), Ok(b"/local/domain/3\0".to_vec()));
+}
+
+#[test]
+fn store_bad_input_gets_errors_and_hurts_no_one() {
+    use std::io::{Read, Write};
+    let d = tmpdir("store-bad");
+    let store = Store::start(&d, &[]);
+    let mut good = store.client();
+    good.write_value(0, "/keep", b"v").unwrap().unwrap();
+    let raw = |bytes: &[u8]| {
+        let mut s = std::os::unix::net::UnixStream::connect(&store.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    };
+    let hdr = |ty: u32, len: u32| staunch_store::wire::Header { ty, req_id: 1, tx_id: 0, len }.bytes();
+    // Oversized: an error, then the connection is closed.
+    let r = raw(&hdr(2, 1 << 20));
+    assert!(r.ends_with(b"E2BIG\0"), "{r:?}");
+    // Truncated payload, then the client goes away.
+    let mut m = hdr(11, 100).to_vec();
+    m.extend_from_slice(b"/x\0");
+    raw(&m);
+    // Unknown type, a path that is not one, bytes that are not UTF-8, a
+    // request with a bogus transaction id.
+    let mut c = store.client();
+    assert_eq!(c.request(Op::Read, 0, b"\xff\xfe\0").unwrap(), Err("EINVAL".into()));
+    assert_eq!(c.read_value(0, "/a b").unwrap(), Err("EINVAL".into()));
+    assert_eq!(c.read_value(0, &format!("/{}", "a".repeat(4000))).unwrap(), Err("EINVAL".into()));
+    assert_eq!(c.read_value(4242, "/keep").unwrap(), Err("ENOENT".into()));
+    assert_eq!(c.request(Op::Write, 0, b"no-nul").unwrap(), Err("EINVAL".into()));
+    let mut s = std::os::unix::net::UnixStream::connect(&store.sock).unwrap();
+    s.write_all(&staunch_store::wire::encode(99, 5, 0, b"")).unwrap();
+    let reply = staunch_store::wire::read_msg(&mut s).unwrap();
+    assert_eq!((reply.header.ty, reply.payload), (Op::Error as u32, b"EINVAL\0".to_vec()));
+    // A flood of watches meets the quota; random garbage closes only its
+    // own connection.
+    let mut f = store.client();
+    let refused = (0..200).filter(|i| f.request(Op::Watch, 0, &nul(&["/f", &i.to_string()])).unwrap().is_err()).count();
+    assert_eq!(refused, 200 - 128);
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for _ in 0..50 {
+        let junk: Vec<u8> = (0..64)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut s = std::os::unix::net::UnixStream::connect(&store.sock).unwrap();
+        let _ = s.write_all(&junk);
+    }
+    // Everyone else is fine.
+    assert_eq!(good.read_value(0, "/keep").unwrap(), Ok(b"v".to_vec()));
+    assert!(store.client().read_value(0, "/keep").unwrap().is_ok());
+}
+
+/// kill -9 at every durability failpoint: after restart, every acknowledged
+/// write is there, the write in flight is all there or not at all, and an
+/// interrupted transaction left nothing behind.
+#[test]
+fn store_kill9_at_every_failpoint_keeps_acknowledged_state() {
+    for (point, action, victim) in [
+        ("store.wal.append", "kill", "write"),
+        ("store.wal.torn", "corrupt", "write"),
+        ("store.wal.synced", "kill", "write"),
+        ("store.tx.commit", "kill", "tx"),
+        ("store.wal.synced", "kill", "tx"),
+        ("store.compact.snapshot", "kill", "compact"),
+        ("store.compact.renamed", "kill", "compact"),
+        ("store.request", "kill", "write"),
+    ] {
+        let d = tmpdir(&format!("store-kill-{point}-{victim}"));
+        let mut store = Store::start(&d, &[]);
+        let mut c = store.client();
+        for i in 0..20 {
+            c.write_value(0, &format!("/acked/{i}"), format!("v{i}").as_bytes()).unwrap().unwrap();
+        }
+        c.request(Op::Rm, 0, &nul(&["/acked/3"])).unwrap().unwrap();
+        let t = c.transaction_start().unwrap().unwrap();
+        c.write_value(t, "/tx/a", b"1").unwrap().unwrap();
+        c.transaction_end(t, true).unwrap().unwrap();
+        c.request(Op::Control, 0, &nul(&["failpoint", &format!("{point}={action}")])).unwrap().unwrap();
+        let r = match victim {
+            "write" => c.write_value(0, "/victim", &[7u8; 1000]),
+            "tx" => {
+                let t = c.transaction_start().unwrap().unwrap();
+                c.write_value(t, "/txv/a", b"1").unwrap().unwrap();
+                c.write_value(t, "/txv/b", b"2").unwrap().unwrap();
+                c.transaction_end(t, true)
+            }
+            _ => c.request(Op::Control, 0, &nul(&["compact"])),
+        };
+        assert!(r.is_err(), "{point}: the store answered {r:?} instead of dying");
+        store.wait_killed();
+        drop(store);
+
+        let store = Store::start(&d, &[]);
+        let mut c = store.client();
+        for i in 0..20 {
+            let want = if i == 3 { Err("ENOENT".into()) } else { Ok(format!("v{i}").into_bytes()) };
+            assert_eq!(c.read_value(0, &format!("/acked/{i}")).unwrap(), want, "{point}/{victim}: /acked/{i}");
+        }
+        assert_eq!(c.read_value(0, "/tx/a").unwrap(), Ok(b"1".to_vec()), "{point}/{victim}");
+        let v = c.read_value(0, "/victim").unwrap();
+        assert!(v == Err("ENOENT".into()) || v == Ok(vec![7u8; 1000]), "{point}: a partial write survived: {v:?}");
+        if point == "store.wal.append" || point == "store.wal.torn" || point == "store.request" {
+            assert_eq!(v, Err("ENOENT".into()), "{point}: a write that never reached the log");
+        }
+        let (a, b) = (c.read_value(0, "/txv/a").unwrap(), c.read_value(0, "/txv/b").unwrap());
+        assert_eq!(a.is_ok(), b.is_ok(), "{point}: half a transaction survived");
+        assert!(store.data.join("store.log").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
