@@ -4,10 +4,12 @@
 //! (`XENSTORED_PATH=<socket>`).
 
 pub mod client;
+pub mod repl;
 pub mod server;
 pub mod tree;
 pub mod wal;
 pub mod wire;
 
-pub use server::{Config, StoreError, start};
+pub use server::{Config, StoreError, standby, start};
+pub use staunch_events::emit;
 pub use tree::Quotas;

@@ -2,6 +2,7 @@
 //! the tree and its log. A change is persisted, then applied, then its
 //! watches fire, then it is acknowledged.
 
+use crate::repl::ReplMsg;
 use crate::tree::{Caller, Overlay, Pending, Perm, Quotas, Tree, watch_matches};
 use crate::wal::{Wal, WalError};
 use crate::wire::{self, Op, PAYLOAD_MAX, ReadError, XsError};
@@ -28,6 +29,8 @@ pub struct Config {
     pub quotas: Quotas,
     /// Compact the log into a snapshot once it grows past this.
     pub compact_bytes: u64,
+    /// Structured events (failover, dropped standby, scrub) also go here.
+    pub events: Option<PathBuf>,
 }
 
 struct Watch {
@@ -47,6 +50,9 @@ struct Shared {
     watches: Vec<Watch>,
     writers: HashMap<u64, Arc<Mutex<UnixStream>>>,
     introduced: BTreeSet<u32>,
+    /// Hot standbys following the log (normally one).
+    followers: Vec<UnixStream>,
+    events: Option<PathBuf>,
 }
 
 /// What `staunch store` reports once it serves.
@@ -61,6 +67,72 @@ pub struct Started {
 pub fn start(cfg: &Config) -> Result<Started, StoreError> {
     let t = Instant::now();
     let (wal, tree, replayed) = Wal::open(&cfg.data)?;
+    serve(cfg, wal, tree, replayed, t)
+}
+
+/// Follow the primary serving `cfg.socket` as its hot standby until it dies,
+/// then take over. Returns once this process serves.
+pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
+    let rp = crate::repl::repl_path(&cfg.socket);
+    let serr = |err| StoreError::Socket { path: rp.display().to_string(), err };
+    let t = Instant::now();
+    let mut s = loop {
+        match UnixStream::connect(&rp) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() > Duration::from_secs(30) => return Err(serr(e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let primary = crate::repl::peer_pidfd(&s).map_err(serr)?;
+    crate::repl::send(&mut s, &ReplMsg::Hello).map_err(serr)?;
+    let ReplMsg::Snapshot { seq, generation, nodes } = crate::repl::recv(&mut s).map_err(serr)? else {
+        return Err(serr(std::io::Error::new(std::io::ErrorKind::InvalidData, "expected a snapshot")));
+    };
+    let mut tree = Tree::from_nodes(nodes, generation);
+    let (mut wal, _, _) = Wal::open(&cfg.data)?;
+    wal.install(&tree, seq)?;
+    tracing::info!(nodes = tree.len(), seq, "standby: following the primary");
+    crate::emit(
+        cfg.events.as_deref(),
+        "store-standby-following",
+        serde_json::json!({"component": "store", "nodes": tree.len(), "seq": seq}),
+    );
+    let mut last_sync = Instant::now();
+    let lost = loop {
+        match crate::repl::recv(&mut s) {
+            Ok(ReplMsg::Record { seq, payload }) => {
+                let changes = crate::repl::decode_changes(&payload).map_err(serr)?;
+                wal.append_copy(seq, &payload)?;
+                tree.apply(&changes);
+                if crate::repl::send(&mut s, &ReplMsg::Ack { seq }).is_err() {
+                    break Instant::now();
+                }
+                if last_sync.elapsed() > Duration::from_millis(20) {
+                    wal.sync()?;
+                    last_sync = Instant::now();
+                }
+            }
+            Ok(other) => tracing::warn!(?other, "standby: unexpected replication message"),
+            Err(_) => break Instant::now(),
+        }
+    };
+    if !crate::repl::exited(&primary, Duration::from_millis(200)) {
+        // The primary dropped us but still serves: follow it again.
+        tracing::warn!("standby: replication stream lost while the primary lives; following again");
+        return standby(cfg);
+    }
+    wal.sync()?;
+    let started = serve(cfg, wal, tree, 0, lost)?;
+    let gap_ms = lost.elapsed().as_secs_f64() * 1e3;
+    crate::emit(
+        cfg.events.as_deref(),
+        "store-failover",
+        serde_json::json!({"component": "store", "rung": 2, "gap_ms": gap_ms, "nodes": started.nodes, "outcome": "standby serving"}),
+    );
+    Ok(Started { open_ms: gap_ms, ..started })
+}
+
+fn serve(cfg: &Config, wal: Wal, tree: Tree, replayed: u64, t: Instant) -> Result<Started, StoreError> {
     let nodes = tree.len();
     let shared = Arc::new(Mutex::new(Shared {
         tree,
@@ -70,14 +142,31 @@ pub fn start(cfg: &Config) -> Result<Started, StoreError> {
         watches: Vec::new(),
         writers: HashMap::new(),
         introduced: BTreeSet::new(),
+        followers: Vec::new(),
+        events: cfg.events.clone(),
     }));
-    let serr = |err| StoreError::Socket { path: cfg.socket.display().to_string(), err };
-    let mut tmp = cfg.socket.as_os_str().to_owned();
-    tmp.push(format!(".{}.new", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(serr)?;
-    std::fs::rename(&tmp, &cfg.socket).map_err(serr)?;
+    let repl = bind(&crate::repl::repl_path(&cfg.socket))?;
+    let listener = bind(&cfg.socket)?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let serr = |err| StoreError::Socket { path: cfg.socket.display().to_string(), err };
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("store-repl".into())
+        .spawn(move || {
+            for mut f in repl.incoming().flatten() {
+                if !matches!(crate::repl::recv(&mut f), Ok(ReplMsg::Hello)) {
+                    continue;
+                }
+                let mut s = lock(&sh);
+                let snap = crate::repl::snapshot_of(&s.tree, s.wal.seq());
+                if crate::repl::send(&mut f, &snap).is_ok() {
+                    let _ = f.set_read_timeout(Some(Duration::from_secs(1)));
+                    s.followers.push(f);
+                    tracing::info!("store: a standby follows");
+                }
+            }
+        })
+        .map_err(serr)?;
     std::thread::Builder::new()
         .name("store-accept".into())
         .spawn(move || {
@@ -89,6 +178,18 @@ pub fn start(cfg: &Config) -> Result<Started, StoreError> {
         })
         .map_err(serr)?;
     Ok(Started { nodes, replayed, open_ms })
+}
+
+/// Bind a unix socket beside `path` and rename it over `path`: clients
+/// never find the path missing, even when a predecessor's socket is there.
+fn bind(path: &std::path::Path) -> Result<UnixListener, StoreError> {
+    let serr = |err| StoreError::Socket { path: path.display().to_string(), err };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.new", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(serr)?;
+    std::fs::rename(&tmp, path).map_err(serr)?;
+    Ok(listener)
 }
 
 fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -415,7 +516,8 @@ fn commit_changes(s: &mut Shared, p: &Pending) -> Result<(), XsError> {
     if p.writes.is_empty() {
         return Ok(());
     }
-    s.wal.append(&p.writes).map_err(|e| log_io(&e))?;
+    let seq = s.wal.append(&p.writes).map_err(|e| log_io(&e))?;
+    replicate(s, seq, &p.writes);
     s.tree.apply(&p.writes);
     let targets: Vec<String> = p.targets.iter().cloned().collect();
     let removed: Vec<String> = p.removed.iter().cloned().collect();
@@ -428,6 +530,29 @@ fn commit_changes(s: &mut Shared, p: &Pending) -> Result<(), XsError> {
         }
     }
     Ok(())
+}
+
+/// Hand record `seq` to every standby and wait for each to take it; a
+/// standby that does not answer is dropped (the primary never waits long).
+fn replicate(s: &mut Shared, seq: u64, changes: &crate::tree::Changes) {
+    if s.followers.is_empty() {
+        return;
+    }
+    let Ok(payload) = bincode::serialize(changes) else { return };
+    let msg = ReplMsg::Record { seq, payload };
+    let events = s.events.clone();
+    s.followers.retain_mut(|f| {
+        let ok = crate::repl::send(f, &msg).is_ok()
+            && matches!(crate::repl::recv(f), Ok(ReplMsg::Ack { seq: a }) if a == seq);
+        if !ok {
+            crate::emit(
+                events.as_deref(),
+                "store-standby-lost",
+                serde_json::json!({"component": "store", "seq": seq, "outcome": "primary continues without a standby"}),
+            );
+        }
+        ok
+    });
 }
 
 /// Send watch events for changed `targets` (and, for `removed` subtrees,

@@ -113,20 +113,48 @@ impl Wal {
         self.bytes
     }
 
-    /// Append one change set and make it durable.
-    pub fn append(&mut self, changes: &Changes) -> Result<(), WalError> {
+    /// The sequence number of the last record.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Append one change set and make it durable; returns its sequence number.
+    pub fn append(&mut self, changes: &Changes) -> Result<u64, WalError> {
         fault::hit(&fault::STORE_WAL_APPEND).map_err(|e| WalError::Injected(e.to_string()))?;
         let payload = bincode::serialize(changes).map_err(|e| WalError::Encode(e.to_string()))?;
         let seq = self.seq + 1;
+        self.write_record(seq, &payload, true)?;
+        fault::hit(&fault::STORE_WAL_SYNCED).map_err(|e| WalError::Injected(e.to_string()))?;
+        Ok(seq)
+    }
+
+    /// A standby's copy of the primary's record `seq` (already encoded).
+    /// Not synced here: the standby syncs in batches and before it serves.
+    pub fn append_copy(&mut self, seq: u64, payload: &[u8]) -> Result<(), WalError> {
+        self.write_record(seq, payload, false)
+    }
+
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        let p = Self::log_path(&self.dir);
+        self.log.sync_data().map_err(io(&p))
+    }
+
+    /// Replace everything with `tree` as of the primary's record `seq`.
+    pub fn install(&mut self, tree: &Tree, seq: u64) -> Result<(), WalError> {
+        self.seq = seq;
+        self.compact(tree)
+    }
+
+    fn write_record(&mut self, seq: u64, payload: &[u8], sync: bool) -> Result<(), WalError> {
         let mut rec = Vec::with_capacity(REC_HEADER + payload.len());
         rec.extend_from_slice(&REC_MAGIC.to_le_bytes());
         rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         let mut h = crc32fast::Hasher::new();
         h.update(&seq.to_le_bytes());
-        h.update(&payload);
+        h.update(payload);
         rec.extend_from_slice(&h.finalize().to_le_bytes());
         rec.extend_from_slice(&seq.to_le_bytes());
-        rec.extend_from_slice(&payload);
+        rec.extend_from_slice(payload);
         let path = Self::log_path(&self.dir);
         if fault::hit(&fault::STORE_WAL_TORN).map_err(|e| WalError::Injected(e.to_string()))? {
             // `corrupt`: half a record reaches the disk, then the process dies.
@@ -136,10 +164,11 @@ impl Wal {
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
         self.log.write_all(&rec).map_err(io(&path))?;
-        self.log.sync_data().map_err(io(&path))?;
+        if sync {
+            self.log.sync_data().map_err(io(&path))?;
+        }
         self.seq = seq;
         self.bytes += rec.len() as u64;
-        fault::hit(&fault::STORE_WAL_SYNCED).map_err(|e| WalError::Injected(e.to_string()))?;
         Ok(())
     }
 

@@ -142,6 +142,13 @@ struct StoreArgs {
     /// Compact the log into a snapshot past this many bytes.
     #[arg(long, default_value_t = 8 << 20)]
     compact_bytes: u64,
+    /// Run as the hot standby of the store serving --socket (its own copy
+    /// in --data); take the socket over when that store dies.
+    #[arg(long)]
+    standby: bool,
+    /// Also append structured events to this file.
+    #[arg(long)]
+    events: Option<PathBuf>,
 }
 
 fn store(a: StoreArgs) -> Result<i32> {
@@ -155,9 +162,10 @@ fn store(a: StoreArgs) -> Result<i32> {
             transactions_per_conn: a.quota_transactions,
         },
         compact_bytes: a.compact_bytes,
+        events: a.events,
     };
     staunch_fault::from_env()?;
-    let s = staunch_store::start(&cfg)?;
+    let s = if a.standby { staunch_store::standby(&cfg)? } else { staunch_store::start(&cfg)? };
     eprintln!(
         "staunch store: serving {} ({} nodes, {} log records replayed, ready in {:.1} ms)",
         cfg.socket.display(),
@@ -166,7 +174,7 @@ fn store(a: StoreArgs) -> Result<i32> {
         s.open_ms
     );
     staunch_vmm::events::emit(
-        None,
+        cfg.events.as_deref(),
         "store-serving",
         serde_json::json!({"socket": cfg.socket, "nodes": s.nodes, "replayed": s.replayed, "open_ms": s.open_ms}),
     );

@@ -1,0 +1,23 @@
+//! Structured events (recoveries, upgrades, failovers): one JSON object per
+//! line, on stderr and appended to the component's events file if it has one.
+
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::Path;
+
+pub fn emit(file: Option<&Path>, kind: &str, mut fields: Value) {
+    if let Value::Object(m) = &mut fields {
+        m.insert("event".into(), json!(kind));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        m.insert("time_ms".into(), json!(now.as_millis() as u64));
+        m.insert("pid".into(), json!(std::process::id()));
+    }
+    let line = fields.to_string();
+    tracing::info!(target: "staunch::event", "{line}");
+    eprintln!("staunch-event {line}");
+    if let Some(p) = file
+        && let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
