@@ -21,9 +21,28 @@ const MAX: usize = 1 << 30;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ReplMsg {
     Hello,
-    Snapshot { seq: u64, generation: u64, nodes: Vec<(String, Node)> },
-    Record { seq: u64, payload: Vec<u8> },
-    Ack { seq: u64 },
+    Snapshot {
+        seq: u64,
+        generation: u64,
+        nodes: Vec<(String, Node)>,
+    },
+    Record {
+        seq: u64,
+        payload: Vec<u8>,
+    },
+    Ack {
+        seq: u64,
+    },
+    /// A scrub compares the trees: the primary's hash at `seq`...
+    Check {
+        seq: u64,
+        hash: u64,
+    },
+    /// ...and the standby's.
+    Checked {
+        seq: u64,
+        hash: u64,
+    },
 }
 
 pub fn repl_path(socket: &Path) -> PathBuf {

@@ -31,7 +31,13 @@ pub struct Config {
     pub compact_bytes: u64,
     /// Structured events (failover, dropped standby, scrub) also go here.
     pub events: Option<PathBuf>,
+    /// Scrub this often (also on demand: `XS_CONTROL scrub`).
+    pub scrub_every: Option<Duration>,
 }
+
+/// False once a scrub found damage no healthy copy could repair: from then
+/// on every request fails with EIO rather than be answered from bad data.
+static SOUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 struct Watch {
     conn: u64,
@@ -53,6 +59,7 @@ struct Shared {
     /// Hot standbys following the log (normally one).
     followers: Vec<UnixStream>,
     events: Option<PathBuf>,
+    data: PathBuf,
 }
 
 /// What `staunch store` reports once it serves.
@@ -112,6 +119,22 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
                     last_sync = Instant::now();
                 }
             }
+            Ok(ReplMsg::Check { seq: at, .. }) => {
+                let reply = ReplMsg::Checked { seq: at, hash: tree.hash };
+                if crate::repl::send(&mut s, &reply).is_err() {
+                    break Instant::now();
+                }
+            }
+            Ok(ReplMsg::Snapshot { seq, generation, nodes }) => {
+                // The primary found us diverged: start over from its copy.
+                tree = Tree::from_nodes(nodes, generation);
+                wal.install(&tree, seq)?;
+                crate::emit(
+                    cfg.events.as_deref(),
+                    "store-standby-resynced",
+                    serde_json::json!({"component": "store", "nodes": tree.len(), "seq": seq}),
+                );
+            }
             Ok(other) => tracing::warn!(?other, "standby: unexpected replication message"),
             Err(_) => break Instant::now(),
         }
@@ -144,7 +167,17 @@ fn serve(cfg: &Config, wal: Wal, tree: Tree, replayed: u64, t: Instant) -> Resul
         introduced: BTreeSet::new(),
         followers: Vec::new(),
         events: cfg.events.clone(),
+        data: cfg.data.clone(),
     }));
+    if let Some(every) = cfg.scrub_every {
+        let sh = shared.clone();
+        let _ = std::thread::Builder::new().name("store-scrub".into()).spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                scrub(&mut lock(&sh));
+            }
+        });
+    }
     let repl = bind(&crate::repl::repl_path(&cfg.socket))?;
     let listener = bind(&cfg.socket)?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -267,6 +300,9 @@ fn ok() -> Reply {
 
 fn handle(conn: &mut Conn, shared: &Mutex<Shared>, msg: &wire::Msg) -> Reply {
     staunch_fault::hit(&staunch_fault::STORE_REQUEST).map_err(|_| XsError::Io)?;
+    if !SOUND.load(Ordering::Acquire) {
+        return Err(XsError::Io);
+    }
     let op = Op::from_u32(msg.header.ty).ok_or(XsError::Inval)?;
     let p = &msg.payload;
     let caller = conn.caller;
@@ -447,6 +483,19 @@ fn handle(conn: &mut Conn, shared: &Mutex<Shared>, msg: &wire::Msg) -> Reply {
                     staunch_fault::configure(spec).map_err(|_| XsError::Inval)?;
                     ok()
                 }
+                ["scrub"] if caller.privileged() => {
+                    let report = scrub(&mut lock(shared));
+                    Ok((format!("{report}\0").into_bytes(), None))
+                }
+                // Fault injection: corrupt a node in memory, behind its
+                // checksum's back.
+                ["corrupt-memory", path] if caller.privileged() => {
+                    if lock(shared).tree.corrupt(path) {
+                        ok()
+                    } else {
+                        Err(XsError::NoEnt)
+                    }
+                }
                 ["compact"] if caller.privileged() => {
                     let mut s = lock(shared);
                     let s = &mut *s;
@@ -553,6 +602,86 @@ fn replicate(s: &mut Shared, seq: u64, changes: &crate::tree::Changes) {
         }
         ok
     });
+}
+
+/// Verify the store's three copies and repair what a healthy copy allows:
+/// memory (each node against its checksum, the running hash), the disk
+/// (read back and compared), the standby (its hash at the same record).
+/// Damage nothing can repair makes the store refuse to serve.
+fn scrub(s: &mut Shared) -> serde_json::Value {
+    let t = Instant::now();
+    let mem = s.tree.scrub();
+    let mut repaired: Vec<String> = Vec::new();
+    let mut unrepaired: Vec<String> = Vec::new();
+    let mut disk_ok = false;
+    match Wal::verify(&s.data) {
+        Ok((disk, seq)) if seq == s.wal.seq() => {
+            for p in &mem.bad {
+                // The disk's node is good if its content matches the
+                // checksum memory recorded when the node was committed.
+                match (disk.get(p), s.tree.get(p)) {
+                    (Some(good), Some(bad)) if good.sum == bad.sum => {
+                        let good = good.clone();
+                        s.tree.repair(p, &good);
+                        repaired.push(format!("memory:{p}"));
+                    }
+                    _ => unrepaired.push(format!("memory:{p}")),
+                }
+            }
+            disk_ok = disk.hash == s.tree.hash;
+        }
+        Ok((_, seq)) => {
+            tracing::error!(disk_seq = seq, seq = s.wal.seq(), "scrub: the disk is not at the log's record")
+        }
+        Err(e) => tracing::error!("scrub: the disk copy is damaged: {e}"),
+    }
+    let mem_sound = unrepaired.is_empty() && (disk_ok || mem.bad.is_empty()) && s.tree.scrub().bad.is_empty();
+    if !disk_ok {
+        if mem_sound {
+            // Memory proved itself: write the disk copy again from it.
+            let s2 = &mut *s;
+            match s2.wal.compact(&s2.tree) {
+                Ok(()) => repaired.push("disk".into()),
+                Err(e) => unrepaired.push(format!("disk: {e}")),
+            }
+        } else {
+            unrepaired.push("disk".into());
+        }
+    }
+    // The standby must hold the very same tree at the same record.
+    let (seq, hash) = (s.wal.seq(), s.tree.hash);
+    let mut standby = Vec::new();
+    let snap = crate::repl::snapshot_of(&s.tree, seq);
+    s.followers.retain_mut(|f| {
+        let theirs = crate::repl::send(f, &ReplMsg::Check { seq, hash }).ok().and_then(|()| crate::repl::recv(f).ok());
+        match theirs {
+            Some(ReplMsg::Checked { hash: h, .. }) if h == hash => {
+                standby.push("match");
+                true
+            }
+            Some(ReplMsg::Checked { .. }) => {
+                standby.push("diverged: resynced");
+                crate::repl::send(f, &snap).is_ok()
+            }
+            _ => false,
+        }
+    });
+    let sound = unrepaired.is_empty();
+    SOUND.store(sound, Ordering::Release);
+    let report = serde_json::json!({
+        "component": "store", "nodes": mem.nodes, "memory_bad": mem.bad, "hash_ok": mem.hash_ok,
+        "disk_ok": disk_ok, "standby": standby, "repaired": repaired, "unrepaired": unrepaired,
+        "sound": sound, "scrub_ms": t.elapsed().as_secs_f64() * 1e3,
+    });
+    let kind = if !sound {
+        "store-unsound"
+    } else if repaired.is_empty() && !standby.contains(&"diverged: resynced") {
+        "store-scrub"
+    } else {
+        "store-repaired"
+    };
+    crate::emit(s.events.as_deref(), kind, report.clone());
+    report
 }
 
 /// Send watch events for changed `targets` (and, for `removed` subtrees,

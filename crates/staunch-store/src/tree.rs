@@ -51,6 +51,46 @@ pub struct Node {
     pub children: BTreeSet<String>,
     /// The tree generation that last changed this node.
     pub generation: u64,
+    /// Checksum of this node's path and content, set when the node is
+    /// committed; a scrub recomputes it (R-VMM's sanity check).
+    #[serde(default)]
+    pub sum: u64,
+}
+
+/// FNV-1a over a node's path and content (not its `sum`).
+pub fn node_sum(path: &str, n: &Node) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for &x in b {
+            h ^= x as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(path.as_bytes());
+    eat(&[0xff]);
+    eat(&(n.value.len() as u64).to_le_bytes());
+    eat(&n.value);
+    for p in &n.perms {
+        eat(&p.dom.to_le_bytes());
+        eat(&[p.read as u8, p.write as u8]);
+    }
+    for c in &n.children {
+        eat(c.as_bytes());
+        eat(&[0]);
+    }
+    eat(&n.generation.to_le_bytes());
+    h
+}
+
+/// What a scrub found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Scrub {
+    pub nodes: usize,
+    /// Nodes whose content no longer matches their checksum.
+    pub bad: Vec<String>,
+    /// The sum of the nodes' checksums matches the tree's running hash.
+    pub hash_ok: bool,
+    pub hash: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +178,8 @@ pub struct Tree {
     nodes: HashMap<String, Node>,
     pub generation: u64,
     owned: HashMap<u32, usize>,
+    /// Running hash of the tree: the wrapping sum of every node's checksum.
+    pub hash: u64,
 }
 
 impl Default for Tree {
@@ -147,8 +189,9 @@ impl Default for Tree {
             perms: vec![Perm { dom: 0, read: false, write: false }],
             children: BTreeSet::new(),
             generation: 0,
+            sum: 0,
         };
-        let mut t = Tree { nodes: HashMap::new(), generation: 0, owned: HashMap::new() };
+        let mut t = Tree { nodes: HashMap::new(), generation: 0, owned: HashMap::new(), hash: 0 };
         t.insert("/".into(), root);
         t
     }
@@ -171,7 +214,9 @@ impl Tree {
         self.nodes.iter()
     }
 
-    fn insert(&mut self, p: String, n: Node) {
+    fn insert(&mut self, p: String, mut n: Node) {
+        n.sum = node_sum(&p, &n);
+        self.hash = self.hash.wrapping_add(n.sum);
         if let Some(o) = n.perms.first() {
             *self.owned.entry(o.dom).or_default() += 1;
         }
@@ -181,6 +226,7 @@ impl Tree {
     }
 
     fn disown(&mut self, n: &Node) {
+        self.hash = self.hash.wrapping_sub(n.sum);
         if let Some(o) = n.perms.first()
             && let Some(c) = self.owned.get_mut(&o.dom)
         {
@@ -207,9 +253,43 @@ impl Tree {
         }
     }
 
+    /// Verify every node against its checksum and the running hash.
+    pub fn scrub(&self) -> Scrub {
+        let mut bad = Vec::new();
+        let mut total = 0u64;
+        for (p, n) in &self.nodes {
+            if node_sum(p, n) != n.sum {
+                bad.push(p.clone());
+            }
+            total = total.wrapping_add(n.sum);
+        }
+        bad.sort();
+        Scrub { nodes: self.nodes.len(), bad, hash_ok: total == self.hash, hash: self.hash }
+    }
+
+    /// Put back a node from a healthy copy (same path, verified content).
+    pub fn repair(&mut self, p: &str, good: &Node) {
+        self.insert(p.to_string(), good.clone());
+    }
+
+    /// Fault injection: flip a byte of a node's value behind its checksum's
+    /// back (as a wild write or a bit flip would).
+    pub fn corrupt(&mut self, p: &str) -> bool {
+        match self.nodes.get_mut(p) {
+            Some(n) => {
+                match n.value.first_mut() {
+                    Some(b) => *b ^= 0x20,
+                    None => n.value.push(b'!'),
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Rebuild from a snapshot's nodes.
     pub fn from_nodes(nodes: Vec<(String, Node)>, generation: u64) -> Tree {
-        let mut t = Tree { nodes: HashMap::with_capacity(nodes.len()), generation, owned: HashMap::new() };
+        let mut t = Tree { nodes: HashMap::with_capacity(nodes.len()), generation, owned: HashMap::new(), hash: 0 };
         for (p, n) in nodes {
             t.insert(p, n);
         }
@@ -317,7 +397,7 @@ impl Overlay<'_> {
         {
             o.dom = self.caller.dom;
         }
-        let n = Node { value: Vec::new(), perms, children: BTreeSet::new(), generation: 0 };
+        let n = Node { value: Vec::new(), perms, children: BTreeSet::new(), generation: 0, sum: 0 };
         up.children.insert(base(p).to_string());
         self.put(dir, Some(up));
         self.put(p, Some(n.clone()));
@@ -429,6 +509,19 @@ mod tests {
         run(&mut t, 0, |o| o.rm("/a/missing")).unwrap();
         assert_eq!(run(&mut t, 0, |o| o.rm("/x/y")), Err(XsError::NoEnt));
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn scrub_finds_corruption_and_repair_fixes_it() {
+        let mut t = Tree::default();
+        run(&mut t, 0, |o| o.write("/a/b", b"hello")).unwrap();
+        let clean = t.scrub();
+        assert!(clean.bad.is_empty() && clean.hash_ok);
+        let good = t.get("/a/b").unwrap().clone();
+        assert!(t.corrupt("/a/b"));
+        assert_eq!(t.scrub().bad, vec!["/a/b".to_string()]);
+        t.repair("/a/b", &good);
+        assert_eq!(t.scrub(), clean);
     }
 
     #[test]

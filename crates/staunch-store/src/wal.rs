@@ -12,7 +12,7 @@ use crate::tree::{Changes, Node, Tree};
 use serde::{Deserialize, Serialize};
 use staunch_fault as fault;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -65,48 +65,28 @@ impl Wal {
     /// Open (or create) the store in `dir` and rebuild the tree.
     pub fn open(dir: &Path) -> Result<(Wal, Tree, u64), WalError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let snap_path = Self::snapshot_path(dir);
-        let (mut tree, snap_seq) = match std::fs::read(&snap_path) {
-            Ok(b) => {
-                let s = decode_snapshot(&b).map_err(|e| WalError::BadSnapshot(snap_path.display().to_string(), e))?;
-                (Tree::from_nodes(s.nodes, s.generation), s.seq)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Tree::default(), 0),
-            Err(e) => return Err(io(&snap_path)(e)),
-        };
         let log_path = Self::log_path(dir);
         let mut log = OpenOptions::new().read(true).append(true).create(true).open(&log_path).map_err(io(&log_path))?;
-        let mut all = Vec::new();
-        log.read_to_end(&mut all).map_err(io(&log_path))?;
-        let mut off = 0usize;
-        let mut seq = snap_seq;
-        let mut replayed = 0u64;
-        while off < all.len() {
-            match parse_record(&all[off..]) {
-                Some((rseq, changes, used)) => {
-                    if rseq > seq {
-                        tree.apply(&changes);
-                        seq = rseq;
-                        replayed += 1;
-                    }
-                    off += used;
-                }
-                None => {
-                    // Torn tail (never acknowledged) or corruption: only a
-                    // tear is allowed, so nothing valid may follow.
-                    if (off + 1..all.len()).any(|o| parse_record(&all[o..]).is_some()) {
-                        return Err(WalError::BadLog { path: log_path.display().to_string(), offset: off as u64 });
-                    }
-                    tracing::warn!(offset = off, dropped = all.len() - off, "store log: torn last record cut off");
-                    log.set_len(off as u64).map_err(io(&log_path))?;
-                    log.sync_data().map_err(io(&log_path))?;
-                    break;
-                }
-            }
+        let l = load(dir)?;
+        if l.valid < l.len {
+            // A torn last record: never acknowledged, cut off.
+            tracing::warn!(offset = l.valid, dropped = l.len - l.valid, "store log: torn last record cut off");
+            log.set_len(l.valid).map_err(io(&log_path))?;
+            log.sync_data().map_err(io(&log_path))?;
         }
         log.seek(SeekFrom::End(0)).map_err(io(&log_path))?;
-        let bytes = off as u64;
-        Ok((Wal { dir: dir.to_path_buf(), log, seq, bytes }, tree, replayed))
+        Ok((Wal { dir: dir.to_path_buf(), log, seq: l.seq, bytes: l.valid }, l.tree, l.replayed))
+    }
+
+    /// Read `dir` back without changing it (a scrub's look at the disk):
+    /// the tree it holds and the sequence number it reaches. A torn tail
+    /// counts as damage here: while the store runs, none may exist.
+    pub fn verify(dir: &Path) -> Result<(Tree, u64), WalError> {
+        let l = load(dir)?;
+        if l.valid < l.len {
+            return Err(WalError::BadLog { path: Self::log_path(dir).display().to_string(), offset: l.valid });
+        }
+        Ok((l.tree, l.seq))
     }
 
     pub fn log_bytes(&self) -> u64 {
@@ -200,6 +180,51 @@ impl Wal {
         self.bytes = 0;
         Ok(())
     }
+}
+
+struct Loaded {
+    tree: Tree,
+    seq: u64,
+    /// Bytes of the log that hold whole, valid records; `len` in all.
+    valid: u64,
+    len: u64,
+    replayed: u64,
+}
+
+fn load(dir: &Path) -> Result<Loaded, WalError> {
+    let snap_path = Wal::snapshot_path(dir);
+    let (mut tree, snap_seq) = match std::fs::read(&snap_path) {
+        Ok(b) => {
+            let s = decode_snapshot(&b).map_err(|e| WalError::BadSnapshot(snap_path.display().to_string(), e))?;
+            (Tree::from_nodes(s.nodes, s.generation), s.seq)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Tree::default(), 0),
+        Err(e) => return Err(io(&snap_path)(e)),
+    };
+    let log_path = Wal::log_path(dir);
+    let all = match std::fs::read(&log_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(&log_path)(e)),
+    };
+    let (mut off, mut seq, mut replayed) = (0usize, snap_seq, 0u64);
+    while off < all.len() {
+        let Some((rseq, changes, used)) = parse_record(&all[off..]) else {
+            // Torn tail (never acknowledged) or corruption: only a tear is
+            // allowed, so nothing valid may follow.
+            if (off + 1..all.len()).any(|o| parse_record(&all[o..]).is_some()) {
+                return Err(WalError::BadLog { path: log_path.display().to_string(), offset: off as u64 });
+            }
+            break;
+        };
+        if rseq > seq {
+            tree.apply(&changes);
+            seq = rseq;
+            replayed += 1;
+        }
+        off += used;
+    }
+    Ok(Loaded { tree, seq, valid: off as u64, len: all.len() as u64, replayed })
 }
 
 fn parse_record(b: &[u8]) -> Option<(u64, Changes, usize)> {

@@ -149,6 +149,10 @@ struct StoreArgs {
     /// Also append structured events to this file.
     #[arg(long)]
     events: Option<PathBuf>,
+    /// Scrub (verify memory, disk and standby, repair) every this many
+    /// seconds; 0: only on demand.
+    #[arg(long, default_value_t = 60)]
+    scrub_secs: u64,
 }
 
 fn store(a: StoreArgs) -> Result<i32> {
@@ -163,6 +167,7 @@ fn store(a: StoreArgs) -> Result<i32> {
         },
         compact_bytes: a.compact_bytes,
         events: a.events,
+        scrub_every: (a.scrub_secs > 0).then(|| std::time::Duration::from_secs(a.scrub_secs)),
     };
     staunch_fault::from_env()?;
     let s = if a.standby { staunch_store::standby(&cfg)? } else { staunch_store::start(&cfg)? };

@@ -349,3 +349,71 @@ fn store_standby_takes_over_with_no_acknowledged_write_lost() {
         assert_eq!(tree.get(&format!("/w/{i}")).map(|n| n.value.clone()), Some(i.to_string().into_bytes()));
     }
 }
+
+fn scrub(c: &mut Client) -> serde_json::Value {
+    let r = c.request(Op::Control, 0, &nul(&["scrub"])).unwrap().unwrap();
+    serde_json::from_slice(r.strip_suffix(&[0]).unwrap()).unwrap()
+}
+
+/// Corrupted bytes in memory and in the log file are found by a scrub and
+/// repaired from the healthy copy; damage to both makes the store refuse to
+/// serve; a corrupted snapshot keeps a store from starting at all.
+#[test]
+fn store_scrub_detects_and_repairs_corruption() {
+    let d = tmpdir("store-scrub");
+    let mut primary = Store::start(&d, &["--scrub-secs", "0", "--events", d.join("events.jsonl").to_str().unwrap()]);
+    let (_standby, _) = Store::standby(&d, &primary.sock);
+    let mut c = primary.client();
+    for i in 0..50 {
+        c.write_value(0, &format!("/vm/{i}/name"), format!("vm-{i}").as_bytes()).unwrap().unwrap();
+    }
+    let r = scrub(&mut c);
+    assert_eq!((r["sound"].as_bool(), r["disk_ok"].as_bool()), (Some(true), Some(true)), "{r}");
+    assert_eq!(r["standby"], serde_json::json!(["match"]), "{r}");
+
+    // A node corrupted in memory: found, put back from the disk's copy.
+    c.request(Op::Control, 0, &nul(&["corrupt-memory", "/vm/7/name"])).unwrap().unwrap();
+    let r = scrub(&mut c);
+    assert_eq!(r["memory_bad"], serde_json::json!(["/vm/7/name"]), "{r}");
+    assert_eq!(r["repaired"], serde_json::json!(["memory:/vm/7/name"]), "{r}");
+    assert_eq!(c.read_value(0, "/vm/7/name").unwrap(), Ok(b"vm-7".to_vec()));
+
+    // Bytes flipped in the log file: the disk copy is written again from
+    // the (verified) memory.
+    let log = primary.data.join("store.log");
+    let mut b = std::fs::read(&log).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    std::fs::write(&log, &b).unwrap();
+    let r = scrub(&mut c);
+    assert_eq!((r["disk_ok"].as_bool(), r["sound"].as_bool()), (Some(false), Some(true)), "{r}");
+    assert_eq!(r["repaired"], serde_json::json!(["disk"]), "{r}");
+    let (tree, _) = staunch_store::wal::Wal::verify(&primary.data).unwrap();
+    assert_eq!(tree.get("/vm/49/name").unwrap().value, b"vm-49");
+    assert_eq!(scrub(&mut c)["repaired"], serde_json::json!([]));
+
+    // Memory and disk both damaged: no healthy copy here: refuse to serve.
+    c.request(Op::Control, 0, &nul(&["corrupt-memory", "/vm/3/name"])).unwrap().unwrap();
+    std::fs::write(primary.data.join("store.snap"), b"STNCHSNP-garbage-garbage").unwrap();
+    let r = scrub(&mut c);
+    assert_eq!(r["sound"].as_bool(), Some(false), "{r}");
+    assert_eq!(c.read_value(0, "/vm/1/name").unwrap(), Err("EIO".into()));
+    let events = std::fs::read_to_string(d.join("events.jsonl")).unwrap();
+    for kind in ["store-repaired", "store-unsound"] {
+        assert!(events.contains(&format!("\"event\":\"{kind}\"")), "{kind} missing:\n{events}");
+    }
+    let _ = primary.child.kill();
+    let _ = primary.child.wait();
+
+    // A store whose snapshot fails its CRC does not start.
+    let o = staunch()
+        .arg("store")
+        .arg("--socket")
+        .arg(d.join("other.sock"))
+        .arg("--data")
+        .arg(&primary.data)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("corrupted"), "{}", String::from_utf8_lossy(&o.stderr));
+}
