@@ -8,9 +8,10 @@
 //! log; records at or below the snapshot's sequence are skipped on replay,
 //! so a crash between the two steps loses nothing.
 
-use crate::tree::{Changes, Node, Tree};
+use crate::tree::{Changes, Node, PathMap, SHARDS, Shards, Tree};
 use serde::{Deserialize, Serialize};
 use staunch_fault as fault;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 const REC_MAGIC: u32 = 0x5354_574c; // "STWL"
 const SNAP_MAGIC: [u8; 8] = *b"STNCHSNP";
-const SNAP_VERSION: u32 = 1;
+const SNAP_VERSION: u32 = 2;
 const REC_HEADER: usize = 4 + 4 + 4 + 8; // magic, len, crc, seq
 
 #[derive(Debug, thiserror::Error)]
@@ -35,11 +36,40 @@ pub enum WalError {
     Injected(String),
 }
 
+/// A shard's map, allocated at its full size before decoding (serde's own
+/// map decoding grows it step by step; the shard is CRC-checked already).
+struct Presized(PathMap<Node>);
+
+impl<'de> Deserialize<'de> for Presized {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Presized;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of nodes")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Presized, A::Error> {
+                let n = a.size_hint().unwrap_or(0).min(1 << 24);
+                let mut m = PathMap::with_capacity_and_hasher(n, Default::default());
+                while let Some((k, v)) = a.next_entry::<String, Node>()? {
+                    m.insert(k, v);
+                }
+                Ok(Presized(m))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// What a snapshot says besides its shards.
 #[derive(Serialize, Deserialize)]
-struct Snapshot {
+struct SnapMeta {
     seq: u64,
     generation: u64,
-    nodes: Vec<(String, Node)>,
+    hash: u64,
+    owned: HashMap<u32, usize>,
+    /// Each shard's encoded length and CRC.
+    shards: Vec<(u64, u32)>,
 }
 
 pub struct Wal {
@@ -154,18 +184,7 @@ impl Wal {
 
     /// Write `tree` as the new snapshot and empty the log.
     pub fn compact(&mut self, tree: &Tree) -> Result<(), WalError> {
-        let snap = Snapshot {
-            seq: self.seq,
-            generation: tree.generation,
-            nodes: tree.iter().map(|(p, n)| (p.clone(), n.clone())).collect(),
-        };
-        let body = bincode::serialize(&snap).map_err(|e| WalError::Encode(e.to_string()))?;
-        let mut b = Vec::with_capacity(body.len() + 20);
-        b.extend_from_slice(&SNAP_MAGIC);
-        b.extend_from_slice(&SNAP_VERSION.to_le_bytes());
-        b.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        b.extend_from_slice(&body);
+        let b = encode_snapshot(tree, self.seq)?;
         let (tmp, dst) = (self.dir.join("store.snap.tmp"), Self::snapshot_path(&self.dir));
         let f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all_at(&b, 0).map_err(io(&tmp))?;
@@ -194,10 +213,7 @@ struct Loaded {
 fn load(dir: &Path) -> Result<Loaded, WalError> {
     let snap_path = Wal::snapshot_path(dir);
     let (mut tree, snap_seq) = match std::fs::read(&snap_path) {
-        Ok(b) => {
-            let s = decode_snapshot(&b).map_err(|e| WalError::BadSnapshot(snap_path.display().to_string(), e))?;
-            (Tree::from_nodes(s.nodes, s.generation), s.seq)
-        }
+        Ok(b) => decode_snapshot(&b).map_err(|e| WalError::BadSnapshot(snap_path.display().to_string(), e))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Tree::default(), 0),
         Err(e) => return Err(io(&snap_path)(e)),
     };
@@ -249,7 +265,38 @@ fn parse_record(b: &[u8]) -> Option<(u64, Changes, usize)> {
     Some((seq, changes, REC_HEADER + len))
 }
 
-fn decode_snapshot(b: &[u8]) -> Result<Snapshot, String> {
+/// Layout: magic, version, meta length, meta CRC, meta (bincode), then
+/// each shard (bincode of its map) with its own length and CRC in the meta.
+/// The tree's map is stored as it is, so a restart decodes straight into
+/// it, shards in parallel.
+fn encode_snapshot(tree: &Tree, seq: u64) -> Result<Vec<u8>, WalError> {
+    let (nodes, owned) = tree.parts();
+    let blobs: Vec<Vec<u8>> = nodes
+        .0
+        .iter()
+        .map(|m| bincode::serialize(m).map_err(|e| WalError::Encode(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    let meta = SnapMeta {
+        seq,
+        generation: tree.generation,
+        hash: tree.hash,
+        owned: owned.clone(),
+        shards: blobs.iter().map(|b| (b.len() as u64, crc32fast::hash(b))).collect(),
+    };
+    let meta = bincode::serialize(&meta).map_err(|e| WalError::Encode(e.to_string()))?;
+    let mut b = Vec::with_capacity(20 + meta.len() + blobs.iter().map(Vec::len).sum::<usize>());
+    b.extend_from_slice(&SNAP_MAGIC);
+    b.extend_from_slice(&SNAP_VERSION.to_le_bytes());
+    b.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    b.extend_from_slice(&crc32fast::hash(&meta).to_le_bytes());
+    b.extend_from_slice(&meta);
+    for blob in &blobs {
+        b.extend_from_slice(blob);
+    }
+    Ok(b)
+}
+
+fn decode_snapshot(b: &[u8]) -> Result<(Tree, u64), String> {
     if b.len() < 20 || b[..8] != SNAP_MAGIC {
         return Err("bad magic".into());
     }
@@ -257,12 +304,44 @@ fn decode_snapshot(b: &[u8]) -> Result<Snapshot, String> {
     if u32_at(8) != SNAP_VERSION {
         return Err(format!("version {} not supported", u32_at(8)));
     }
-    let (crc, len) = (u32_at(12), u32_at(16) as usize);
-    let body = b.get(20..20 + len).ok_or("truncated")?;
-    if crc32fast::hash(body) != crc {
-        return Err("CRC mismatch".into());
+    let (len, crc) = (u32_at(12) as usize, u32_at(16));
+    let meta = b.get(20..20 + len).ok_or("truncated")?;
+    if crc32fast::hash(meta) != crc {
+        return Err("CRC mismatch (header)".into());
     }
-    bincode::deserialize(body).map_err(|e| e.to_string())
+    let meta: SnapMeta = bincode::deserialize(meta).map_err(|e| e.to_string())?;
+    if meta.shards.len() != SHARDS {
+        return Err(format!("{} shards, expected {SHARDS}", meta.shards.len()));
+    }
+    let mut slices = Vec::new();
+    let mut off = 20 + len;
+    for &(n, crc) in &meta.shards {
+        let end = off.checked_add(n as usize).ok_or("truncated")?;
+        slices.push((b.get(off..end).ok_or("truncated")?, crc));
+        off = end;
+    }
+    let maps: Vec<Result<PathMap<Node>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = slices
+            .into_iter()
+            .map(|(slice, crc)| {
+                s.spawn(move || {
+                    if crc32fast::hash(slice) != crc {
+                        return Err("CRC mismatch".to_string());
+                    }
+                    bincode::deserialize::<Presized>(slice).map(|m| m.0).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("decoder panicked".into()))).collect()
+    });
+    let maps = maps.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // Each shard must hold only its own paths (else lookups would miss).
+    for (i, m) in maps.iter().enumerate() {
+        if m.keys().take(64).any(|k| Shards::of(k) != i) {
+            return Err(format!("shard {i} holds foreign paths"));
+        }
+    }
+    Ok((Tree::from_parts(Shards(maps), meta.owned, meta.generation, meta.hash), meta.seq))
 }
 
 #[cfg(test)]

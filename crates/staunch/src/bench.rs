@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 pub struct BenchArgs {
     /// main: boot, exits and virtio-blk vs QEMU; recovery: microreset,
     /// crash re-exec, warm upgrade, snapshot/restore, cold reboot;
-    /// overhead: the main benchmarks with the resilience machinery on and off.
-    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead"])]
+    /// overhead: the main benchmarks with the resilience machinery on and off;
+    /// store: the config store vs a single-node etcd.
+    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store"])]
     which: String,
     /// Exits per PIO / MMIO benchmark.
     #[arg(long, default_value_t = 20_000)]
@@ -298,6 +299,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     match a.which.as_str() {
         "recovery" => return crate::bench_recovery::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu)),
         "overhead" => return overhead(a),
+        "store" => return crate::bench_store::run(a.quick),
         _ => {}
     }
     let (a, ctx) = prepare(a, true)?;

@@ -20,3 +20,18 @@ fn kvm_bench_quick_prints_table() {
         }
     }
 }
+
+#[test]
+fn store_bench_quick_prints_table() {
+    let r = run(staunch().args(["bench", "store", "--quick"]), None, Duration::from_secs(300));
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    for row in ["writes (put)", "reads (get)", "watch: write to event", "transactions", "failover gap", "restart to serving"] {
+        let line = r.stdout.lines().find(|l| l.contains(row)).unwrap_or_else(|| panic!("no row {row}:\n{}", r.stdout));
+        let staunch: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
+        assert!(staunch > 0.0, "{line}");
+        // With etcd fetched (scripts/test.sh does), the peer column is filled.
+        if r.stderr.contains("peer: etcd 3.4") && !row.starts_with("failover") {
+            assert!(line.split('|').nth(4).unwrap().trim().parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Fetch Debian's etcd-server (the config store benchmark's peer) into
+# $STAUNCH_CACHE/etcd without installing it (no service gets started):
+# a private apt state downloads the package, dpkg-deb -x unpacks it.
+# Idempotent. Prints the path of the etcd binary.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+E="$STAUNCH_CACHE/etcd"
+BIN="$E/root/usr/bin/etcd"
+WANT="3.4.23-4+b4"
+if [[ -x "$BIN" && -f "$E/.version" && "$(cat "$E/.version")" == "$WANT" ]]; then
+    echo "$BIN"
+    exit 0
+fi
+mkdir -p "$E/lists/partial" "$E/archives/partial"
+cat >"$E/sources.list" <<EOS
+deb http://deb.debian.org/debian bookworm main
+EOS
+APT=(-q -o "Dir::Etc::SourceList=$E/sources.list" -o Dir::Etc::SourceParts=/dev/null
+    -o "Dir::State::Lists=$E/lists" -o "Dir::Cache=$E/cache" -o "Dir::Cache::archives=$E/archives"
+    -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+say "fetching etcd-server $WANT (private apt state in $E)"
+apt-get "${APT[@]}" update >&2
+(cd "$E/archives" && apt-get "${APT[@]}" download "etcd-server=$WANT" >&2) || die "could not download etcd-server $WANT"
+rm -rf "$E/root"
+mkdir -p "$E/root"
+dpkg-deb -x "$E"/archives/etcd-server_*.deb "$E/root"
+"$BIN" --version >&2 || die "unpacked etcd does not run"
+echo "$WANT" >"$E/.version"
+say "etcd ready: $BIN"
+echo "$BIN"
