@@ -38,10 +38,14 @@ pub enum ReplMsg {
         seq: u64,
         hash: u64,
     },
-    /// ...and the standby's.
+    /// ...and the standby's, recomputed from its nodes' content.
     Checked {
         seq: u64,
         hash: u64,
+    },
+    /// Fault injection: corrupt a node in the standby's memory.
+    Corrupt {
+        path: String,
     },
 }
 

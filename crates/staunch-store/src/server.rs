@@ -120,7 +120,7 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
                 }
             }
             Ok(ReplMsg::Check { seq: at, .. }) => {
-                let reply = ReplMsg::Checked { seq: at, hash: tree.hash };
+                let reply = ReplMsg::Checked { seq: at, hash: tree.scrub().recomputed };
                 if crate::repl::send(&mut s, &reply).is_err() {
                     break Instant::now();
                 }
@@ -134,6 +134,9 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
                     "store-standby-resynced",
                     serde_json::json!({"component": "store", "nodes": tree.len(), "seq": seq}),
                 );
+            }
+            Ok(ReplMsg::Corrupt { path }) => {
+                tree.corrupt(&path);
             }
             Ok(other) => tracing::warn!(?other, "standby: unexpected replication message"),
             Err(_) => break Instant::now(),
@@ -495,6 +498,12 @@ fn handle(conn: &mut Conn, shared: &Mutex<Shared>, msg: &wire::Msg) -> Reply {
                     } else {
                         Err(XsError::NoEnt)
                     }
+                }
+                ["corrupt-standby", path] if caller.privileged() => {
+                    let mut s = lock(shared);
+                    let msg = ReplMsg::Corrupt { path: path.to_string() };
+                    s.followers.retain_mut(|f| crate::repl::send(f, &msg).is_ok());
+                    ok()
                 }
                 ["compact"] if caller.privileged() => {
                     let mut s = lock(shared);

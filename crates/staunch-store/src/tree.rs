@@ -91,6 +91,9 @@ pub struct Scrub {
     /// The sum of the nodes' checksums matches the tree's running hash.
     pub hash_ok: bool,
     pub hash: u64,
+    /// The sum of the checksums recomputed from the nodes' content: equal
+    /// to `hash` in a sound tree, and comparable across copies.
+    pub recomputed: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -352,16 +355,17 @@ impl Tree {
 
     /// Verify every node against its checksum and the running hash.
     pub fn scrub(&self) -> Scrub {
-        let mut bad = Vec::new();
-        let mut total = 0u64;
+        let (mut bad, mut total, mut recomputed) = (Vec::new(), 0u64, 0u64);
         for (p, n) in self.nodes.iter() {
-            if node_sum(p, n) != n.sum {
+            let sum = node_sum(p, n);
+            if sum != n.sum {
                 bad.push(p.clone());
             }
             total = total.wrapping_add(n.sum);
+            recomputed = recomputed.wrapping_add(sum);
         }
         bad.sort();
-        Scrub { nodes: self.nodes.len(), bad, hash_ok: total == self.hash, hash: self.hash }
+        Scrub { nodes: self.nodes.len(), bad, hash_ok: total == self.hash, hash: self.hash, recomputed }
     }
 
     /// Put back a node from a healthy copy (same path, verified content).

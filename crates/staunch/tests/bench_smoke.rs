@@ -25,7 +25,9 @@ fn kvm_bench_quick_prints_table() {
 fn store_bench_quick_prints_table() {
     let r = run(staunch().args(["bench", "store", "--quick"]), None, Duration::from_secs(300));
     assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
-    for row in ["writes (put)", "reads (get)", "watch: write to event", "transactions", "failover gap", "restart to serving"] {
+    for row in
+        ["writes (put)", "reads (get)", "watch: write to event", "transactions", "failover gap", "restart to serving"]
+    {
         let line = r.stdout.lines().find(|l| l.contains(row)).unwrap_or_else(|| panic!("no row {row}:\n{}", r.stdout));
         let staunch: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
         assert!(staunch > 0.0, "{line}");

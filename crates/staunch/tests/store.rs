@@ -392,6 +392,13 @@ fn store_scrub_detects_and_repairs_corruption() {
     assert_eq!(tree.get("/vm/49/name").unwrap().value, b"vm-49");
     assert_eq!(scrub(&mut c)["repaired"], serde_json::json!([]));
 
+    // A node corrupted in the standby's memory: its copy no longer matches
+    // the primary's; the scrub sends it a fresh snapshot.
+    c.request(Op::Control, 0, &nul(&["corrupt-standby", "/vm/11/name"])).unwrap().unwrap();
+    let r = scrub(&mut c);
+    assert_eq!(r["standby"], serde_json::json!(["diverged: resynced"]), "{r}");
+    assert_eq!(scrub(&mut c)["standby"], serde_json::json!(["match"]));
+
     // Memory and disk both damaged: no healthy copy here: refuse to serve.
     c.request(Op::Control, 0, &nul(&["corrupt-memory", "/vm/3/name"])).unwrap().unwrap();
     std::fs::write(primary.data.join("store.snap"), b"STNCHSNP-garbage-garbage").unwrap();
