@@ -94,18 +94,25 @@ fn connection(conn: UnixStream, tx: Sender<VmEvent>) {
             let _ = writeln!(out, "{}", json!(ApiResponse::err(e.to_string())));
             continue;
         }
+        let mut written = None;
         let resp = match serde_json::from_str::<ApiRequest>(line.trim()) {
             Err(e) => ApiResponse::err(format!("bad request: {e}")),
             Ok(req) => {
                 let (rtx, rrx) = sync_channel(1);
-                if tx.send(VmEvent::Api(req, rtx)).is_err() {
+                let (wtx, wrx) = sync_channel(1);
+                written = Some(wtx);
+                if tx.send(VmEvent::Api(req, rtx, wrx)).is_err() {
                     ApiResponse::err("VM is shutting down")
                 } else {
                     rrx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| ApiResponse::err("VM did not answer"))
                 }
             }
         };
-        if writeln!(out, "{}", json!(resp)).is_err() {
+        let sent = writeln!(out, "{}", json!(resp));
+        if let Some(w) = written.take() {
+            let _ = w.try_send(());
+        }
+        if sent.is_err() {
             return;
         }
     }

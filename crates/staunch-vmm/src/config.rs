@@ -105,6 +105,15 @@ pub struct VmConfig {
     /// A handler busy this long (ms) is hung: escalate to crash re-exec.
     #[serde(default)]
     pub hang_ms: Option<u64>,
+    /// Keep a prepared successor process ready (its VM and memory slots
+    /// built), so a crash or an upgrade hands the guest over in ~2 ms
+    /// instead of rebuilding the VM inside the pause.
+    #[serde(default = "default_spare")]
+    pub spare: bool,
+}
+
+fn default_spare() -> bool {
+    true
 }
 
 impl VmConfig {
@@ -121,6 +130,7 @@ impl VmConfig {
             api_socket: None,
             events: None,
             hang_ms: None,
+            spare: true,
         }
     }
 

@@ -204,7 +204,32 @@ fn rescue() -> ! {
             }
         }
     }
-    let err = match core.exec_successor(&format!("crash: {cause}"), t0, true) {
+    let cause = format!("crash: {cause}");
+    // A ready spare takes the state over (no VM to build in the pause);
+    // without one, or if it fails, this image re-executes itself.
+    if let Some(spare) = core.take_spare() {
+        match core.hand_over(&spare, &cause, t0, true) {
+            Ok(()) => {
+                let pid = spare.pid();
+                let ms = (monotonic_ns() - t0) as f64 / 1e6;
+                events::emit(
+                    events.as_deref(),
+                    "handover",
+                    json!({"cause": cause, "successor_pid": pid, "paused_to_commit_ms": ms}),
+                );
+                crate::handover::leave(pid);
+            }
+            Err(e) => {
+                events::emit(
+                    events.as_deref(),
+                    "spare-failed",
+                    json!({"cause": cause, "error": e.to_string(), "fallback": "exec"}),
+                );
+                spare.abort(&e.to_string());
+            }
+        }
+    }
+    let err = match core.exec_successor(&cause, t0, true) {
         Ok(never) => match never {},
         Err(e) => e,
     };

@@ -211,6 +211,24 @@ impl Successor {
     }
 }
 
+/// The VM runs in successor `pid` now. The VM's first process stays as its
+/// keeper (one pid and exit status for whoever started it); a successor's
+/// own successor lets it go. Either way nothing here runs on: exec and exit
+/// end every thread without touching the guest.
+pub fn leave(pid: u32) -> ! {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(KEEPER_ENV).is_none() {
+        tracing::info!(successor = pid, "VM handed over; staying as its keeper");
+        let err = std::process::Command::new("/proc/self/exe").args(["vmm", "keep"]).exec();
+        tracing::error!("cannot exec the keeper ({err}); keeping from here");
+        let code = keep();
+        // SAFETY: _exit ends the process without running other threads' code.
+        unsafe { libc::_exit(code) };
+    }
+    // SAFETY: as above.
+    unsafe { libc::_exit(HANDED_OVER_EXIT) }
+}
+
 /// Orphaned descendants (successors of successors) become our children.
 fn become_subreaper() -> std::io::Result<()> {
     // SAFETY: prctl(2) with integer arguments only.

@@ -64,6 +64,8 @@ pub enum VmmError {
     Handover(#[from] HandoverError),
     #[error("successor does not match the VM: {0}")]
     Mismatch(String),
+    #[error("{err} (successor {pid})")]
+    Successor { pid: u32, err: Box<VmmError> },
 }
 
 /// How a VM ended, with what the VMM measured.
@@ -79,7 +81,9 @@ pub struct VmExit {
 /// What the VMM's main loop waits for.
 pub enum VmEvent {
     Stopped(u8, StopReason),
-    Api(ApiRequest, SyncSender<ApiResponse>),
+    /// A request, where to answer, and word once the answer is written
+    /// (a VMM about to hand over waits for that before it leaves).
+    Api(ApiRequest, SyncSender<ApiResponse>, Receiver<()>),
 }
 
 struct Exits {
@@ -447,6 +451,60 @@ fn assemble(
     })
 }
 
+/// Start a spare successor in the background: it builds its VM around our
+/// memory and waits. A crash or an upgrade then only hands the state over.
+fn spawn_spare(core: &Arc<Core>) {
+    if !core.cfg.spare || !staunch_fault::recovery_enabled() {
+        return;
+    }
+    let core = core.clone();
+    let _ = std::thread::Builder::new().name("spare".into()).spawn(move || {
+        let t = Instant::now();
+        let succ = match Successor::spawn(std::path::Path::new("/proc/self/exe")) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!("no spare successor: {e}"),
+        };
+        match core.prepare(&succ) {
+            Ok(prepare_ms) => {
+                let mut slot = core.spare.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.is_none() {
+                    tracing::debug!(
+                        pid = succ.pid(),
+                        prepare_ms,
+                        total_ms = t.elapsed().as_secs_f64() * 1e3,
+                        "spare ready"
+                    );
+                    *slot = Some(succ);
+                } else {
+                    drop(slot);
+                    succ.abort("a spare is ready already");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("spare successor failed to prepare: {e}");
+                succ.abort(&e.to_string());
+            }
+        }
+    });
+}
+
+/// A lock after a crash: one held by a live thread is released within
+/// microseconds; one held by the dead thread never is. Poison is ignored
+/// (the state is saved as it is, the successor checks it).
+fn try_lock_for<T: ?Sized>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    let deadline = Instant::now() + Duration::from_millis(2);
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(200))
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 /// What the save paths (planned and crash) need, shared with the crash
 /// rescuer thread.
 pub(crate) struct Core {
@@ -462,6 +520,9 @@ pub(crate) struct Core {
     console: Console,
     msrs: Vec<u32>,
     generation: u64,
+    /// A successor process with its VM already built around our memory,
+    /// waiting to take over (crash or upgrade).
+    spare: Mutex<Option<Successor>>,
     // Memory slots point into `ram`; both live as long as the VM.
     vm: Vm,
     ram: GuestRam,
@@ -539,38 +600,106 @@ impl Core {
     /// Device state when a thread may have died holding a device's lock:
     /// try each lock for a while, then fall back to the published copy
     /// (transports) or a freshly reset device (UART, i8042).
+    fn devices_after_crash_without_transports(&self) -> DevicesState {
+        let mut d = self.devices_after_crash_with(false);
+        d.virtio.clear();
+        d
+    }
+
     fn devices_after_crash(&self) -> DevicesState {
-        fn try_for<T: ?Sized, R>(m: &Mutex<T>, f: impl Fn(&T) -> R) -> Option<R> {
-            // A lock held by a live thread is released within microseconds;
-            // one held by the dead thread never is.
-            let deadline = Instant::now() + Duration::from_millis(2);
-            loop {
-                match m.try_lock() {
-                    Ok(g) => return Some(f(&g)),
-                    Err(std::sync::TryLockError::Poisoned(p)) => return Some(f(&p.into_inner())),
-                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_micros(200))
-                    }
-                    Err(_) => return None,
-                }
-            }
-        }
+        self.devices_after_crash_with(true)
+    }
+
+    fn devices_after_crash_with(&self, transports: bool) -> DevicesState {
         let fresh_serial =
             || Serial::new(Arc::new(EventFd::new(0).expect("eventfd")), Box::new(std::io::sink())).state();
-        DevicesState {
-            serial: try_for(&self.serial, |s| s.state()).unwrap_or_else(fresh_serial),
-            i8042: try_for(&self.i8042, |k| k.state()).unwrap_or_default(),
-            virtio: self
-                .transports
+        let virtio = if !transports {
+            Vec::new()
+        } else {
+            self.transports
                 .iter()
                 .zip(&self.shadows)
                 .map(|(t, sh)| {
-                    try_for(t, |t| t.state())
-                        .or_else(|| try_for(sh, |s| s.clone()))
+                    try_lock_for(t)
+                        .map(|t| t.state())
+                        .or_else(|| try_lock_for(sh).map(|s| s.clone()))
                         .unwrap_or_else(|| sh.lock().unwrap_or_else(|p| p.into_inner()).clone())
                 })
-                .collect(),
+                .collect()
+        };
+        DevicesState {
+            serial: try_lock_for(&self.serial).map(|s| s.state()).unwrap_or_else(fresh_serial),
+            i8042: try_lock_for(&self.i8042).map(|k| k.state()).unwrap_or_default(),
+            virtio,
         }
+    }
+
+    pub(crate) fn take_spare(&self) -> Option<Successor> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Phase 1 of a handover, while the guest runs: the successor maps our
+    /// memory and builds its VM. Returns its preparation time.
+    fn prepare(&self, succ: &Successor) -> Result<f64, VmmError> {
+        let ram = self.ram.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let fds: Vec<RawFd> = self.ram.regions.iter().map(|r| r.file.as_raw_fd()).collect();
+        succ.link.send(&Msg::Prepare { config: Box::new(self.cfg.clone()), ram }, &fds)?;
+        match succ.link.recv(Some(Duration::from_secs(30)))? {
+            (Msg::Ready { prepare_ms, .. }, _) => Ok(prepare_ms),
+            (m, _) => Err(HandoverError::Unexpected(format!("{m:?}")).into()),
+        }
+    }
+
+    /// Phase 2, the vCPUs are paused: take the queue workers out for good
+    /// (their devices' locks stay held until this process ends), save, send
+    /// the record with the disk and console descriptors, wait until the
+    /// successor has restored everything, commit. On an error nothing was
+    /// committed; the locks are released again and the caller rolls back.
+    /// After a crash a lock may belong to the dead thread: such a device is
+    /// saved from the copy it published.
+    pub(crate) fn hand_over(&self, succ: &Successor, cause: &str, t0: u64, crash: bool) -> Result<(), VmmError> {
+        let held: Vec<Option<MutexGuard<'_, MmioTransport>>> = self
+            .transports
+            .iter()
+            .map(|t| if crash { try_lock_for(t) } else { Some(t.lock().unwrap_or_else(|p| p.into_inner())) })
+            .collect();
+        let devices = if crash {
+            let mut d = self.devices_after_crash_without_transports();
+            d.virtio = held
+                .iter()
+                .zip(&self.shadows)
+                .map(|(g, sh)| match g {
+                    Some(g) => g.state(),
+                    None => sh.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                })
+                .collect();
+            d
+        } else {
+            DevicesState {
+                serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+                i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+                virtio: held.iter().flatten().map(|t| t.state()).collect(),
+            }
+        };
+        let sent = (|| -> Result<(), VmmError> {
+            let rec = self.save_with(cause, t0, crash, devices)?;
+            let (memfd, console, _) = self.preserve(rec)?;
+            let mut fds = vec![memfd.as_raw_fd()];
+            fds.extend(self.disk_files.iter().map(|f| f.as_raw_fd()));
+            fds.extend(console.iter().map(|f| f.as_raw_fd()));
+            let msg = Msg::Record { disks: self.disk_files.len() as u32, consoles: console.len() as u32 };
+            succ.link.send(&msg, &fds)?;
+            match succ.link.recv(Some(Duration::from_secs(10)))? {
+                (Msg::Restored, _) => {}
+                (m, _) => return Err(HandoverError::Unexpected(format!("{m:?}")).into()),
+            }
+            succ.link.send(&Msg::Commit, &[])?;
+            Ok(())
+        })();
+        if sent.is_ok() {
+            std::mem::forget(held);
+        }
+        sent
     }
 
     /// Encode `rec` into a memfd for a successor, with duplicates of the
@@ -884,10 +1013,12 @@ impl RunningVm {
             console: devs.console,
             msrs,
             generation,
+            spare: Mutex::new(None),
             vm,
             ram,
         });
         crate::crash::arm(core.clone()).map_err(VmmError::Thread)?;
+        spawn_spare(&core);
         Ok(RunningVm {
             core,
             threads,
@@ -957,75 +1088,52 @@ impl RunningVm {
     }
 
     fn upgrade_inner(&self, binary: Option<PathBuf>) -> Result<u32, VmmError> {
-        let bin = binary.unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
         let started = Instant::now();
-        let succ = Successor::spawn(&bin)?;
-        // Phase 1, the guest runs: the successor prepares its VM.
-        let prepared = (|| -> Result<f64, VmmError> {
-            let ram = self.core.ram.regions.iter().map(|r| (r.gpa, r.size)).collect();
-            let fds: Vec<RawFd> = self.core.ram.regions.iter().map(|r| r.file.as_raw_fd()).collect();
-            succ.link.send(&Msg::Prepare { config: Box::new(self.core.cfg.clone()), ram }, &fds)?;
-            match succ.link.recv(Some(Duration::from_secs(30)))? {
-                (Msg::Ready { prepare_ms, .. }, _) => Ok(prepare_ms),
-                (m, _) => Err(HandoverError::Unexpected(format!("{m:?}")).into()),
-            }
-        })();
-        let prepare_ms = match prepared {
-            Ok(ms) => ms,
-            Err(e) => {
-                succ.abort(&e.to_string());
-                return Err(e);
+        // The ready spare runs this very image; a different binary needs its
+        // own successor, prepared now while the guest runs.
+        let (succ, prepare_ms) = match (&binary, self.core.take_spare()) {
+            (None, Some(spare)) => (spare, 0.0),
+            (_, spare) => {
+                if let Some(s) = spare {
+                    *self.core.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                }
+                let bin = binary.clone().unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+                let succ = Successor::spawn(&bin)?;
+                match self.core.prepare(&succ) {
+                    Ok(ms) => (succ, ms),
+                    Err(e) => {
+                        succ.abort(&e.to_string());
+                        return Err(e);
+                    }
+                }
             }
         };
         let ready_ms = started.elapsed().as_secs_f64() * 1e3;
-
-        // Phase 2, the guest is paused: state crosses over.
         let t0 = record::monotonic_ns();
         self.pause();
         // The crash path must not revive this copy while the successor owns
-        // the guest; queue workers must not touch the guest once its state is
-        // taken: hold their devices' locks until this process ends.
+        // the guest.
         crate::crash::disarm();
-        let held: Vec<MutexGuard<'_, MmioTransport>> =
-            self.core.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner())).collect();
-        let handed = self.send_state(&succ, &held, t0).and_then(|()| Ok(succ.link.send(&Msg::Commit, &[])?));
-        if let Err(e) = handed {
-            succ.abort(&e.to_string());
-            drop(held);
-            self.resume();
-            crate::crash::arm(self.core.clone()).map_err(VmmError::Thread)?;
-            return Err(e);
-        }
-        std::mem::forget(held);
-        let pid = succ.pid();
-        let commit_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
-        events::emit(
-            self.core.cfg.events.as_deref(),
-            "handover",
-            json!({"successor_pid": pid, "binary": bin, "prepare_ms": prepare_ms, "ready_ms": ready_ms,
-                   "paused_to_commit_ms": commit_ms}),
-        );
-        Ok(pid)
-    }
-
-    /// Save the paused VM and send it to the successor; wait until it has
-    /// restored everything (it runs nothing before `Commit`).
-    fn send_state(&self, succ: &Successor, held: &[MutexGuard<'_, MmioTransport>], t0: u64) -> Result<(), VmmError> {
-        let devices = DevicesState {
-            serial: self.core.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            i8042: self.core.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            virtio: held.iter().map(|t| t.state()).collect(),
-        };
-        let rec = self.core.save_with("upgrade", t0, false, devices)?;
-        let (memfd, console, _) = self.core.preserve(rec)?;
-        let mut fds = vec![memfd.as_raw_fd()];
-        fds.extend(self.core.disk_files.iter().map(|f| f.as_raw_fd()));
-        fds.extend(console.iter().map(|f| f.as_raw_fd()));
-        let msg = Msg::Record { disks: self.core.disk_files.len() as u32, consoles: console.len() as u32 };
-        succ.link.send(&msg, &fds)?;
-        match succ.link.recv(Some(Duration::from_secs(10)))? {
-            (Msg::Restored, _) => Ok(()),
-            (m, _) => Err(HandoverError::Unexpected(format!("{m:?}")).into()),
+        match self.core.hand_over(&succ, "upgrade", t0, false) {
+            Ok(()) => {
+                let pid = succ.pid();
+                let commit_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
+                events::emit(
+                    self.core.cfg.events.as_deref(),
+                    "handover",
+                    json!({"successor_pid": pid, "binary": binary, "prepare_ms": prepare_ms, "ready_ms": ready_ms,
+                           "paused_to_commit_ms": commit_ms}),
+                );
+                Ok(pid)
+            }
+            Err(e) => {
+                let pid = succ.pid();
+                succ.abort(&e.to_string());
+                self.resume();
+                crate::crash::arm(self.core.clone()).map_err(VmmError::Thread)?;
+                spawn_spare(&self.core);
+                Err(VmmError::Successor { pid, err: Box::new(e) })
+            }
         }
     }
 
@@ -1111,10 +1219,11 @@ impl RunningVm {
             };
             match ev {
                 VmEvent::Stopped(_, r) => break r,
-                VmEvent::Api(ApiRequest::Upgrade { binary }, reply) => {
+                VmEvent::Api(ApiRequest::Upgrade { binary }, reply, written) => {
                     // Answered at once; clients poll `status` for the new
                     // generation (or for `upgrade_failures`).
                     let _ = reply.send(ApiResponse::ok(json!({"upgrading": true})));
+                    let _ = written.recv_timeout(Duration::from_millis(200));
                     match self.upgrade(binary) {
                         Ok(pid) => {
                             // Nothing here may touch the guest any more: no
@@ -1135,7 +1244,7 @@ impl RunningVm {
                         }
                     }
                 }
-                VmEvent::Api(req, reply) => {
+                VmEvent::Api(req, reply, _) => {
                     if matches!(req, ApiRequest::Reboot {}) {
                         let _ = reply.send(ApiResponse::ok(json!({"rebooting": true})));
                         break StopReason::ColdReboot;
@@ -1158,6 +1267,9 @@ impl RunningVm {
 
     fn finish(self, reason: StopReason) -> VmExit {
         crate::crash::disarm();
+        if let Some(s) = self.core.take_spare() {
+            s.abort("the VM stopped");
+        }
         for v in &self.core.vcpus {
             v.stop();
         }

@@ -232,14 +232,14 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
                 }
             }
             Fault::Signal(s) => {
-                let tids = v.thread_ids();
+                let (pid, tids) = v.thread_ids();
                 let tid = tids[(rng.next() % tids.len().max(1) as u64) as usize % tids.len().max(1)];
-                // SAFETY: tgkill to a thread of our own child VMM.
-                unsafe { libc::syscall(libc::SYS_tgkill, v.child.id() as i32, tid, *s) };
+                // SAFETY: tgkill to a thread of the VMM we started.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid as i32, tid, *s) };
             }
             Fault::Kill => {
-                // SAFETY: kill(2) of our own child.
-                unsafe { libc::kill(v.child.id() as i32, libc::SIGKILL) };
+                // SAFETY: kill(2) of the VMM we started (or its successor).
+                unsafe { libc::kill(v.vmm_pid() as i32, libc::SIGKILL) };
             }
         }
         let ok = v.progress(REPORT, before, 2, Duration::from_secs(a.deadline));

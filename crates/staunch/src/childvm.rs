@@ -130,10 +130,23 @@ impl ChildVm {
         Ok(())
     }
 
+    /// The process that runs the VM now: after a handover (upgrade, or a
+    /// crash taken over by the spare) it is a successor, not our child.
+    pub fn vmm_pid(&self) -> u32 {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(2) {
+            if let Some(pid) = self.request(&ApiRequest::Status {}).ok().and_then(|r| r.data["pid"].as_u64()) {
+                return pid as u32;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.child.id()
+    }
+
     /// The VMM's long-lived threads (a control connection's thread may be
-    /// gone before a signal reaches it).
-    pub fn thread_ids(&self) -> Vec<i32> {
-        let pid = self.child.id();
+    /// gone before a signal reaches it), and its pid.
+    pub fn thread_ids(&self) -> (u32, Vec<i32>) {
+        let pid = self.vmm_pid();
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .map(|d| {
                 d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -144,7 +157,8 @@ impl ChildVm {
                     })
                     .collect()
             })
-            .unwrap_or_default()
+            .map(|t| (pid, t))
+            .unwrap_or((pid, Vec::new()))
     }
 
     /// Wait for the VMM to exit on its own.

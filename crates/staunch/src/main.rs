@@ -226,6 +226,10 @@ struct RunArgs {
     /// re-exec (default 100).
     #[arg(long)]
     hang_ms: Option<u64>,
+    /// Do not keep a prepared successor process ready (saves one idle
+    /// process per VM; crash recovery then rebuilds the VM in the pause).
+    #[arg(long)]
+    no_spare: bool,
 }
 
 impl RunArgs {
@@ -260,6 +264,9 @@ impl RunArgs {
         }
         if self.events.is_some() {
             cfg.events = self.events;
+        }
+        if self.no_spare {
+            cfg.spare = false;
         }
         if self.hang_ms.is_some() {
             cfg.hang_ms = self.hang_ms;
@@ -325,25 +332,6 @@ fn vmm_resume(fd: i32, events_file: Option<PathBuf>) -> Result<i32> {
     }
 }
 
-/// The VM runs in successor `pid` now. The VM's first process stays as its
-/// keeper (one pid and exit status for whoever started it); a successor's
-/// own successor lets it go. Either way, nothing here runs on: exec and exit
-/// end every thread without touching the guest.
-fn leave_after_handover(pid: u32) -> ! {
-    use staunch_vmm::handover::{HANDED_OVER_EXIT, KEEPER_ENV};
-    use std::os::unix::process::CommandExt;
-    if std::env::var_os(KEEPER_ENV).is_none() {
-        tracing::info!(successor = pid, "VM handed over; staying as its keeper");
-        let err = std::process::Command::new("/proc/self/exe").args(["vmm", "keep"]).exec();
-        tracing::error!("cannot exec the keeper ({err}); keeping from here");
-        let code = staunch_vmm::handover::keep();
-        // SAFETY: _exit ends the process without running other threads' code.
-        unsafe { libc::_exit(code) };
-    }
-    // SAFETY: as above.
-    unsafe { libc::_exit(HANDED_OVER_EXIT) }
-}
-
 fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
     use staunch_vmm::api::{request, ApiRequest};
     let req = match &cmd {
@@ -394,7 +382,7 @@ fn serve(mut vm: RunningVm) -> Result<i32> {
         let cfg = vm.config().clone();
         let exit = vm.wait(None);
         if let StopReason::HandedOver(pid) = exit.reason {
-            leave_after_handover(pid);
+            staunch_vmm::handover::leave(pid);
         }
         if exit.reason != StopReason::ColdReboot {
             break exit;
@@ -462,7 +450,12 @@ fn main() {
         Cmd::Vmm { cmd: VmmCmd::Standby { handover_fd } } => {
             // SAFETY: our predecessor passed this inherited socket's number.
             let link = unsafe { staunch_vmm::handover::Link::from_fd(handover_fd) };
-            RunningVm::standby(&link).map_err(anyhow::Error::from).and_then(serve)
+            match RunningVm::standby(&link) {
+                Ok(vm) => serve(vm),
+                // A spare whose VMM ended (or never needed it) leaves quietly.
+                Err(staunch_vmm::VmmError::Handover(staunch_vmm::handover::HandoverError::Closed)) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
         }
         Cmd::Vmm { cmd: VmmCmd::Keep } => Ok(staunch_vmm::handover::keep()),
         Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),

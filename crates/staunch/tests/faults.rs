@@ -146,7 +146,9 @@ fn kvm_hang_escalates_to_reexec() {
 #[test]
 fn kvm_corrupted_record_is_refused() {
     let (vm, _disk) = blk_vm("corrupt-record", 1);
-    assert_eq!(vm.ctl(&["failpoint", "record.save=corrupt"]).status, 0);
+    // Twice: the ready spare refuses the first record, then the re-exec'd
+    // image refuses the second.
+    assert_eq!(vm.ctl(&["failpoint", "record.save=corrupt*2"]).status, 0);
     assert_eq!(vm.ctl(&["failpoint", "pio.write=segv"]).status, 0);
     let events_path = vm.events.clone();
     let r = vm.finish();
