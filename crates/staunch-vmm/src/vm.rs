@@ -492,13 +492,13 @@ fn spawn_spare(core: &Arc<Core>) {
 /// microseconds; one held by the dead thread never is. Poison is ignored
 /// (the state is saved as it is, the successor checks it).
 fn try_lock_for<T: ?Sized>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    let deadline = Instant::now() + Duration::from_millis(2);
+    let deadline = Instant::now() + Duration::from_micros(500);
     loop {
         match m.try_lock() {
             Ok(g) => return Some(g),
             Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_micros(200))
+                std::thread::sleep(Duration::from_micros(50))
             }
             Err(_) => return None,
         }
