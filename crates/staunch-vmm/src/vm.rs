@@ -459,6 +459,11 @@ fn spawn_spare(core: &Arc<Core>) {
     }
     let core = core.clone();
     let _ = std::thread::Builder::new().name("spare".into()).spawn(move || {
+        // After a boot, let the guest have the CPUs first (preparing a spare
+        // costs ~15 ms of CPU); after a recovery, be ready again at once.
+        if core.generation == 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let t = Instant::now();
         let succ = match Successor::spawn(std::path::Path::new("/proc/self/exe")) {
             Ok(s) => s,
@@ -1154,6 +1159,7 @@ impl RunningVm {
                 "exits": self.core.vcpus.iter().map(|v| v.exits.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
                 "last_recovery": self.last_recovery,
                 "upgrade_failures": self.upgrade_failures,
+                "spare": self.core.spare.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.pid()),
                 "last_upgrade_error": self.last_upgrade_error,
             })),
             ApiRequest::Reboot {} => ApiResponse::ok(json!({"rebooting": true})),

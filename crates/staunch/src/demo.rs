@@ -63,6 +63,16 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         Ok(())
     };
     wait_reports(&vm, &mut shown, 2)?;
+    // A spare successor is prepared shortly after boot; let it be ready.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        let spare = vm.request(&ApiRequest::Status {}).ok().and_then(|r| r.data["spare"].as_u64());
+        if let Some(pid) = spare {
+            println!("   spare successor ready (pid {pid}): its VM is built around the guest's memory, waiting");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let mut pauses = Vec::new();
     let faults: [(&str, &str, &str); 3] = [
@@ -86,10 +96,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             "microreset" => (ev["recovery_us"].as_f64().unwrap_or(0.0) / 1e3, "microreset of the device, same process"),
             _ => (
                 ev["guest_pause_ms"].as_f64().unwrap_or(0.0),
-                if spec.is_empty() {
-                    "a standby successor built its VM first, then took the state over"
-                } else {
-                    "crash re-exec, state saved next to guest memory"
+                match (spec.is_empty(), ev["mode"] == "standby") {
+                    (true, _) => "a standby successor built its VM first, then took the state over",
+                    (false, true) => "crash: state saved, the ready spare took the VM over",
+                    (false, false) => "crash re-exec, state saved next to guest memory",
                 },
             ),
         };
