@@ -46,13 +46,17 @@ fn watch_into(child: &mut Child, lines: &Arc<Mutex<Vec<Instant>>>) {
 
 impl LiveVm {
     fn start(dir: &Path, mem: u64, vcpus: u8, cmdline: &str) -> Result<LiveVm> {
+        Self::start_with(dir, mem, vcpus, cmdline, &[])
+    }
+
+    fn start_with(dir: &Path, mem: u64, vcpus: u8, cmdline: &str, extra: &[&str]) -> Result<LiveVm> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let (sock, events) = (dir.join("api.sock"), dir.join("events.jsonl"));
         let mut c = Command::new("/proc/self/exe");
         c.args(["vmm", "run", "--serial", "stdio", "--mem", &mem.to_string(), "--vcpus", &vcpus.to_string()]);
         c.arg("--kernel").arg(test_guest()?).arg("--cmdline").arg(cmdline);
-        c.arg("--api-socket").arg(&sock).arg("--events").arg(&events);
+        c.arg("--api-socket").arg(&sock).arg("--events").arg(&events).args(extra);
         c.env_remove("STAUNCH_FAILPOINTS");
         let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
         let lines = watch(&mut child);
@@ -118,6 +122,19 @@ impl LiveVm {
 
     /// Arm a failpoint. The fault may take the VMM down (into its re-exec)
     /// before it answers, so a lost reply is not an error.
+    /// Wait until the VM's spare successor is ready (crash recovery then
+    /// hands over to it instead of re-executing).
+    fn wait_spare(&self) -> Result<()> {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if request(&self.sock, &ApiRequest::Status {}).ok().and_then(|r| r.data["spare"].as_u64()).is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("no spare successor became ready")
+    }
+
     fn arm(&self, spec: &str) -> Result<()> {
         match request(&self.sock, &ApiRequest::Failpoint { spec: spec.into() }) {
             Ok(r) => anyhow::ensure!(r.ok, "{:?}", r.error),
@@ -320,16 +337,26 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
     // Crash re-exec, hang escalation and microreset in one 1 GiB VM.
     eprintln!("crash re-exec, hang, microreset ...");
     let vm = LiveVm::start(&dir.join("crash"), 1024, 1, COUNTER)?;
-    let mut crash =
-        Row { what: "crash re-exec (SIGSEGV in a device), 1 GiB".into(), guest: vec![], vmm: vec![], qemu: vec![] };
+    let mut crash = Row {
+        what: "crash (SIGSEGV in a device) -> spare takes over, 1 GiB".into(),
+        guest: vec![],
+        vmm: vec![],
+        qemu: vec![],
+    };
     for _ in 0..rounds {
+        vm.wait_spare()?;
         let (g, ev) = vm.around("resumed", || vm.arm("pio.write=segv"))?;
         crash.guest.push(g);
         crash.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0));
     }
-    let mut hang =
-        Row { what: "hang (100 ms watchdog) -> re-exec, 1 GiB".into(), guest: vec![], vmm: vec![], qemu: vec![] };
+    let mut hang = Row {
+        what: "hang (100 ms watchdog) -> spare takes over, 1 GiB".into(),
+        guest: vec![],
+        vmm: vec![],
+        qemu: vec![],
+    };
     for _ in 0..rounds.min(3) {
+        vm.wait_spare()?;
         let (g, ev) = vm.around("resumed", || vm.arm("pio.write=hang"))?;
         hang.guest.push(g);
         hang.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0) + 100.0);
@@ -342,7 +369,21 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
         micro.vmm.push(ev["recovery_us"].as_f64().unwrap_or(0.0) / 1000.0);
     }
     vm.stop();
-    rows.extend([crash, hang, micro]);
+    // The same crash without a spare, on its own (no other guest running).
+    let bare = LiveVm::start_with(&dir.join("crash-exec"), 1024, 1, COUNTER, &["--no-spare"])?;
+    let mut reexec = Row {
+        what: "crash (SIGSEGV in a device) -> re-exec, no spare, 1 GiB".into(),
+        guest: vec![],
+        vmm: vec![],
+        qemu: vec![],
+    };
+    for _ in 0..rounds {
+        let (g, ev) = bare.around("resumed", || bare.arm("pio.write=segv"))?;
+        reexec.guest.push(g);
+        reexec.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0));
+    }
+    bare.stop();
+    rows.extend([crash, reexec, hang, micro]);
 
     // Saved-VM reboot: snapshot to a file, restore in a new process.
     let snaps: &[(u64, u64)] = if quick { &[(256, 64)] } else { &[(256, 200), (1024, 800)] };
