@@ -114,20 +114,7 @@ impl Serial {
     }
 
     pub fn state(&self) -> SerialState {
-        let s = self.uart.state();
-        SerialState {
-            version: 1,
-            divisor_low: s.baud_divisor_low,
-            divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            rx_fifo: s.in_buffer.clone(),
-        }
+        from_superio(self.uart.state())
     }
 }
 
@@ -180,20 +167,23 @@ impl BusDevice for Serial {
 impl Default for SerialState {
     /// A UART at power-on (vm-superio's reset values).
     fn default() -> Self {
-        let s = vm_superio::serial::SerialState::default();
-        SerialState {
-            version: 1,
-            divisor_low: s.baud_divisor_low,
-            divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            rx_fifo: s.in_buffer,
-        }
+        from_superio(vm_superio::serial::SerialState::default())
+    }
+}
+
+fn from_superio(s: vm_superio::serial::SerialState) -> SerialState {
+    SerialState {
+        version: 1,
+        divisor_low: s.baud_divisor_low,
+        divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        rx_fifo: s.in_buffer,
     }
 }
 
