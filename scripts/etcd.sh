@@ -12,13 +12,7 @@ if [[ -x "$BIN" && -f "$E/.version" && "$(cat "$E/.version")" == "$WANT" ]]; the
     echo "$BIN"
     exit 0
 fi
-mkdir -p "$E/lists/partial" "$E/archives/partial"
-cat >"$E/sources.list" <<EOS
-deb http://deb.debian.org/debian bookworm main
-EOS
-APT=(-q -o "Dir::Etc::SourceList=$E/sources.list" -o Dir::Etc::SourceParts=/dev/null
-    -o "Dir::State::Lists=$E/lists" -o "Dir::Cache=$E/cache" -o "Dir::Cache::archives=$E/archives"
-    -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+private_apt "$E" "deb http://deb.debian.org/debian bookworm main"
 say "fetching etcd-server $WANT (private apt state in $E)"
 apt-get "${APT[@]}" update >&2
 (cd "$E/archives" && apt-get "${APT[@]}" download "etcd-server=$WANT" >&2) || die "could not download etcd-server $WANT"

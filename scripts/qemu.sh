@@ -12,16 +12,11 @@ if [[ -x "$BIN" && -f "$Q/.version" && "$(cat "$Q/.version")" == "$WANT" ]]; the
     echo "$BIN"
     exit 0
 fi
-mkdir -p "$Q/lists/partial" "$Q/archives/partial"
-cat >"$Q/sources.list" <<EOS
-deb http://deb.debian.org/debian bookworm main
-deb http://deb.debian.org/debian bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
-deb http://deb.debian.org/debian bookworm-backports main
-EOS
-APT=(-q -o "Dir::Etc::SourceList=$Q/sources.list" -o Dir::Etc::SourceParts=/dev/null
-    -o "Dir::State::Lists=$Q/lists" -o "Dir::Cache=$Q/cache" -o "Dir::Cache::archives=$Q/archives"
-    -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+private_apt "$Q" \
+    "deb http://deb.debian.org/debian bookworm main" \
+    "deb http://deb.debian.org/debian bookworm-updates main" \
+    "deb http://deb.debian.org/debian-security bookworm-security main" \
+    "deb http://deb.debian.org/debian bookworm-backports main"
 say "resolving QEMU $WANT from bookworm-backports (private apt state in $Q)"
 apt-get "${APT[@]}" update >&2
 apt-get "${APT[@]}" -y install --download-only --no-install-recommends \
