@@ -91,6 +91,8 @@ impl Client {
                     | Op::GetDomainPath
                     | Op::IsDomainIntroduced
             );
+        let started = std::time::Instant::now();
+        let mut wait = Duration::from_millis(1);
         loop {
             if self.stream.is_none() {
                 self.reconnect()?;
@@ -109,9 +111,13 @@ impl Client {
                         // The store aborted the transaction with the connection.
                         return Ok(Err("EAGAIN".into()));
                     }
-                    if !idempotent {
+                    // A store that takes the connection but drops it (full,
+                    // or dying again) is retried with backoff, not forever.
+                    if !idempotent || started.elapsed() >= self.reconnect_for {
                         return Err(e);
                     }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(100));
                 }
             }
         }

@@ -33,6 +33,9 @@ pub struct Config {
     pub events: Option<PathBuf>,
     /// Scrub this often (also on demand: `XS_CONTROL scrub`).
     pub scrub_every: Option<Duration>,
+    /// Connections served at once; more are closed at once (each costs a
+    /// thread: a flood of connections must not take the store down).
+    pub max_connections: usize,
 }
 
 /// False once a scrub found damage no healthy copy could repair: from then
@@ -181,6 +184,7 @@ fn serve(cfg: &Config, wal: Wal, tree: Tree, replayed: u64, t: Instant) -> Resul
             }
         });
     }
+    let max_connections = cfg.max_connections.max(1);
     let repl = bind(&crate::repl::repl_path(&cfg.socket))?;
     let listener = bind(&cfg.socket)?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -207,9 +211,21 @@ fn serve(cfg: &Config, wal: Wal, tree: Tree, replayed: u64, t: Instant) -> Resul
         .name("store-accept".into())
         .spawn(move || {
             static NEXT: AtomicU64 = AtomicU64::new(1);
+            let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for conn in listener.incoming().flatten() {
-                let (s, id) = (shared.clone(), NEXT.fetch_add(1, Ordering::Relaxed));
-                let _ = std::thread::Builder::new().name("store-conn".into()).spawn(move || connection(id, conn, s));
+                if active.load(Ordering::Acquire) >= max_connections {
+                    tracing::warn!(max_connections, "store: connection refused, too many open");
+                    continue; // dropped: the client sees the connection close
+                }
+                active.fetch_add(1, Ordering::AcqRel);
+                let (s, id, a) = (shared.clone(), NEXT.fetch_add(1, Ordering::Relaxed), active.clone());
+                let spawned = std::thread::Builder::new().name("store-conn".into()).spawn(move || {
+                    connection(id, conn, s);
+                    a.fetch_sub(1, Ordering::AcqRel);
+                });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })
         .map_err(serr)?;

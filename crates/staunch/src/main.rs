@@ -158,6 +158,9 @@ struct StoreArgs {
     /// seconds; 0: only on demand.
     #[arg(long, default_value_t = 60)]
     scrub_secs: u64,
+    /// Connections served at once; more are closed.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
 }
 
 fn store(a: StoreArgs) -> Result<i32> {
@@ -173,6 +176,7 @@ fn store(a: StoreArgs) -> Result<i32> {
         compact_bytes: a.compact_bytes,
         events: a.events,
         scrub_every: (a.scrub_secs > 0).then(|| std::time::Duration::from_secs(a.scrub_secs)),
+        max_connections: a.max_connections,
     };
     staunch_fault::from_env()?;
     let s = if a.standby { staunch_store::standby(&cfg)? } else { staunch_store::start(&cfg)? };

@@ -229,6 +229,21 @@ fn store_bad_input_gets_errors_and_hurts_no_one() {
     // Everyone else is fine.
     assert_eq!(good.read_value(0, "/keep").unwrap(), Ok(b"v".to_vec()));
     assert!(store.client().read_value(0, "/keep").unwrap().is_ok());
+
+    // A flood of connections: beyond the limit they are closed; the store
+    // and its clients carry on, and freed places are served again.
+    let d = tmpdir("store-conn-flood");
+    let store = Store::start(&d, &["--max-connections", "8"]);
+    let mut held: Vec<Client> = (0..8).map(|_| store.client()).collect();
+    let mut extra = std::os::unix::net::UnixStream::connect(&store.sock).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = extra.write_all(&staunch_store::wire::encode(Op::Read as u32, 1, 0, b"/\0"));
+    let mut buf = [0u8; 16];
+    assert!(matches!(extra.read(&mut buf), Ok(0) | Err(_)), "a ninth connection was served");
+    assert!(held[0].read_value(0, "/").unwrap().is_ok());
+    held.pop();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(store.client().read_value(0, "/").unwrap().is_ok());
 }
 
 /// kill -9 at every durability failpoint: after restart, every acknowledged
