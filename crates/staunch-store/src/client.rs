@@ -94,7 +94,8 @@ impl Client {
         let started = std::time::Instant::now();
         let mut wait = Duration::from_millis(1);
         loop {
-            if self.stream.is_none() {
+            let fresh = self.stream.is_none();
+            if fresh {
                 self.reconnect()?;
             }
             match self.once(op, tx, payload) {
@@ -116,8 +117,10 @@ impl Client {
                     if !idempotent || started.elapsed() >= self.reconnect_for {
                         return Err(e);
                     }
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_millis(100));
+                    if fresh {
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_millis(100));
+                    }
                 }
             }
         }
