@@ -8,7 +8,7 @@
 //! process is gone), the follower syncs its log, takes over the client
 //! socket (renamed over the old one) and serves.
 
-use crate::tree::{Changes, Node, Tree};
+use crate::tree::{Changes, Tree};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -21,10 +21,9 @@ const MAX: usize = 1 << 30;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ReplMsg {
     Hello,
+    /// The whole tree at its record, in the snapshot file's encoding.
     Snapshot {
-        seq: u64,
-        generation: u64,
-        nodes: Vec<(String, Node)>,
+        bytes: Vec<u8>,
     },
     Record {
         seq: u64,
@@ -75,12 +74,9 @@ pub fn recv(s: &mut UnixStream) -> std::io::Result<ReplMsg> {
     bincode::deserialize(&b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-pub fn snapshot_of(tree: &Tree, seq: u64) -> ReplMsg {
-    ReplMsg::Snapshot {
-        seq,
-        generation: tree.generation,
-        nodes: tree.iter().map(|(p, n)| (p.clone(), n.clone())).collect(),
-    }
+pub fn snapshot_of(tree: &Tree, seq: u64) -> std::io::Result<ReplMsg> {
+    let bytes = crate::wal::encode_snapshot(tree, seq).map_err(std::io::Error::other)?;
+    Ok(ReplMsg::Snapshot { bytes })
 }
 
 pub fn decode_changes(payload: &[u8]) -> std::io::Result<Changes> {

@@ -95,12 +95,12 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
     };
     let primary = crate::repl::peer_pidfd(&s).map_err(serr)?;
     crate::repl::send(&mut s, &ReplMsg::Hello).map_err(serr)?;
-    let ReplMsg::Snapshot { seq, generation, nodes } = crate::repl::recv(&mut s).map_err(serr)? else {
+    let ReplMsg::Snapshot { bytes } = crate::repl::recv(&mut s).map_err(serr)? else {
         return Err(serr(std::io::Error::new(std::io::ErrorKind::InvalidData, "expected a snapshot")));
     };
-    let mut tree = Tree::from_nodes(nodes, generation);
     let (mut wal, _, _) = Wal::open(&cfg.data)?;
-    wal.install(&tree, seq)?;
+    let mut tree = wal.install(&bytes)?;
+    let seq = wal.seq();
     tracing::info!(nodes = tree.len(), seq, "standby: following the primary");
     crate::emit(
         cfg.events.as_deref(),
@@ -128,14 +128,13 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
                     break Instant::now();
                 }
             }
-            Ok(ReplMsg::Snapshot { seq, generation, nodes }) => {
+            Ok(ReplMsg::Snapshot { bytes }) => {
                 // The primary found us diverged: start over from its copy.
-                tree = Tree::from_nodes(nodes, generation);
-                wal.install(&tree, seq)?;
+                tree = wal.install(&bytes)?;
                 crate::emit(
                     cfg.events.as_deref(),
                     "store-standby-resynced",
-                    serde_json::json!({"component": "store", "nodes": tree.len(), "seq": seq}),
+                    serde_json::json!({"component": "store", "nodes": tree.len(), "seq": wal.seq()}),
                 );
             }
             Ok(ReplMsg::Corrupt { path }) => {
@@ -198,8 +197,8 @@ fn serve(cfg: &Config, wal: Wal, tree: Tree, replayed: u64, t: Instant) -> Resul
                     continue;
                 }
                 let mut s = lock(&sh);
-                let snap = crate::repl::snapshot_of(&s.tree, s.wal.seq());
-                if crate::repl::send(&mut f, &snap).is_ok() {
+                let sent = crate::repl::snapshot_of(&s.tree, s.wal.seq()).and_then(|m| crate::repl::send(&mut f, &m));
+                if sent.is_ok() {
                     let _ = f.set_read_timeout(Some(Duration::from_secs(1)));
                     s.followers.push(f);
                     tracing::info!("store: a standby follows");
@@ -676,7 +675,7 @@ fn scrub(s: &mut Shared) -> serde_json::Value {
     // The standby must hold the very same tree at the same record.
     let (seq, hash) = (s.wal.seq(), s.tree.hash);
     let mut standby = Vec::new();
-    let snap = crate::repl::snapshot_of(&s.tree, seq);
+    let tree = &s.tree;
     s.followers.retain_mut(|f| {
         let theirs = crate::repl::send(f, &ReplMsg::Check { seq, hash }).ok().and_then(|()| crate::repl::recv(f).ok());
         match theirs {
@@ -686,7 +685,7 @@ fn scrub(s: &mut Shared) -> serde_json::Value {
             }
             Some(ReplMsg::Checked { .. }) => {
                 standby.push("diverged: resynced");
-                crate::repl::send(f, &snap).is_ok()
+                crate::repl::snapshot_of(tree, seq).and_then(|m| crate::repl::send(f, &m)).is_ok()
             }
             _ => false,
         }

@@ -401,18 +401,6 @@ impl Tree {
         }
         Tree { nodes, generation, owned, hash }
     }
-
-    /// Rebuild from a snapshot's nodes.
-    pub fn from_nodes(nodes: Vec<(String, Node)>, generation: u64) -> Tree {
-        let mut t = Tree { nodes: Shards::new(), generation, owned: HashMap::new(), hash: 0 };
-        for (p, n) in nodes {
-            t.insert(p, n);
-        }
-        if t.nodes.len() == 0 {
-            return Tree::default();
-        }
-        t
-    }
 }
 
 /// What a transaction (or one plain request) has read and written so far.

@@ -149,12 +149,6 @@ impl Wal {
         self.log.sync_data().map_err(io(&p))
     }
 
-    /// Replace everything with `tree` as of the primary's record `seq`.
-    pub fn install(&mut self, tree: &Tree, seq: u64) -> Result<(), WalError> {
-        self.seq = seq;
-        self.compact(tree)
-    }
-
     fn write_record(&mut self, seq: u64, payload: &[u8], sync: bool) -> Result<(), WalError> {
         let mut rec = Vec::with_capacity(REC_HEADER + payload.len());
         rec.extend_from_slice(&REC_MAGIC.to_le_bytes());
@@ -185,9 +179,24 @@ impl Wal {
     /// Write `tree` as the new snapshot and empty the log.
     pub fn compact(&mut self, tree: &Tree) -> Result<(), WalError> {
         let b = encode_snapshot(tree, self.seq)?;
+        self.replace_with(&b)
+    }
+
+    /// Replace everything with a snapshot as the primary encoded it (at
+    /// the primary's record number, which this log continues from).
+    pub fn install(&mut self, snapshot: &[u8]) -> Result<Tree, WalError> {
+        let (tree, seq) = decode_snapshot(snapshot).map_err(|e| WalError::BadSnapshot("(replicated)".into(), e))?;
+        self.seq = seq;
+        self.replace_with(snapshot)?;
+        Ok(tree)
+    }
+
+    /// Write `b` (an encoded snapshot at `self.seq`) in place of the old
+    /// snapshot, then empty the log.
+    fn replace_with(&mut self, b: &[u8]) -> Result<(), WalError> {
         let (tmp, dst) = (self.dir.join("store.snap.tmp"), Self::snapshot_path(&self.dir));
         let f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all_at(&b, 0).map_err(io(&tmp))?;
+        f.write_all_at(b, 0).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         fault::hit(&fault::STORE_COMPACT_SNAPSHOT).map_err(|e| WalError::Injected(e.to_string()))?;
         std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
@@ -269,7 +278,7 @@ fn parse_record(b: &[u8]) -> Option<(u64, Changes, usize)> {
 /// each shard (bincode of its map) with its own length and CRC in the meta.
 /// The tree's map is stored as it is, so a restart decodes straight into
 /// it, shards in parallel.
-fn encode_snapshot(tree: &Tree, seq: u64) -> Result<Vec<u8>, WalError> {
+pub(crate) fn encode_snapshot(tree: &Tree, seq: u64) -> Result<Vec<u8>, WalError> {
     let (nodes, owned) = tree.parts();
     let blobs: Vec<Vec<u8>> = nodes
         .0
