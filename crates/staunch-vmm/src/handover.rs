@@ -203,12 +203,6 @@ impl Successor {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-
-    /// Hand the VM over for good; the successor is ours no more.
-    pub fn commit(self) -> Result<u32, HandoverError> {
-        self.link.send(&Msg::Commit, &[])?;
-        Ok(self.child.id())
-    }
 }
 
 /// The VM runs in successor `pid` now. The VM's first process stays as its

@@ -493,6 +493,12 @@ fn spawn_spare(core: &Arc<Core>) {
     });
 }
 
+/// A device's lock: taken (poison ignored: the state is saved as it is, the
+/// successor checks it), or after a crash only tried for a moment.
+fn lock_device<T: ?Sized>(m: &Mutex<T>, crash: bool) -> Option<MutexGuard<'_, T>> {
+    if crash { try_lock_for(m) } else { Some(m.lock().unwrap_or_else(|p| p.into_inner())) }
+}
+
 /// A lock after a crash: one held by a live thread is released within
 /// microseconds; one held by the dead thread never is. Poison is ignored
 /// (the state is saved as it is, the successor checks it).
@@ -558,7 +564,7 @@ pub struct RunningVm {
 impl Core {
     /// Capture the whole VM. The vCPUs must be paused.
     pub(crate) fn save(&self, cause: &str, paused_at_ns: u64, crash: bool) -> Result<VmRecord, VmmError> {
-        let devices = if crash { self.devices_after_crash() } else { self.devices() };
+        let devices = self.devices(&self.hold_transports(crash), crash);
         self.save_with(cause, paused_at_ns, crash, devices)
     }
 
@@ -594,48 +600,30 @@ impl Core {
         })
     }
 
-    fn devices(&self) -> DevicesState {
+    /// The virtio transports' locks: held while their state is read (and,
+    /// by a handover, until the process ends, so queue workers can no longer
+    /// touch the guest). After a crash a lock may belong to the dead thread:
+    /// it is only tried for a moment, and `None` means "use the copy the
+    /// transport published".
+    fn hold_transports(&self, crash: bool) -> Vec<Option<MutexGuard<'_, MmioTransport>>> {
+        self.transports.iter().map(|t| lock_device(t, crash)).collect()
+    }
+
+    /// Every device's state, the transports' from `held`. After a crash a
+    /// device whose lock cannot be had is saved from its published copy
+    /// (transports) or as at power-on (UART, i8042).
+    fn devices(&self, held: &[Option<MutexGuard<'_, MmioTransport>>], crash: bool) -> DevicesState {
         DevicesState {
-            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            virtio: self.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).state()).collect(),
-        }
-    }
-
-    /// Device state when a thread may have died holding a device's lock:
-    /// try each lock for a while, then fall back to the published copy
-    /// (transports) or a freshly reset device (UART, i8042).
-    fn devices_after_crash_without_transports(&self) -> DevicesState {
-        let mut d = self.devices_after_crash_with(false);
-        d.virtio.clear();
-        d
-    }
-
-    fn devices_after_crash(&self) -> DevicesState {
-        self.devices_after_crash_with(true)
-    }
-
-    fn devices_after_crash_with(&self, transports: bool) -> DevicesState {
-        let fresh_serial =
-            || Serial::new(Arc::new(EventFd::new(0).expect("eventfd")), Box::new(std::io::sink())).state();
-        let virtio = if !transports {
-            Vec::new()
-        } else {
-            self.transports
+            serial: lock_device(&self.serial, crash).map(|s| s.state()).unwrap_or_default(),
+            i8042: lock_device(&self.i8042, crash).map(|k| k.state()).unwrap_or_default(),
+            virtio: held
                 .iter()
                 .zip(&self.shadows)
-                .map(|(t, sh)| {
-                    try_lock_for(t)
-                        .map(|t| t.state())
-                        .or_else(|| try_lock_for(sh).map(|s| s.clone()))
-                        .unwrap_or_else(|| sh.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .map(|(g, sh)| match g {
+                    Some(g) => g.state(),
+                    None => sh.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 })
-                .collect()
-        };
-        DevicesState {
-            serial: try_lock_for(&self.serial).map(|s| s.state()).unwrap_or_else(fresh_serial),
-            i8042: try_lock_for(&self.i8042).map(|k| k.state()).unwrap_or_default(),
-            virtio,
+                .collect(),
         }
     }
 
@@ -663,29 +651,8 @@ impl Core {
     /// After a crash a lock may belong to the dead thread: such a device is
     /// saved from the copy it published.
     pub(crate) fn hand_over(&self, succ: &Successor, cause: &str, t0: u64, crash: bool) -> Result<(), VmmError> {
-        let held: Vec<Option<MutexGuard<'_, MmioTransport>>> = self
-            .transports
-            .iter()
-            .map(|t| if crash { try_lock_for(t) } else { Some(t.lock().unwrap_or_else(|p| p.into_inner())) })
-            .collect();
-        let devices = if crash {
-            let mut d = self.devices_after_crash_without_transports();
-            d.virtio = held
-                .iter()
-                .zip(&self.shadows)
-                .map(|(g, sh)| match g {
-                    Some(g) => g.state(),
-                    None => sh.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                })
-                .collect();
-            d
-        } else {
-            DevicesState {
-                serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
-                i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-                virtio: held.iter().flatten().map(|t| t.state()).collect(),
-            }
-        };
+        let held = self.hold_transports(crash);
+        let devices = self.devices(&held, crash);
         let sent = (|| -> Result<(), VmmError> {
             let rec = self.save_with(cause, t0, crash, devices)?;
             let (memfd, console, _) = self.preserve(rec)?;
@@ -1096,12 +1063,10 @@ impl RunningVm {
         let started = Instant::now();
         // The ready spare runs this very image; a different binary needs its
         // own successor, prepared now while the guest runs.
-        let (succ, prepare_ms) = match (&binary, self.core.take_spare()) {
-            (None, Some(spare)) => (spare, 0.0),
-            (_, spare) => {
-                if let Some(s) = spare {
-                    *self.core.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-                }
+        let spare = if binary.is_none() { self.core.take_spare() } else { None };
+        let (succ, prepare_ms) = match spare {
+            Some(spare) => (spare, 0.0),
+            None => {
                 let bin = binary.clone().unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
                 let succ = Successor::spawn(&bin)?;
                 match self.core.prepare(&succ) {
