@@ -135,6 +135,30 @@ impl LiveVm {
         bail!("no spare successor became ready")
     }
 
+    /// `rounds` injections of `spec`, each measured around its `kind`
+    /// event (the VMM column from `vmm_ms`), each with a ready spare first
+    /// if `spare`.
+    fn injections(
+        &self,
+        what: &str,
+        spec: &str,
+        kind: &str,
+        rounds: usize,
+        spare: bool,
+        vmm_ms: impl Fn(&Value) -> f64,
+    ) -> Result<Row> {
+        let mut row = Row::new(what);
+        for _ in 0..rounds {
+            if spare {
+                self.wait_spare()?;
+            }
+            let (g, ev) = self.around(kind, || self.arm(spec))?;
+            row.guest.push(g);
+            row.vmm.push(vmm_ms(&ev));
+        }
+        Ok(row)
+    }
+
     fn arm(&self, spec: &str) -> Result<()> {
         match request(&self.sock, &ApiRequest::Failpoint { spec: spec.into() }) {
             Ok(r) => anyhow::ensure!(r.ok, "{:?}", r.error),
@@ -160,6 +184,12 @@ impl Drop for LiveVm {
     fn drop(&mut self) {
         staunch_vmm::handover::kill_family(self.child.id());
         let _ = self.child.wait();
+    }
+}
+
+impl Row {
+    fn new(what: impl Into<String>) -> Row {
+        Row { what: what.into(), guest: vec![], vmm: vec![], qemu: vec![] }
     }
 }
 
@@ -312,8 +342,7 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
     for &(mem, vcpus) in configs {
         eprintln!("warm upgrade, {mem} MiB, {vcpus} vCPU ...");
         let vm = LiveVm::start(&dir.join("up"), mem, vcpus, COUNTER)?;
-        let mut row =
-            Row { what: format!("warm upgrade, {mem} MiB, {vcpus} vCPU"), guest: vec![], vmm: vec![], qemu: vec![] };
+        let mut row = Row::new(format!("warm upgrade, {mem} MiB, {vcpus} vCPU"));
         if let Some(q) = &qemu {
             for _ in 0..rounds {
                 match qemu_cpr(q, &dir.join("qemu"), mem, vcpus) {
@@ -337,51 +366,24 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
     // Crash re-exec, hang escalation and microreset in one 1 GiB VM.
     eprintln!("crash re-exec, hang, microreset ...");
     let vm = LiveVm::start(&dir.join("crash"), 1024, 1, COUNTER)?;
-    let mut crash = Row {
-        what: "crash (SIGSEGV in a device) -> spare takes over, 1 GiB".into(),
-        guest: vec![],
-        vmm: vec![],
-        qemu: vec![],
-    };
-    for _ in 0..rounds {
-        vm.wait_spare()?;
-        let (g, ev) = vm.around("resumed", || vm.arm("pio.write=segv"))?;
-        crash.guest.push(g);
-        crash.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0));
-    }
-    let mut hang = Row {
-        what: "hang (100 ms watchdog) -> spare takes over, 1 GiB".into(),
-        guest: vec![],
-        vmm: vec![],
-        qemu: vec![],
-    };
-    for _ in 0..rounds.min(3) {
-        vm.wait_spare()?;
-        let (g, ev) = vm.around("resumed", || vm.arm("pio.write=hang"))?;
-        hang.guest.push(g);
-        hang.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0) + 100.0);
-    }
-    let mut micro =
-        Row { what: "microreset (panic in the UART model)".into(), guest: vec![], vmm: vec![], qemu: vec![] };
-    for _ in 0..rounds {
-        let (g, ev) = vm.around("microreset", || vm.arm("serial.write=panic"))?;
-        micro.guest.push(g);
-        micro.vmm.push(ev["recovery_us"].as_f64().unwrap_or(0.0) / 1000.0);
-    }
+    let pause = |ev: &Value| ev["guest_pause_ms"].as_f64().unwrap_or(0.0);
+    let what = "crash (SIGSEGV in a device) -> spare takes over, 1 GiB";
+    let crash = vm.injections(what, "pio.write=segv", "resumed", rounds, true, pause)?;
+    let what = "hang (100 ms watchdog) -> spare takes over, 1 GiB";
+    let hang = vm.injections(what, "pio.write=hang", "resumed", rounds.min(3), true, |ev| pause(ev) + 100.0)?;
+    let micro = vm.injections(
+        "microreset (panic in the UART model)",
+        "serial.write=panic",
+        "microreset",
+        rounds,
+        false,
+        |ev| ev["recovery_us"].as_f64().unwrap_or(0.0) / 1000.0,
+    )?;
     vm.stop();
     // The same crash without a spare, on its own (no other guest running).
     let bare = LiveVm::start_with(&dir.join("crash-exec"), 1024, 1, COUNTER, &["--no-spare"])?;
-    let mut reexec = Row {
-        what: "crash (SIGSEGV in a device) -> re-exec, no spare, 1 GiB".into(),
-        guest: vec![],
-        vmm: vec![],
-        qemu: vec![],
-    };
-    for _ in 0..rounds {
-        let (g, ev) = bare.around("resumed", || bare.arm("pio.write=segv"))?;
-        reexec.guest.push(g);
-        reexec.vmm.push(ev["guest_pause_ms"].as_f64().unwrap_or(0.0));
-    }
+    let what = "crash (SIGSEGV in a device) -> re-exec, no spare, 1 GiB";
+    let reexec = bare.injections(what, "pio.write=segv", "resumed", rounds, false, pause)?;
     bare.stop();
     rows.extend([crash, reexec, hang, micro]);
 
@@ -389,12 +391,7 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
     let snaps: &[(u64, u64)] = if quick { &[(256, 64)] } else { &[(256, 200), (1024, 800)] };
     for &(mem, used) in snaps {
         eprintln!("snapshot + restore, {mem} MiB ({used} MiB used) ...");
-        let mut row = Row {
-            what: format!("snapshot to file + restore, {mem} MiB, {used} MiB used"),
-            guest: vec![],
-            vmm: vec![],
-            qemu: vec![],
-        };
+        let mut row = Row::new(format!("snapshot to file + restore, {mem} MiB, {used} MiB used"));
         for _ in 0..rounds.min(3) {
             let d = dir.join("snap");
             let vm = LiveVm::start(&d, mem, 1, &format!("{COUNTER} staunch.touch={used}"))?;
@@ -427,8 +424,7 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>) -> Result<i32> {
 
     // Cold reboot: a new VM from the kernel; the guest's state is gone.
     eprintln!("cold reboot ...");
-    let mut cold =
-        Row { what: "cold reboot (new VM, state lost), 1 GiB".into(), guest: vec![], vmm: vec![], qemu: vec![] };
+    let mut cold = Row::new("cold reboot (new VM, state lost), 1 GiB");
     for _ in 0..rounds {
         let t = Instant::now();
         let mut c = Command::new("/proc/self/exe");

@@ -237,7 +237,7 @@ pub fn run(quick: bool) -> Result<i32> {
     let s_tx = rate(n / 2, t);
 
     // Failover: a standby follows; the primary is SIGKILLed under writes.
-    let (standby, _) = (store(&sock, &dir.join("standby"), true)?, ());
+    let standby = store(&sock, &dir.join("standby"), true)?;
     std::thread::sleep(Duration::from_millis(300));
     let mut gaps = Vec::new();
     let mut prim = primary;

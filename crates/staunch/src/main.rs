@@ -187,7 +187,7 @@ fn store(a: StoreArgs) -> Result<i32> {
         s.replayed,
         s.open_ms
     );
-    staunch_vmm::events::emit(
+    staunch_store::emit(
         cfg.events.as_deref(),
         "store-serving",
         serde_json::json!({"socket": cfg.socket, "nodes": s.nodes, "replayed": s.replayed, "open_ms": s.open_ms}),
