@@ -7,11 +7,22 @@
 //!
 //! Actions: `panic`, `error` (the call site returns an error), `hang` (the
 //! thread sleeps forever), `corrupt` (the call site corrupts a named field),
-//! `segv` (a real invalid memory access), `abort`, `stack-overflow`, and
-//! `kill` (SIGKILL to the own process: `kill -9` at exactly that point; not
-//! in the VMM campaign's catalog, which injects SIGKILL from outside).
+//! `segv` (a real invalid memory access), `abort`, `stack-overflow`,
+//! `slow` (the thread stalls for [`SLOW`], then goes on: what a loaded host
+//! makes of a thread; not in the campaign's catalog), and `kill` (SIGKILL to
+//! the own process: `kill -9` at exactly that point; not in the VMM
+//! campaign's catalog, which injects SIGKILL from outside).
+//!
+//! Each firing is counted per point and reported to an optional hook before
+//! the action runs, so a campaign can tell a fault that fired from one that
+//! was armed but never hit.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How long a `slow` action stalls its thread.
+pub const SLOW: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -25,6 +36,7 @@ pub enum Action {
     Abort,
     StackOverflow,
     Kill,
+    Slow,
 }
 
 impl Action {
@@ -49,6 +61,7 @@ impl Action {
             Action::Abort => "abort",
             Action::StackOverflow => "stack-overflow",
             Action::Kill => "kill",
+            Action::Slow => "slow",
         }
     }
 
@@ -62,12 +75,13 @@ impl Action {
             6 => Action::Abort,
             7 => Action::StackOverflow,
             8 => Action::Kill,
+            9 => Action::Slow,
             _ => Action::Off,
         }
     }
 
     pub fn parse(s: &str) -> Option<Action> {
-        Action::ALL.iter().copied().chain([Action::Off, Action::Kill]).find(|a| a.name() == s)
+        Action::ALL.iter().copied().chain([Action::Off, Action::Kill, Action::Slow]).find(|a| a.name() == s)
     }
 }
 
@@ -75,12 +89,28 @@ pub struct Point {
     pub name: &'static str,
     action: AtomicU8,
     remaining: AtomicU32,
+    fired: AtomicU64,
 }
 
 impl Point {
     pub const fn new(name: &'static str) -> Point {
-        Point { name, action: AtomicU8::new(0), remaining: AtomicU32::new(0) }
+        Point { name, action: AtomicU8::new(0), remaining: AtomicU32::new(0), fired: AtomicU64::new(0) }
     }
+
+    /// How many times an armed action fired here in this process.
+    pub fn fired(&self) -> u64 {
+        self.fired.load(Ordering::Relaxed)
+    }
+}
+
+/// Called with the point and the action each time one fires, before the
+/// action runs (a fatal action gives no other chance to tell).
+pub type FiredHook = fn(&'static Point, Action);
+static FIRED_HOOK: OnceLock<FiredHook> = OnceLock::new();
+
+/// Install the hook (once per process; later calls are ignored).
+pub fn on_fired(hook: FiredHook) {
+    let _ = FIRED_HOOK.set(hook);
 }
 
 /// How many points are armed; zero keeps every check on the fast path.
@@ -105,6 +135,7 @@ points! {
     SERIAL_WRITE = "serial.write": "the UART's register write";
     RECORD_SAVE = "record.save": "saving the preserved record (corrupt: flip a byte after the CRC)";
     API_REQUEST = "api.request": "the control socket's request handler (outside any contained region)";
+    API_REPLY = "api.reply": "the control socket's connection thread, about to write a reply";
 }
 
 points! {
@@ -191,6 +222,10 @@ fn check_slow(p: &'static Point) -> Option<Action> {
     if left == 1 {
         arm(p, Action::Off, 0);
     }
+    p.fired.fetch_add(1, Ordering::Relaxed);
+    if let Some(hook) = FIRED_HOOK.get() {
+        hook(p, a);
+    }
     Some(a)
 }
 
@@ -255,6 +290,10 @@ fn act(p: &'static Point, a: Action) -> Result<bool, Injected> {
         Action::Corrupt => Ok(true),
         Action::Error => Err(Injected(p.name)),
         Action::Panic => panic!("injected panic at failpoint {}", p.name),
+        Action::Slow => {
+            std::thread::sleep(SLOW);
+            Ok(false)
+        }
         Action::Hang => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },
@@ -301,6 +340,8 @@ mod tests {
         configure("pio.read=corrupt").unwrap();
         assert_eq!(hit(&PIO_READ), Ok(true));
         assert_eq!(hit(&PIO_READ), Ok(false));
+        assert_eq!(VCPU_LOOP.fired(), 2);
+        assert_eq!(PIO_READ.fired(), 1);
     }
 
     #[test]

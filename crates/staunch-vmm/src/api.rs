@@ -11,8 +11,36 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Sender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::time::Duration;
+
+/// How long a VMM that is about to stop waits for its last reply to be
+/// written. The connection thread writes as soon as it has the answer, so
+/// this only runs out when the thread itself is stuck.
+const REPLY_WRITTEN_WITHIN: Duration = Duration::from_secs(10);
+
+/// Where the answer to one request goes, and word back once the connection
+/// thread has written it to the socket (or failed to).
+pub struct Reply {
+    tx: SyncSender<ApiResponse>,
+    written: Receiver<()>,
+}
+
+impl Reply {
+    /// Answer; the connection thread writes it in its own time.
+    pub fn send(&self, resp: ApiResponse) {
+        let _ = self.tx.send(resp);
+    }
+
+    /// Answer and wait until the reply is on the socket: for the last reply
+    /// of a process (snapshot, upgrade, any stop), which would otherwise race
+    /// the process's exit and reach the client truncated or not at all.
+    pub fn send_and_wait(&self, resp: ApiResponse) {
+        if self.tx.send(resp).is_ok() && self.written.recv_timeout(REPLY_WRITTEN_WITHIN).is_err() {
+            tracing::warn!("a control-socket reply was not written within {REPLY_WRITTEN_WITHIN:?}");
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
@@ -101,13 +129,16 @@ fn connection(conn: UnixStream, tx: Sender<VmEvent>) {
                 let (rtx, rrx) = sync_channel(1);
                 let (wtx, wrx) = sync_channel(1);
                 written = Some(wtx);
-                if tx.send(VmEvent::Api(req, rtx, wrx)).is_err() {
+                if tx.send(VmEvent::Api(req, Reply { tx: rtx, written: wrx })).is_err() {
                     ApiResponse::err("VM is shutting down")
                 } else {
                     rrx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| ApiResponse::err("VM did not answer"))
                 }
             }
         };
+        // A slow connection thread (api.reply=slow) is what a loaded host
+        // makes of it: the VMM must still wait for this write before it leaves.
+        let _ = staunch_fault::hit(&staunch_fault::API_REPLY);
         let sent = writeln!(out, "{}", json!(resp));
         if let Some(w) = written.take() {
             let _ = w.try_send(());
@@ -130,6 +161,14 @@ pub fn request_within(path: &Path, req: &ApiRequest, timeout: Duration) -> std::
     writeln!(s, "{}", json!(req))?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
+    if !line.ends_with('\n') {
+        // A reply is one whole line: anything else means the VMM went away
+        // mid-reply, which is a bug to report, not JSON to guess at.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the VMM closed the connection before its reply was complete ({} bytes read)", line.len()),
+        ));
+    }
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
@@ -147,5 +186,26 @@ mod tests {
         assert!(serde_json::from_str::<ApiRequest>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<ApiRequest>(r#"{"cmd":"pause","x":1}"#).is_err());
         assert!(serde_json::from_str::<ApiRequest>("not json").is_err());
+    }
+
+    /// A server that leaves mid-reply is reported as such, not as bad JSON.
+    #[test]
+    fn truncated_reply_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("staunch-api-trunc-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(c.try_clone().unwrap()).read_line(&mut line).unwrap();
+            c.write_all(br#"{"ok":true,"data":{"by"#).unwrap();
+        });
+        let e = request(&path, &ApiRequest::Status {}).unwrap_err();
+        t.join().unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(e.to_string().contains("before its reply was complete"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -238,6 +238,15 @@ fn rescue() -> ! {
     unsafe { libc::_exit(73) };
 }
 
+/// True if the thread is in uninterruptible sleep (state `D` in
+/// /proc/<tid>/stat): blocked in the kernel on I/O, not stuck in our code.
+fn waiting_for_disk(tid: i32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else { return false };
+    // The state follows the command name, which is in parentheses and may
+    // itself contain spaces or parentheses.
+    s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('D'))
+}
+
 /// True if the thread is runnable but has not had the CPU since the last
 /// look (its run-queue wait grew more than its run time).
 fn waiting_for_cpu(tid: i32) -> bool {
@@ -285,8 +294,10 @@ fn watchdog() {
         for (i, (busy, n, tid)) in now.iter().enumerate() {
             let (_, ln, stuck) = &mut last[i];
             if *busy && *n == *ln {
-                // Runnable but not running is a busy host, not a hang.
-                if !waiting_for_cpu(*tid) {
+                // Runnable but not running is a busy host, and a thread in
+                // the kernel waiting for the disk (a flush on a loaded host)
+                // is slow storage: neither is a hang a new process would cure.
+                if !waiting_for_cpu(*tid) && !waiting_for_disk(*tid) {
                     *stuck += 1;
                 }
             } else {

@@ -20,7 +20,7 @@ use staunch_kvm::{ExitHandler, GuestRam, MemError, StopReason, VcpuControl, Vcpu
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ pub enum VmEvent {
     Stopped(u8, StopReason),
     /// A request, where to answer, and word once the answer is written
     /// (a VMM about to hand over waits for that before it leaves).
-    Api(ApiRequest, SyncSender<ApiResponse>, Receiver<()>),
+    Api(ApiRequest, crate::api::Reply),
 }
 
 struct Exits {
@@ -400,6 +400,7 @@ fn assemble(
         _ => {}
     }
 
+    events::report_failpoints(cfg.events.clone());
     let observer = microreset_observer(cfg.events.clone());
     let i8042 = Arc::new(Mutex::new(match saved {
         Some((s, _)) => I8042::restore(&s.i8042).map_err(VmmError::Device)?,
@@ -1190,15 +1191,16 @@ impl RunningVm {
             };
             match ev {
                 VmEvent::Stopped(_, r) => break r,
-                VmEvent::Api(ApiRequest::Upgrade { binary }, reply, written) => {
+                VmEvent::Api(ApiRequest::Upgrade { binary }, reply) => {
                     // Answered at once; clients poll `status` for the new
-                    // generation (or for `upgrade_failures`).
-                    let _ = reply.send(ApiResponse::ok(json!({"upgrading": true})));
-                    let _ = written.recv_timeout(Duration::from_millis(200));
+                    // generation (or for `upgrade_failures`). The reply is on
+                    // the socket before this process may leave.
+                    reply.send_and_wait(ApiResponse::ok(json!({"upgrading": true})));
                     match self.upgrade(binary) {
                         Ok(pid) => {
                             // Nothing here may touch the guest any more: no
                             // joins, no teardown; the process ends next.
+                            self.refuse_pending(&format!("the VM moved to process {pid}: ask again"));
                             let exit = VmExit {
                                 reason: StopReason::HandedOver(pid),
                                 first_output: self.first_output.get().map(|t| t.duration_since(self.started)),
@@ -1215,16 +1217,18 @@ impl RunningVm {
                         }
                     }
                 }
-                VmEvent::Api(req, reply, _) => {
+                VmEvent::Api(req, reply) => {
                     if matches!(req, ApiRequest::Reboot {}) {
-                        let _ = reply.send(ApiResponse::ok(json!({"rebooting": true})));
+                        reply.send_and_wait(ApiResponse::ok(json!({"rebooting": true})));
                         break StopReason::ColdReboot;
-                    } else {
-                        let _ = reply.send(self.handle_api(req));
-                        if self.snapshotted {
-                            break StopReason::Requested;
-                        }
                     }
+                    let resp = self.handle_api(req);
+                    if self.snapshotted {
+                        // The VM stops next: the reply must be out first.
+                        reply.send_and_wait(resp);
+                        break StopReason::Requested;
+                    }
+                    reply.send(resp);
                 }
             }
         };
@@ -1236,7 +1240,18 @@ impl RunningVm {
         self.finish(StopReason::Requested)
     }
 
+    /// Answer every request still queued, so no client of a VMM that is
+    /// leaving reads a truncated reply or none.
+    fn refuse_pending(&self, why: &str) {
+        while let Ok(ev) = self.events.try_recv() {
+            if let VmEvent::Api(_, reply) = ev {
+                reply.send_and_wait(ApiResponse::err(why));
+            }
+        }
+    }
+
     fn finish(self, reason: StopReason) -> VmExit {
+        self.refuse_pending("the VM stopped");
         crate::crash::disarm();
         if let Some(s) = self.core.take_spare() {
             s.abort("the VM stopped");
