@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod serial;
+pub mod serial_tx;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, DeviceAction, FaultReport, Observer, contained, contained_with};

@@ -3,9 +3,14 @@
 
 use crate::Interrupt;
 use crate::bus::{BusDevice, DeviceAction};
+use crate::serial_tx::{LedgerWriter, TxLedger, TxState};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// The transmit holding register's offset, and the divisor-latch bit.
+const THR: u64 = 0;
+const LCR_DLAB: u8 = 0x80;
 
 pub struct IrqTrigger(pub Arc<dyn Interrupt>);
 
@@ -28,6 +33,14 @@ pub struct Serial {
     /// microreset goes back to this copy and the access is retried.
     good: SerialState,
     seal: u64,
+    /// Transmitted bytes: exactly-once across microreset and recovery.
+    ledger: Arc<TxLedger>,
+    /// The next write retries one that failed (microreset) or that a crash
+    /// interrupted (restored): the ledger says whether its byte went out.
+    retry: bool,
+    /// `good`, published for the crash path, which cannot take the lock a
+    /// dead thread may hold.
+    published: Arc<Mutex<SerialState>>,
 }
 
 /// Versioned, serializable UART state.
@@ -44,25 +57,39 @@ pub struct SerialState {
     pub modem_status: u8,
     pub scratch: u8,
     pub rx_fifo: Vec<u8>,
+    /// Version 2: the transmit ledger (not part of the register check).
+    pub tx: TxState,
 }
+
+const VERSION: u32 = 2;
 
 impl Serial {
     pub fn new(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>) -> Self {
-        Self::sealed(vm_superio::Serial::new(IrqTrigger(irq), out))
+        let ledger = TxLedger::new();
+        let w = LedgerWriter::new(ledger.clone(), out);
+        Self::sealed(vm_superio::Serial::new(IrqTrigger(irq), Box::new(w)), ledger, false)
     }
 
-    fn sealed(uart: Uart) -> Self {
-        let mut s = Serial { uart, good: SerialState::default(), seal: 0 };
+    fn sealed(uart: Uart, ledger: Arc<TxLedger>, retry: bool) -> Self {
+        let mut s = Serial {
+            uart,
+            good: SerialState::default(),
+            seal: 0,
+            ledger,
+            retry,
+            published: Arc::new(Mutex::new(SerialState::default())),
+        };
         s.commit();
         s
     }
 
     fn commit(&mut self) {
         // Most accesses (a byte out) leave the registers as they were: hash
-        // only what changed.
-        let now = self.state();
+        // (and publish) only what changed.
+        let now = self.regs();
         if now != self.good || self.seal == 0 {
             self.seal = checksum(&now);
+            *self.published.lock().unwrap_or_else(|p| p.into_inner()) = now.clone();
             self.good = now;
         }
     }
@@ -70,7 +97,7 @@ impl Serial {
     /// Panics (inside the bus's contained region) if the registers changed
     /// since the last access.
     fn check(&self) {
-        let now = self.state();
+        let now = self.regs();
         if now != self.good {
             panic!(
                 "UART state corrupted outside the device model ({}): checksum mismatch",
@@ -97,14 +124,29 @@ impl Serial {
         Ok(())
     }
 
-    /// Rebuild a UART from saved state (registers and pending input).
+    /// Rebuild a UART from saved state (registers, pending input, and the
+    /// transmit ledger, whose unsent bytes go to `out` first).
     pub fn restore(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>, s: &SerialState) -> Result<Self, String> {
-        if s.version != 1 {
-            return Err(format!("serial state version {} is not supported", s.version));
+        if s.version != VERSION {
+            return Err(format!("serial state version {} is not supported (expected {VERSION})", s.version));
         }
+        let ledger = TxLedger::restore(&s.tx);
+        let mut w = LedgerWriter::new(ledger.clone(), out);
+        w.drain();
+        let out: Box<dyn Write + Send> = Box::new(w);
         let uart = vm_superio::Serial::from_state(&to_superio(s), IrqTrigger(irq), vm_superio::serial::NoEvents, out)
             .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(Self::sealed(uart))
+        Ok(Self::sealed(uart, ledger, s.tx.access.is_some()))
+    }
+
+    /// The transmit ledger, for the crash path.
+    pub fn ledger(&self) -> Arc<TxLedger> {
+        self.ledger.clone()
+    }
+
+    /// The last committed registers, kept current for the crash path.
+    pub fn published(&self) -> Arc<Mutex<SerialState>> {
+        self.published.clone()
     }
 
     /// Queue input for the guest; returns how many bytes fit in the FIFO.
@@ -118,8 +160,20 @@ impl Serial {
         n
     }
 
-    pub fn state(&self) -> SerialState {
+    /// Registers and FIFO, what the integrity check covers.
+    fn regs(&self) -> SerialState {
         from_superio(self.uart.state())
+    }
+
+    pub fn state(&self) -> SerialState {
+        SerialState { tx: self.ledger.state(), ..self.regs() }
+    }
+
+    /// Saved state after a crash, without the lock a dead thread may hold:
+    /// the published registers and the lock-free ledger.
+    pub fn state_after_crash(published: &Mutex<SerialState>, ledger: &TxLedger) -> SerialState {
+        let regs = published.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        SerialState { tx: ledger.state(), ..regs }
     }
 }
 
@@ -132,6 +186,8 @@ impl BusDevice for Serial {
         if self.rebuild(&good).is_ok() {
             self.commit();
         }
+        // The access is retried next; the ledger keeps what it transmitted.
+        self.retry = true;
     }
 
     /// Flip the divisor-latch bit of the line control register: unnoticed,
@@ -160,9 +216,26 @@ impl BusDevice for Serial {
             Ok(false) => {}
         }
         self.check();
+        let retry = std::mem::take(&mut self.retry);
+        let transmit = offset == THR && self.good.line_control & LCR_DLAB == 0;
+        if transmit {
+            if retry && self.ledger.interrupted_access_accepted() {
+                // The failed or interrupted attempt had already accepted
+                // this byte: sending it again would double it. It may not
+                // have reached the sink yet: drain.
+                self.ledger.end_access();
+                let _ = self.uart.writer_mut().flush();
+                self.commit();
+                return DeviceAction::Continue;
+            }
+            self.ledger.begin_access();
+        }
         if let (Ok(off), Some(b)) = (u8::try_from(offset), data.first()) {
             // An output error (closed pipe) must not stop the guest.
             let _ = self.uart.write(off, *b);
+        }
+        if transmit {
+            self.ledger.end_access();
         }
         self.commit();
         DeviceAction::Continue
@@ -178,7 +251,7 @@ impl Default for SerialState {
 
 fn from_superio(s: vm_superio::serial::SerialState) -> SerialState {
     SerialState {
-        version: 1,
+        version: VERSION,
         divisor_low: s.baud_divisor_low,
         divisor_high: s.baud_divisor_high,
         interrupt_enable: s.interrupt_enable,
@@ -189,6 +262,7 @@ fn from_superio(s: vm_superio::serial::SerialState) -> SerialState {
         modem_status: s.modem_status,
         scratch: s.scratch,
         rx_fifo: s.in_buffer,
+        tx: TxState::default(),
     }
 }
 
@@ -268,6 +342,34 @@ mod tests {
         write(b'c');
         assert_eq!(&*out.0.lock().unwrap(), b"abc");
         assert_eq!(dev.lock().unwrap().state().line_control & 0x80, 0);
+    }
+
+    /// A sink that fails (panics) once, after the byte was accepted.
+    struct FlakySink(Out, bool);
+    impl Write for FlakySink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if std::mem::take(&mut self.1) {
+                panic!("sink failed");
+            }
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A fault after the byte was accepted: microreset retries the access,
+    /// which must not send the byte again, and the byte still goes out.
+    #[test]
+    fn microreset_after_transmit_neither_loses_nor_doubles() {
+        let out = Out::default();
+        let dev = Mutex::new(Serial::new(Arc::new(NoIrq), Box::new(FlakySink(out.clone(), true))));
+        let write = |b: u8| crate::bus::contained("serial", &dev, None, None, |s| s.write(0, &[b]));
+        assert!(write(b'a').is_some());
+        assert!(write(b'b').is_some());
+        assert_eq!(&*out.0.lock().unwrap(), b"ab");
+        let st = dev.lock().unwrap().state();
+        assert_eq!((st.tx.accepted, st.tx.sunk, st.tx.access), (2, 2, None));
     }
 
     #[test]

@@ -80,6 +80,60 @@ pub struct VcpuControl {
     pub busy: std::sync::atomic::AtomicBool,
     /// The kernel thread id, for signals from a watchdog or crash path.
     pub tid: std::sync::atomic::AtomicI32,
+    /// The write exit being served right now, for the crash path.
+    pending: PendingSlot,
+}
+
+/// A guest write (port I/O `out` or MMIO store) whose exit a crash
+/// interrupted: the crash path completes it in KVM, so the guest is past the
+/// instruction on every KVM flavour (some report the instruction pointer at
+/// the instruction until the exit completes, some past it), and the
+/// successor replays it to the device, which knows whether it already took
+/// effect (see the UART's transmit ledger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingWrite {
+    pub vcpu: u8,
+    pub mmio: bool,
+    pub addr: u64,
+    pub len: u8,
+    pub data: [u8; 8],
+}
+
+/// Lock-free, so the crash path can read it whatever the thread was doing.
+#[derive(Default)]
+struct PendingSlot {
+    /// 0: none; 1: port I/O; 2: MMIO. Written last on set, first on clear.
+    kind: AtomicU8,
+    addr: AtomicU64,
+    len: AtomicU8,
+    data: AtomicU64,
+}
+
+impl PendingSlot {
+    fn set(&self, mmio: bool, addr: u64, data: &[u8]) {
+        let mut d = [0u8; 8];
+        let n = data.len().min(8);
+        d[..n].copy_from_slice(&data[..n]);
+        self.addr.store(addr, Ordering::Relaxed);
+        self.len.store(n as u8, Ordering::Relaxed);
+        self.data.store(u64::from_le_bytes(d), Ordering::Relaxed);
+        self.kind.store(if mmio { 2 } else { 1 }, Ordering::Release);
+    }
+
+    fn clear(&self) {
+        self.kind.store(0, Ordering::Release);
+    }
+
+    fn get(&self, vcpu: u8) -> Option<PendingWrite> {
+        let kind = self.kind.load(Ordering::Acquire);
+        (kind != 0).then(|| PendingWrite {
+            vcpu,
+            mmio: kind == 2,
+            addr: self.addr.load(Ordering::Relaxed),
+            len: self.len.load(Ordering::Relaxed),
+            data: self.data.load(Ordering::Relaxed).to_le_bytes(),
+        })
+    }
 }
 
 fn kick_signal() -> i32 {
@@ -111,7 +165,14 @@ impl VcpuControl {
             microresets: AtomicU64::new(0),
             busy: std::sync::atomic::AtomicBool::new(false),
             tid: std::sync::atomic::AtomicI32::new(0),
+            pending: PendingSlot::default(),
         })
+    }
+
+    /// The write exit a crash interrupted on this vCPU, if any (completed in
+    /// KVM by the crash path, not yet by a device).
+    pub fn pending_write(&self) -> Option<PendingWrite> {
+        self.pending.get(self.index)
     }
 
     pub fn state(&self) -> VcpuState {
@@ -366,7 +427,7 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
                 for _ in 0..64 {
                     fd.set_kvm_immediate_exit(1);
                     match fd.run() {
-                        Ok(exit) => stop = dispatch(exit, handler),
+                        Ok(exit) => stop = dispatch(exit, handler, &ctl.pending),
                         Err(_) => break,
                     }
                     if stop.is_some() {
@@ -424,7 +485,7 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
         };
         ctl.exits.fetch_add(1, Ordering::Relaxed);
         ctl.busy.store(true, Ordering::Relaxed);
-        let stop = dispatch(exit, handler);
+        let stop = dispatch(exit, handler, &ctl.pending);
         ctl.busy.store(false, Ordering::Relaxed);
         if let Some(r) = stop {
             if let StopReason::Error(msg) = r {
@@ -481,10 +542,17 @@ pub fn park_current_thread() -> bool {
     }
     // SAFETY: both pointers were set by `run` on this thread and point into
     // its frame, which the signal interrupted and which never resumes: the
-    // thread parks here until exec replaces the process. The pending exit is
-    // deliberately not completed (its handler may have died half way); the
-    // saved registers then re-run the instruction in the new image.
+    // thread parks here until exec replaces the process.
     let (ctl, fd) = unsafe { (&*ctl, &mut *fd) };
+    // A write exit whose handler may have died half way is completed in KVM
+    // (nothing to hand back for a write) so the saved registers are past the
+    // instruction on any KVM; the successor replays the write to the device
+    // (`pending_write`). A read is left as it is: its data was never filled.
+    if ctl.pending.get(ctl.index).is_some() {
+        fd.set_kvm_immediate_exit(1);
+        let _ = fd.run();
+        fd.set_kvm_immediate_exit(0);
+    }
     ctl.busy.store(false, Ordering::Relaxed);
     ctl.set_state(VcpuState::Paused);
     loop {
@@ -498,19 +566,30 @@ pub fn park_current_thread() -> bool {
     }
 }
 
-/// Serve one exit; Some(reason) if the VM must stop.
-fn dispatch(exit: VcpuExit<'_>, handler: &dyn ExitHandler) -> Option<StopReason> {
+/// Serve one exit; Some(reason) if the VM must stop. A write is noted in
+/// `pending` while its handler runs.
+fn dispatch(exit: VcpuExit<'_>, handler: &dyn ExitHandler, pending: &PendingSlot) -> Option<StopReason> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             handler.pio_read(port, data);
             None
         }
-        VcpuExit::IoOut(port, data) => handler.pio_write(port, data),
+        VcpuExit::IoOut(port, data) => {
+            pending.set(false, port as u64, data);
+            let r = handler.pio_write(port, data);
+            pending.clear();
+            r
+        }
         VcpuExit::MmioRead(addr, data) => {
             handler.mmio_read(addr, data);
             None
         }
-        VcpuExit::MmioWrite(addr, data) => handler.mmio_write(addr, data),
+        VcpuExit::MmioWrite(addr, data) => {
+            pending.set(true, addr, data);
+            let r = handler.mmio_write(addr, data);
+            pending.clear();
+            r
+        }
         VcpuExit::Hlt | VcpuExit::Intr => None,
         VcpuExit::Shutdown => Some(StopReason::TripleFault),
         VcpuExit::SystemEvent(kind, _) => Some(match kind {

@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 pub const MAGIC: [u8; 8] = *b"STNCHREC";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 const HEADER: usize = 8 + 4 + 8 + 4;
 /// A record larger than this is corrupt, not big.
 const MAX_LEN: u64 = 64 << 20;
@@ -72,6 +72,9 @@ pub struct VmRecord {
     /// Inherited console descriptors: the log file, or the unix listener
     /// and its attached client (empty: reopen or rebind by path).
     pub console_fds: Vec<RawFd>,
+    /// Version 4: guest writes a crash interrupted mid-exit, completed in
+    /// KVM and replayed to the devices by the successor.
+    pub pending_writes: Vec<staunch_kvm::vcpu::PendingWrite>,
 }
 
 pub fn encode(r: &VmRecord) -> Result<Vec<u8>, RecordError> {

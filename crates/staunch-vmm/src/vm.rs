@@ -366,6 +366,12 @@ fn assemble(
         None => Ok(Serial::new(irq, out)),
     };
     let serial = Arc::new(Mutex::new(make_serial(com1.clone(), Box::new(stamped))?));
+    if let Console::File(f) = &console {
+        // From here the log's length tells how much of the stream it holds
+        // (a restored UART has already written what its predecessor owed).
+        let len = f.metadata().map_err(|err| VmmError::Serial { what: "console file".into(), err })?.len();
+        serial.lock().unwrap_or_else(|p| p.into_inner()).ledger().track_file(len);
+    }
     match &cfg.serial {
         SerialConfig::Stdio => {
             let s = serial.clone();
@@ -523,6 +529,10 @@ pub(crate) struct Core {
     pub(crate) cfg: VmConfig,
     pub(crate) vcpus: Vec<Arc<VcpuControl>>,
     serial: Arc<Mutex<Serial>>,
+    /// The UART's transmit ledger and committed registers, readable after a
+    /// crash without the UART's lock.
+    serial_tx: Arc<staunch_devices::serial_tx::TxLedger>,
+    serial_published: Arc<Mutex<staunch_devices::serial::SerialState>>,
     i8042: Arc<Mutex<I8042>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     shadows: Vec<Arc<Mutex<staunch_devices::virtio::mmio::MmioState>>>,
@@ -598,6 +608,11 @@ impl Core {
             generation: self.generation,
             disk_fds: self.disk_files.iter().map(|f| f.as_raw_fd()).collect(),
             console_fds: Vec::new(),
+            pending_writes: if crash {
+                self.vcpus.iter().filter_map(|v| v.pending_write()).collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -615,7 +630,7 @@ impl Core {
     /// (transports) or as at power-on (UART, i8042).
     fn devices(&self, held: &[Option<MutexGuard<'_, MmioTransport>>], crash: bool) -> DevicesState {
         DevicesState {
-            serial: lock_device(&self.serial, crash).map(|s| s.state()).unwrap_or_default(),
+            serial: self.serial_state(crash),
             i8042: lock_device(&self.i8042, crash).map(|k| k.state()).unwrap_or_default(),
             virtio: held
                 .iter()
@@ -625,6 +640,21 @@ impl Core {
                     None => sh.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 })
                 .collect(),
+        }
+    }
+
+    /// The UART's state. After a crash its lock may be the dead thread's:
+    /// the published registers and the lock-free transmit ledger then, with
+    /// the count of bytes the console file holds read from the file itself.
+    fn serial_state(&self, crash: bool) -> staunch_devices::serial::SerialState {
+        if crash && let Console::File(f) = &self.console {
+            if let Ok(m) = f.metadata() {
+                self.serial_tx.sunk_from_len(m.len());
+            }
+        }
+        match lock_device(&self.serial, crash) {
+            Some(s) => s.state(),
+            None => Serial::state_after_crash(&self.serial_published, &self.serial_tx),
         }
     }
 
@@ -782,6 +812,19 @@ impl Prepared {
         for s in &rec.vcpus {
             let fd = self.vcpus.get(s.index as usize).ok_or(VmmError::VcpuGone(s.index))?;
             state::restore_vcpu(fd, s)?;
+        }
+        // The guest is past these writes (the crash path completed them in
+        // KVM); the devices have yet to see them, or know they have.
+        for w in &rec.pending_writes {
+            let data = &w.data[..(w.len as usize).min(8)];
+            let stop = if w.mmio {
+                devs.handler.mmio_write(w.addr, data)
+            } else {
+                devs.handler.pio_write(w.addr as u16, data)
+            };
+            if let Some(r) = stop {
+                tracing::warn!(?r, "a replayed write asked the VM to stop; ignored");
+            }
         }
         Ok(devs)
     }
@@ -974,10 +1017,16 @@ impl RunningVm {
             .iter()
             .map(|w| WorkerWatch { busy: w.busy.clone(), served: w.served.clone(), tid: w.tid.clone() })
             .collect();
+        let (serial_tx, serial_published) = {
+            let s = devs.serial.lock().unwrap_or_else(|p| p.into_inner());
+            (s.ledger(), s.published())
+        };
         let core = Arc::new(Core {
             cfg,
             vcpus,
             serial: devs.serial,
+            serial_tx,
+            serial_published,
             i8042: devs.i8042,
             transports: devs.transports,
             shadows,
