@@ -7,6 +7,7 @@ pub mod client;
 pub mod repl;
 pub mod server;
 pub mod tree;
+pub mod txn;
 pub mod wal;
 pub mod wire;
 

@@ -3,7 +3,8 @@
 //! watches fire, then it is acknowledged.
 
 use crate::repl::ReplMsg;
-use crate::tree::{Caller, Overlay, Pending, Perm, Quotas, Tree, watch_matches};
+use crate::tree::{Caller, Overlay, Perm, Quotas, Tree, watch_matches};
+use crate::txn::Pending;
 use crate::wal::{Wal, WalError};
 use crate::wire::{self, Op, PAYLOAD_MAX, ReadError, XsError};
 use std::collections::{BTreeSet, HashMap};
@@ -434,13 +435,13 @@ fn handle(conn: &mut Conn, shared: &Mutex<Shared>, msg: &wire::Msg) -> Reply {
             ok()
         }
         Op::TransactionStart => {
-            let quota = lock(shared).quotas.transactions_per_conn;
-            if conn.txs.len() >= quota {
+            let mut s = lock(shared);
+            if conn.txs.len() >= s.quotas.transactions_per_conn {
                 return Err(XsError::Quota);
             }
             let id = conn.next_tx;
             conn.next_tx = conn.next_tx.checked_add(1).unwrap_or(1).max(1);
-            conn.txs.insert(id, Pending::default());
+            conn.txs.insert(id, Pending::begin(&mut s.tree));
             Ok((format!("{id}\0").into_bytes(), None))
         }
         Op::TransactionEnd => {
@@ -554,8 +555,9 @@ fn query<R>(
 ) -> Result<R, XsError> {
     let s = lock(shared);
     let pending = if tx == 0 { Pending::default() } else { conn.txs.remove(&tx).ok_or(XsError::NoEnt)? };
+    let live = pending.live();
     let mut o = Overlay { tree: &s.tree, pending, quotas: s.quotas, caller: conn.caller };
-    let r = f(&mut o);
+    let r = live.and_then(|()| f(&mut o));
     if tx != 0 {
         conn.txs.insert(tx, o.pending);
     }
@@ -573,8 +575,9 @@ fn change(
     let mut s = lock(shared);
     if tx != 0 {
         let pending = conn.txs.remove(&tx).ok_or(XsError::NoEnt)?;
+        let live = pending.live();
         let mut o = Overlay { tree: &s.tree, pending, quotas: s.quotas, caller: conn.caller };
-        let r = f(&mut o);
+        let r = live.and_then(|()| f(&mut o));
         conn.txs.insert(tx, o.pending);
         return r.and_then(|()| ok());
     }

@@ -4,8 +4,10 @@
 //! Every operation runs against an [`Overlay`] over the committed tree and
 //! yields a change set. The server persists a change set before it applies
 //! it, so memory never runs ahead of the log, and a transaction is just an
-//! overlay kept across requests, validated against the tree at commit.
+//! overlay kept across requests, reading a snapshot of the tree (see
+//! [`crate::txn`]) and validated against the tree at commit.
 
+use crate::txn::{Pending, Snapshot, Versions};
 use crate::wire::{ABS_PATH_MAX, XsError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -280,6 +282,8 @@ pub struct Tree {
     owned: HashMap<u32, usize>,
     /// Running hash of the tree: the wrapping sum of every node's checksum.
     pub hash: u64,
+    /// Nodes replaced while transactions that may read them are open.
+    versions: Versions,
 }
 
 impl Default for Tree {
@@ -291,7 +295,8 @@ impl Default for Tree {
             generation: 0,
             sum: 0,
         };
-        let mut t = Tree { nodes: Shards::new(), generation: 0, owned: HashMap::new(), hash: 0 };
+        let mut t =
+            Tree { nodes: Shards::new(), generation: 0, owned: HashMap::new(), hash: 0, versions: Versions::default() };
         t.insert("/".into(), root);
         t
     }
@@ -300,6 +305,28 @@ impl Default for Tree {
 impl Tree {
     pub fn get(&self, p: &str) -> Option<&Node> {
         self.nodes.get(p)
+    }
+
+    /// The node at `p` as `snap` sees it (`None`: as it is now).
+    pub fn get_at(&self, p: &str, snap: Option<&Snapshot>) -> Option<&Node> {
+        match snap.and_then(|s| self.versions.at(p, s.generation())) {
+            Some(then) => then,
+            None => self.nodes.get(p),
+        }
+    }
+
+    /// A snapshot of the tree as it is now, for a transaction.
+    pub fn begin(&mut self) -> Snapshot {
+        self.versions.begin(self.generation)
+    }
+
+    pub fn versions(&self) -> &Versions {
+        &self.versions
+    }
+
+    /// Bound the old versions kept for open transactions (bytes).
+    pub fn limit_versions(&mut self, bytes: usize) {
+        self.versions.cap = bytes;
     }
 
     pub fn len(&self) -> usize {
@@ -314,15 +341,17 @@ impl Tree {
         self.nodes.iter()
     }
 
-    fn insert(&mut self, p: String, mut n: Node) {
+    fn insert(&mut self, p: String, mut n: Node) -> Option<Node> {
         n.sum = node_sum(&p, &n);
         self.hash = self.hash.wrapping_add(n.sum);
         if let Some(o) = n.perms.first() {
             *self.owned.entry(o.dom).or_default() += 1;
         }
-        if let Some(old) = self.nodes.insert(p, n) {
-            self.disown(&old);
+        let old = self.nodes.insert(p, n);
+        if let Some(old) = &old {
+            self.disown(old);
         }
+        old
     }
 
     fn disown(&mut self, n: &Node) {
@@ -334,21 +363,29 @@ impl Tree {
         }
     }
 
-    /// Apply a persisted change set; each changed node gets the new generation.
+    /// Apply a persisted change set; each changed node gets the new
+    /// generation, and the node it replaces is kept if an open transaction
+    /// may read it.
     pub fn apply(&mut self, changes: &Changes) {
         self.generation += 1;
+        let keep = self.versions.prune();
         for (p, n) in changes {
-            match n {
+            let old = match n {
                 Some(n) => {
                     let mut n = n.clone();
                     n.generation = self.generation;
-                    self.insert(p.clone(), n);
+                    self.insert(p.clone(), n)
                 }
                 None => {
-                    if let Some(old) = self.nodes.remove(p) {
-                        self.disown(&old);
+                    let old = self.nodes.remove(p);
+                    if let Some(old) = &old {
+                        self.disown(old);
                     }
+                    old
                 }
+            };
+            if keep {
+                self.versions.keep(p, self.generation, old);
             }
         }
     }
@@ -399,33 +436,7 @@ impl Tree {
         if nodes.0.len() != SHARDS || nodes.len() == 0 {
             return Tree::default();
         }
-        Tree { nodes, generation, owned, hash }
-    }
-}
-
-/// What a transaction (or one plain request) has read and written so far.
-#[derive(Debug, Default, Clone)]
-pub struct Pending {
-    pub writes: Changes,
-    /// Generation of each node as first seen (`None`: it did not exist).
-    pub reads: HashMap<String, Option<u64>>,
-    created: HashMap<u32, usize>,
-    /// Paths the requests named (watches fire for these), and the roots of
-    /// removed subtrees (watches below them fire too).
-    pub targets: BTreeSet<String>,
-    pub removed: BTreeSet<String>,
-}
-
-impl Pending {
-    /// Optimistic concurrency: every node this transaction looked at must
-    /// be as it saw it.
-    pub fn validate(&self, tree: &Tree) -> Result<(), XsError> {
-        for (p, g) in &self.reads {
-            if tree.get(p).map(|n| n.generation) != *g {
-                return Err(XsError::Again);
-            }
-        }
-        Ok(())
+        Tree { nodes, generation, owned, hash, versions: Versions::default() }
     }
 }
 
@@ -442,7 +453,7 @@ impl Overlay<'_> {
         if let Some(w) = self.pending.writes.get(p) {
             return w.clone();
         }
-        let n = self.tree.get(p);
+        let n = self.tree.get_at(p, self.pending.snapshot.as_ref());
         self.pending.reads.entry(p.to_string()).or_insert(n.map(|n| n.generation));
         n.cloned()
     }

@@ -356,7 +356,8 @@ fn decode_snapshot(b: &[u8]) -> Result<(Tree, u64), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tree::{Caller, Overlay, Pending, Quotas};
+    use crate::tree::{Caller, Overlay, Quotas};
+    use crate::txn::Pending;
 
     fn change(t: &Tree, p: &str, v: &[u8]) -> Changes {
         let mut o =

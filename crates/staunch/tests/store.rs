@@ -74,9 +74,13 @@ impl Drop for Store {
 }
 
 fn xs(store: &Store, tool: &str, args: &[&str]) -> (i32, String) {
+    xs_at(&store.sock, tool, args)
+}
+
+fn xs_at(sock: &Path, tool: &str, args: &[&str]) -> (i32, String) {
     let which = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap();
     assert!(which.status.success(), "{tool} missing: scripts/setup.sh installs Debian's xenstore-utils");
-    let o = Command::new(tool).args(args).env("XENSTORED_PATH", &store.sock).output().unwrap();
+    let o = Command::new(tool).args(args).env("XENSTORED_PATH", sock).output().unwrap();
     (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
@@ -438,4 +442,289 @@ fn store_scrub_detects_and_repairs_corruption() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("corrupted"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// One connection speaking raw wire messages: each reply must echo the
+/// request's id and transaction id; an error reply comes back as its name.
+struct Raw {
+    s: std::os::unix::net::UnixStream,
+    req: u32,
+}
+
+impl Raw {
+    fn connect(store: &Store) -> Raw {
+        let s = std::os::unix::net::UnixStream::connect(&store.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Raw { s, req: 100 }
+    }
+
+    fn ask(&mut self, op: Op, tx: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
+        use std::io::Write;
+        self.req += 1;
+        self.s.write_all(&staunch_store::wire::encode(op as u32, self.req, tx, payload)).unwrap();
+        let m = loop {
+            let m = staunch_store::wire::read_msg(&mut self.s).unwrap();
+            if m.header.ty != Op::WatchEvent as u32 {
+                break m;
+            }
+        };
+        assert_eq!((m.header.req_id, m.header.tx_id), (self.req, tx), "reply to {op:?} does not echo its ids");
+        if m.header.ty == Op::Error as u32 {
+            return Err(String::from_utf8_lossy(m.payload.strip_suffix(&[0]).unwrap_or(&m.payload)).into_owned());
+        }
+        assert_eq!(m.header.ty, op as u32);
+        Ok(m.payload)
+    }
+}
+
+/// A transaction reads the store as of its start. The full sequence mixes
+/// reads and writes in one transaction, which no xenstore-utils tool can
+/// do (each runs one kind of operation per transaction: see
+/// `store_transaction_snapshot_with_debian_xenstore_utils`), so it runs
+/// here with the Rust client (`a`) and raw wire messages (`b`).
+#[test]
+fn store_transaction_reads_the_store_as_of_its_start() {
+    let d = tmpdir("store-tx-snapshot");
+    let store = Store::start(&d, &[]);
+    let mut a = store.client();
+    let mut b = Raw::connect(&store);
+    a.write_value(0, "/A", b"old").unwrap().unwrap();
+    let t = a.transaction_start().unwrap().unwrap();
+    assert_eq!(a.read_value(t, "/A").unwrap(), Ok(b"old".to_vec()));
+    b.ask(Op::Write, 0, b"/A\0outside").unwrap();
+    assert_eq!(a.read_value(t, "/A").unwrap(), Ok(b"old".to_vec()), "a write outside showed through");
+    a.write_value(t, "/A", b"inside").unwrap().unwrap();
+    assert_eq!(a.read_value(t, "/A").unwrap(), Ok(b"inside".to_vec()));
+    assert_eq!(b.ask(Op::Read, 0, &nul(&["/A"])), Ok(b"outside".to_vec()), "an uncommitted write leaked");
+    assert_eq!(a.transaction_end(t, true).unwrap(), Err("EAGAIN".into()));
+    assert_eq!(a.read_value(0, "/A").unwrap(), Ok(b"outside".to_vec()));
+
+    // The same, the transaction on the raw connection.
+    let t = String::from_utf8(b.ask(Op::TransactionStart, 0, b"\0").unwrap()).unwrap();
+    let t: u32 = t.trim_end_matches('\0').parse().unwrap();
+    assert_eq!(b.ask(Op::Read, t, &nul(&["/A"])), Ok(b"outside".to_vec()));
+    a.write_value(0, "/A", b"third").unwrap().unwrap();
+    assert_eq!(b.ask(Op::Read, t, &nul(&["/A"])), Ok(b"outside".to_vec()));
+    b.ask(Op::Write, t, b"/A\0mine").unwrap();
+    assert_eq!(b.ask(Op::Read, t, &nul(&["/A"])), Ok(b"mine".to_vec()));
+    assert_eq!(b.ask(Op::TransactionEnd, t, b"T\0"), Err("EAGAIN".into()));
+    assert_eq!(a.read_value(0, "/A").unwrap(), Ok(b"third".to_vec()));
+
+    // Listings, permissions and existence come from the snapshot too: a
+    // node created outside is not there, a removed one still is.
+    for (p, v) in [("/d/x", "1"), ("/d/y", "2"), ("/gone/sub", "g"), ("/p", "p")] {
+        a.write_value(0, p, v.as_bytes()).unwrap().unwrap();
+    }
+    let t = a.transaction_start().unwrap().unwrap();
+    b.ask(Op::Write, 0, b"/d/z\0new").unwrap();
+    b.ask(Op::Write, 0, b"/created\0new").unwrap();
+    b.ask(Op::Rm, 0, &nul(&["/gone"])).unwrap();
+    b.ask(Op::Rm, 0, &nul(&["/d/y"])).unwrap();
+    b.ask(Op::SetPerms, 0, &nul(&["/p", "n0", "r5"])).unwrap();
+    b.ask(Op::Write, 0, b"/p\0changed").unwrap();
+    assert_eq!(a.request(Op::Directory, t, &nul(&["/d"])).unwrap(), Ok(nul(&["x", "y"])));
+    let part = a.request(Op::DirectoryPart, t, &nul(&["/d", "0"])).unwrap().unwrap();
+    assert!(part.ends_with(b"\0x\0y\0\0"), "{part:?}");
+    assert_eq!(a.request(Op::Directory, 0, &nul(&["/d"])).unwrap(), Ok(nul(&["x", "z"])));
+    assert_eq!(a.read_value(t, "/d/y").unwrap(), Ok(b"2".to_vec()));
+    assert_eq!(a.read_value(t, "/d/z").unwrap(), Err("ENOENT".into()));
+    assert_eq!(a.read_value(t, "/created").unwrap(), Err("ENOENT".into()));
+    assert_eq!(a.read_value(t, "/gone/sub").unwrap(), Ok(b"g".to_vec()));
+    assert_eq!(a.request(Op::Directory, t, &nul(&["/gone"])).unwrap(), Ok(nul(&["sub"])));
+    assert_eq!(a.request(Op::GetPerms, t, &nul(&["/p"])).unwrap(), Ok(nul(&["n0"])));
+    assert_eq!(a.request(Op::GetPerms, 0, &nul(&["/p"])).unwrap(), Ok(nul(&["n0", "r5"])));
+    assert_eq!(a.read_value(t, "/p").unwrap(), Ok(b"p".to_vec()));
+    assert_eq!(a.request(Op::Directory, t, &nul(&["/"])).unwrap(), Ok(nul(&["A", "d", "gone", "p"])));
+    // Writing under a node removed outside: the transaction sees it, the
+    // commit cannot apply it.
+    a.write_value(t, "/gone/sub2", b"x").unwrap().unwrap();
+    assert_eq!(a.transaction_end(t, true).unwrap(), Err("EAGAIN".into()));
+    assert_eq!(a.read_value(0, "/gone/sub2").unwrap(), Err("ENOENT".into()));
+    // A transaction that read nothing changed outside commits.
+    let t = a.transaction_start().unwrap().unwrap();
+    assert_eq!(a.read_value(t, "/d/x").unwrap(), Ok(b"1".to_vec()));
+    b.ask(Op::Write, 0, b"/elsewhere\0e").unwrap();
+    a.write_value(t, "/d/x", b"11").unwrap().unwrap();
+    a.transaction_end(t, true).unwrap().unwrap();
+    assert_eq!(a.read_value(0, "/d/x").unwrap(), Ok(b"11".to_vec()));
+}
+
+/// Watches fire when a transaction commits, not while it runs, and never
+/// for one aborted or failed.
+#[test]
+fn store_transaction_watches_fire_only_on_commit() {
+    let d = tmpdir("store-tx-watch");
+    let store = Store::start(&d, &[]);
+    let mut a = store.client();
+    let mut w = store.client();
+    a.write_value(0, "/wt/k", b"0").unwrap().unwrap();
+    w.request(Op::Watch, 0, &nul(&["/wt", "tok"])).unwrap().unwrap();
+    assert_eq!(w.next_event(Duration::from_secs(2)).unwrap(), Some(("/wt".into(), "tok".into())));
+    let quiet = Duration::from_millis(200);
+    let t = a.transaction_start().unwrap().unwrap();
+    a.write_value(t, "/wt/a", b"1").unwrap().unwrap();
+    a.request(Op::Rm, t, &nul(&["/wt/k"])).unwrap().unwrap();
+    assert_eq!(w.next_event(quiet).unwrap(), None, "a watch fired before the commit");
+    a.transaction_end(t, true).unwrap().unwrap();
+    let mut got = vec![w.next_event(Duration::from_secs(2)).unwrap(), w.next_event(Duration::from_secs(2)).unwrap()];
+    got.sort();
+    assert_eq!(got, vec![Some(("/wt/a".into(), "tok".into())), Some(("/wt/k".into(), "tok".into()))]);
+    assert_eq!(w.next_event(quiet).unwrap(), None);
+    // Aborted: nothing.
+    let t = a.transaction_start().unwrap().unwrap();
+    a.write_value(t, "/wt/b", b"1").unwrap().unwrap();
+    a.transaction_end(t, false).unwrap().unwrap();
+    assert_eq!(w.next_event(quiet).unwrap(), None);
+    // Failed with EAGAIN: only the outside write fires.
+    let t = a.transaction_start().unwrap().unwrap();
+    a.write_value(t, "/wt/a", b"2").unwrap().unwrap();
+    let mut b = store.client();
+    b.write_value(0, "/wt/a", b"3").unwrap().unwrap();
+    assert_eq!(w.next_event(Duration::from_secs(2)).unwrap(), Some(("/wt/a".into(), "tok".into())));
+    assert_eq!(a.transaction_end(t, true).unwrap(), Err("EAGAIN".into()));
+    assert_eq!(w.next_event(quiet).unwrap(), None);
+}
+
+/// One request a tool made and the store's answer: (request type,
+/// transaction id, reply type, reply payload).
+type Exchange = (u32, u32, u32, Vec<u8>);
+
+/// Run a real xenstore-utils `tool` through a proxy that hands its messages
+/// to the store one at a time, so the test can act outside the tool's
+/// transaction between two of its requests: `between(n)` runs once the
+/// store answered the tool's `n`th request inside a transaction, before the
+/// tool sees the answer. Returns the tool's exit code and output, and every
+/// exchange in order.
+fn xs_through(
+    store: &Store,
+    tool: &str,
+    args: &[&str],
+    mut between: impl FnMut(usize) + Send,
+) -> ((i32, String), Vec<Exchange>) {
+    use staunch_store::wire::{encode, read_msg};
+    use std::io::Write;
+    let psock = store.sock.with_file_name("proxy.sock");
+    let _ = std::fs::remove_file(&psock);
+    let listener = std::os::unix::net::UnixListener::bind(&psock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::scope(|sc| {
+        let proxy = sc.spawn(|| {
+            let t = Instant::now();
+            let mut down = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "{tool} never connected: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            down.set_nonblocking(false).unwrap();
+            down.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut up = std::os::unix::net::UnixStream::connect(&store.sock).unwrap();
+            let (mut log, mut n) = (Vec::new(), 0);
+            while let Ok(req) = read_msg(&mut down) {
+                let h = req.header;
+                up.write_all(&encode(h.ty, h.req_id, h.tx_id, &req.payload)).unwrap();
+                let reply = read_msg(&mut up).unwrap();
+                if h.tx_id != 0 && h.ty != Op::TransactionEnd as u32 {
+                    between(n);
+                    n += 1;
+                }
+                let r = reply.header;
+                down.write_all(&encode(r.ty, r.req_id, r.tx_id, &reply.payload)).unwrap();
+                log.push((h.ty, h.tx_id, r.ty, reply.payload));
+            }
+            log
+        });
+        let out = xs_at(&psock, tool, args);
+        (out, proxy.join().unwrap())
+    })
+}
+
+/// The replies to the requests of type `op`, errors as `E...` names.
+fn replies(log: &[Exchange], op: Op) -> Vec<Result<Vec<u8>, String>> {
+    log.iter()
+        .filter(|e| e.0 == op as u32)
+        .map(|e| {
+            if e.2 == Op::Error as u32 {
+                Err(String::from_utf8_lossy(e.3.strip_suffix(&[0]).unwrap_or(&e.3)).into_owned())
+            } else {
+                Ok(e.3.clone())
+            }
+        })
+        .collect()
+}
+
+/// Snapshot isolation seen by Debian's real clients. xenstore-read, -list,
+/// -exists, -write, -rm and -chmod run all their arguments in one
+/// transaction (and retry it on EAGAIN); xenstore-ls uses none, so no tool
+/// reads permissions in a transaction, and none mixes reads and writes in
+/// one (that part runs with the Rust client in
+/// `store_transaction_reads_the_store_as_of_its_start`). A proxy lets the
+/// test change the store between two of a tool's requests.
+#[test]
+fn store_transaction_snapshot_with_debian_xenstore_utils() {
+    let d = tmpdir("store-tx-xsutils");
+    let store = Store::start(&d, &[]);
+    let mut out = store.client();
+    assert_eq!(xs(&store, "xenstore-write", &["/A", "old", "/d/x", "1", "/d/y", "2", "/gone", "g"]).0, 0);
+    let ok = |v: &str| Ok(v.as_bytes().to_vec());
+    let again = || Err("EAGAIN".to_string());
+
+    // Read A, A written outside, read A again: the old value; the commit
+    // fails and the tool's retry reads the new one.
+    let (r, log) = xs_through(&store, "xenstore-read", &["/A", "/A"], |n| {
+        if n == 0 {
+            out.write_value(0, "/A", b"new").unwrap().unwrap();
+        }
+    });
+    assert_eq!(replies(&log, Op::Read), vec![ok("old"), ok("old"), ok("new"), ok("new")], "{log:?}");
+    assert_eq!(replies(&log, Op::TransactionEnd), vec![again(), ok("OK\0")]);
+    assert_eq!(r, (0, "new\nnew\n".into()));
+
+    // A listing keeps its snapshot: a child created outside is not in it.
+    let (r, log) = xs_through(&store, "xenstore-list", &["/d", "/d"], |n| {
+        if n == 0 {
+            out.write_value(0, "/d/z", b"3").unwrap().unwrap();
+        }
+    });
+    let (xy, xyz) = (ok("x\0y\0"), ok("x\0y\0z\0"));
+    assert_eq!(replies(&log, Op::Directory), vec![xy.clone(), xy, xyz.clone(), xyz], "{log:?}");
+    assert_eq!(replies(&log, Op::TransactionEnd), vec![again(), ok("OK\0")]);
+    assert_eq!(r, (0, "x\ny\nz\nx\ny\nz\n".into()));
+
+    // A node created outside after the transaction started does not exist
+    // in it (the tool then aborts and fails).
+    let (r, log) = xs_through(&store, "xenstore-exists", &["/A", "/made"], |n| {
+        if n == 0 {
+            out.write_value(0, "/made", b"m").unwrap().unwrap();
+        }
+    });
+    assert_eq!(replies(&log, Op::Read), vec![ok("new"), Err("ENOENT".into())], "{log:?}");
+    assert_ne!(r.0, 0);
+
+    // A node removed outside is still there in the transaction.
+    let (r, log) = xs_through(&store, "xenstore-read", &["/A", "/gone"], |n| {
+        if n == 0 {
+            out.request(Op::Rm, 0, &nul(&["/gone"])).unwrap().unwrap();
+        }
+    });
+    let reads = replies(&log, Op::Read);
+    assert_eq!(reads[..2], [ok("new"), ok("g")], "{log:?}");
+    assert_eq!(replies(&log, Op::TransactionEnd)[0], again());
+    assert_eq!(reads[2..], [ok("new"), Err("ENOENT".into())]);
+    assert_ne!(r.0, 0);
+
+    // Writes: seen by no one else, and watches fire only at the commit.
+    let mut w = store.client();
+    w.request(Op::Watch, 0, &nul(&["/W", "t"])).unwrap().unwrap();
+    assert_eq!(w.next_event(Duration::from_secs(2)).unwrap(), Some(("/W".into(), "t".into())));
+    let (r, _) = xs_through(&store, "xenstore-write", &["/W/1", "a", "/W/2", "b"], |_| {
+        assert_eq!(out.read_value(0, "/W/1").unwrap(), Err("ENOENT".into()), "an uncommitted write leaked");
+        assert_eq!(w.next_event(Duration::from_millis(100)).unwrap(), None, "a watch fired before the commit");
+    });
+    assert_eq!(r.0, 0);
+    let mut got: Vec<String> = (0..2).map(|_| w.next_event(Duration::from_secs(2)).unwrap().unwrap().0).collect();
+    got.sort();
+    assert_eq!(got, ["/W/1", "/W/2"]);
+    assert_eq!(xs(&store, "xenstore-read", &["/W/1", "/W/2"]), (0, "a\nb\n".into()));
 }
