@@ -647,10 +647,11 @@ impl Core {
     /// the published registers and the lock-free transmit ledger then, with
     /// the count of bytes the console file holds read from the file itself.
     fn serial_state(&self, crash: bool) -> staunch_devices::serial::SerialState {
-        if crash && let Console::File(f) = &self.console {
-            if let Ok(m) = f.metadata() {
-                self.serial_tx.sunk_from_len(m.len());
-            }
+        if crash
+            && let Console::File(f) = &self.console
+            && let Ok(m) = f.metadata()
+        {
+            self.serial_tx.sunk_from_len(m.len());
         }
         match lock_device(&self.serial, crash) {
             Some(s) => s.state(),
