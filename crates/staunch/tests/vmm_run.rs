@@ -38,11 +38,13 @@ fn kvm_counter_one_vcpu() {
 #[test]
 fn kvm_counter_two_vcpus_both_run() {
     let r = counter(2);
-    // After the first tick the AP's counter must keep moving (a tick may
-    // miss it if its thread was not scheduled during that tick).
+    // The AP runs: after the first tick, some tick saw its counter move as
+    // well as the boot CPU's. (Any one tick may miss it when its thread was
+    // not scheduled during that tick; how often is the scheduler's business,
+    // not this test's.)
     let ticks = r.report_with("counter=");
-    let both = ticks[1..].iter().filter(|l| field(l, "cpus") == 2).count();
-    assert!(both * 2 >= ticks.len() - 1, "{ticks:?}");
+    assert!(ticks[1..].iter().any(|l| field(l, "cpus") == 2), "{ticks:?}");
+    assert!(ticks.iter().all(|l| field(l, "cpus") <= 2), "{ticks:?}");
 }
 
 #[test]
