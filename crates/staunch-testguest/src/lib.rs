@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 pub use staunch_guestproto as proto;
 
+pub mod console;
+pub mod disk;
+
 /// The guest ELF (64-bit entry for Staunch, PVH note for QEMU).
 pub static IMAGE: &[u8] = include_bytes!(env!("STAUNCH_GUEST_ELF"));
 

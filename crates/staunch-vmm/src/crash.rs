@@ -146,14 +146,17 @@ pub(crate) fn arm(core: Arc<Core>) -> std::io::Result<()> {
             tracing::warn!("contained panic: {info}");
             return;
         }
-        prev(info);
         if CORE.lock().map(|c| c.is_some()).unwrap_or(true) {
+            // Recovery first; one line, no backtrace (symbolizing one takes
+            // long enough to be taken for a hang while the guest waits).
+            tracing::error!("panic, taking the crash path: {info}");
             if IN_CRASH.swap(true, Ordering::SeqCst) {
                 park();
             }
             wake_rescuer(CAUSE_PANIC);
             park();
         }
+        prev(info);
     }));
     Ok(())
 }
@@ -238,6 +241,18 @@ fn rescue() -> ! {
     unsafe { libc::_exit(73) };
 }
 
+/// The watched thread `i`: vCPUs, then queue workers, then the saver.
+fn component_name(core: &Core, i: usize) -> String {
+    let (v, w) = (core.vcpus.len(), core.workers.len());
+    if i < v {
+        format!("vcpu{i}")
+    } else if i < v + w {
+        format!("worker{}", i - v)
+    } else {
+        "handover".into()
+    }
+}
+
 /// True if the thread is in uninterruptible sleep (state `D` in
 /// /proc/<tid>/stat): blocked in the kernel on I/O, not stuck in our code.
 fn waiting_for_disk(tid: i32) -> bool {
@@ -282,7 +297,7 @@ fn watchdog() {
             .vcpus
             .iter()
             .map(|v| (v.busy.load(Ordering::Relaxed), v.exits.load(Ordering::Relaxed), v.tid.load(Ordering::Relaxed)))
-            .chain(core.workers.iter().map(|w| {
+            .chain(core.workers.iter().chain([&core.saver]).map(|w| {
                 (w.busy.load(Ordering::Relaxed), w.served.load(Ordering::Relaxed), w.tid.load(Ordering::Relaxed))
             }))
             .collect();
@@ -311,7 +326,7 @@ fn watchdog() {
                 events::emit(
                     core.cfg.events.as_deref(),
                     "hang-detected",
-                    json!({"component": if i < core.vcpus.len() { format!("vcpu{i}") } else { format!("worker{}", i - core.vcpus.len()) },
+                    json!({"component": component_name(&core, i),
                            "stuck_ms": (*stuck as u128 * period.as_millis()) as u64, "rung": 2}),
                 );
                 // SAFETY: tgkill to a thread of this process; it parks.

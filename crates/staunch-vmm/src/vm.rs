@@ -523,6 +523,23 @@ fn try_lock_for<T: ?Sized>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     }
 }
 
+impl WorkerWatch {
+    /// Busy on this thread until the guard drops.
+    fn watch(&self) -> impl Drop + '_ {
+        use std::sync::atomic::Ordering;
+        // SAFETY: gettid has no preconditions.
+        self.tid.store(unsafe { libc::gettid() }, Ordering::Release);
+        self.busy.store(true, Ordering::Release);
+        struct Done<'a>(&'a WorkerWatch);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.busy.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        Done(self)
+    }
+}
+
 /// What the save paths (planned and crash) need, shared with the crash
 /// rescuer thread.
 pub(crate) struct Core {
@@ -537,6 +554,9 @@ pub(crate) struct Core {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     shadows: Vec<Arc<Mutex<staunch_devices::virtio::mmio::MmioState>>>,
     pub(crate) workers: Vec<WorkerWatch>,
+    /// The thread saving the VM for a planned handover, watched for hangs
+    /// like the others: the guest is paused while it works.
+    pub(crate) saver: WorkerWatch,
     /// Duplicates of the disks' descriptors, handed to a successor image.
     disk_files: Vec<std::fs::File>,
     console: Console,
@@ -551,6 +571,7 @@ pub(crate) struct Core {
 }
 
 /// A queue worker as the watchdog sees it.
+#[derive(Default)]
 pub(crate) struct WorkerWatch {
     pub(crate) busy: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) served: Arc<std::sync::atomic::AtomicU64>,
@@ -686,8 +707,12 @@ impl Core {
         let held = self.hold_transports(crash);
         let devices = self.devices(&held, crash);
         let sent = (|| -> Result<(), VmmError> {
-            let rec = self.save_with(cause, t0, crash, devices)?;
-            let (memfd, console, _) = self.preserve(rec)?;
+            let (memfd, console) = {
+                let _watched = (!crash).then(|| self.saver.watch());
+                let rec = self.save_with(cause, t0, crash, devices)?;
+                let (memfd, console, _) = self.preserve(rec)?;
+                (memfd, console)
+            };
             let mut fds = vec![memfd.as_raw_fd()];
             fds.extend(self.disk_files.iter().map(|f| f.as_raw_fd()));
             fds.extend(console.iter().map(|f| f.as_raw_fd()));
@@ -696,6 +721,12 @@ impl Core {
             match succ.link.recv(Some(Duration::from_secs(10)))? {
                 (Msg::Restored, _) => {}
                 (m, _) => return Err(HandoverError::Unexpected(format!("{m:?}")).into()),
+            }
+            if !crash {
+                // From the commit on the successor owns the guest: the crash
+                // path must not revive this copy. Before it, a fault here is
+                // an ordinary crash, recovered like any other.
+                crate::crash::disarm();
             }
             succ.link.send(&Msg::Commit, &[])?;
             Ok(())
@@ -1032,6 +1063,7 @@ impl RunningVm {
             transports: devs.transports,
             shadows,
             workers: watches,
+            saver: WorkerWatch::default(),
             disk_files: devs.disk_files,
             console: devs.console,
             msrs,
@@ -1132,9 +1164,6 @@ impl RunningVm {
         let ready_ms = started.elapsed().as_secs_f64() * 1e3;
         let t0 = record::monotonic_ns();
         self.pause();
-        // The crash path must not revive this copy while the successor owns
-        // the guest.
-        crate::crash::disarm();
         match self.core.hand_over(&succ, "upgrade", t0, false) {
             Ok(()) => {
                 let pid = succ.pid();

@@ -5,14 +5,23 @@
 //! block writes read back and verified) on 2 vCPUs. Faults are injected one
 //! at a time: failpoints armed over the control socket (every point with
 //! every action), fatal signals sent to a random thread of the VMM, and
-//! SIGKILL (which no process can survive; reported apart). After each fault
-//! the guest must report progress again within a deadline and its mismatch
-//! count must not move; at the end the host checks every block on the disk.
+//! SIGKILL (which no process can survive; reported apart).
+//!
+//! The judge is strict and uses only the guest's evidence: after a fault the
+//! guest must report progress again within a deadline with `written` rising,
+//! no new failed request (`errors`), no new mismatch, and still its first and
+//! only boot; a failpoint that never fired is "not fired", not a recovery,
+//! and leaves the denominator. At the end of each VM the host checks that
+//! every block on the disk holds its last write for the count the guest
+//! reported, and that the console stream is intact; a failure is charged as
+//! a data mismatch even to a run already counted as lost. The pause is the
+//! guest's own (`maxgap_us`), with the VMM's figure beside it.
 
 use crate::childvm::{ChildVm, Spec};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use staunch_testguest::proto;
+use staunch_vmm::api::ApiRequest;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -75,16 +84,23 @@ fn sig_name(s: i32) -> &'static str {
     }
 }
 
-/// Points that are hit while the guest runs (MMIO registers are only touched
-/// at driver set-up: queue notifications go through an ioeventfd).
-const POINTS: [&str; 6] = ["pio.write", "pio.read", "serial.write", "virtq.process", "vcpu.loop", "api.request"];
 const SIGNALS: [i32; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGABRT];
 
+/// Points whose `corrupt` has nothing to corrupt: left out rather than
+/// counted as recoveries from a fault that did nothing.
+const NO_CORRUPT: [&str; 3] = ["vcpu.loop", "api.request", "api.reply"];
+
+/// Every VMM failpoint with every catchable action, the fatal signals, and
+/// SIGKILL.
 fn catalog() -> Vec<Fault> {
+    use staunch_fault::Action;
     let mut v = Vec::new();
-    for p in POINTS {
-        for a in staunch_fault::Action::ALL {
-            v.push(Fault::Failpoint(p, a));
+    for p in staunch_fault::ALL {
+        for a in Action::ALL {
+            if a == Action::Corrupt && NO_CORRUPT.contains(&p.name) {
+                continue;
+            }
+            v.push(Fault::Failpoint(p.name, a));
         }
     }
     for s in SIGNALS {
@@ -97,6 +113,11 @@ fn catalog() -> Vec<Fault> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Recovered,
+    /// Armed, never hit: no evidence either way.
+    NotFired,
+    /// The guest runs on but noticed: a failed request, a second boot, no
+    /// rising write count.
+    Hurt,
     Lost,
     Mismatch,
 }
@@ -104,8 +125,12 @@ enum Outcome {
 struct Row {
     fault: Fault,
     outcome: Outcome,
-    pause_ms: Option<f64>,
+    /// The guest's own longest pause around the fault (its clock).
+    guest_ms: Option<f64>,
+    /// What the VMM's events say about itself.
+    vmm_ms: Option<f64>,
     how: String,
+    components: Vec<String>,
 }
 
 struct Rng(u64);
@@ -118,73 +143,163 @@ impl Rng {
     }
 }
 
-const WRITES: u64 = 5_000_000;
 const BLOCKS: u64 = 256;
+const EVERY: u64 = 200;
+/// Writes a stopped guest may have done past its last report: the rest of
+/// a report interval and its requests in flight (generously).
+const SLACK: u64 = EVERY + 64;
 const REPORT: &str = "STAUNCH blk written=";
 
 fn start_vm(dir: &Path, baseline: bool) -> Result<ChildVm> {
-    let cmdline = format!("staunch.work=blk-verify staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.report=200");
+    let cmdline = format!("staunch.work=blk-verify staunch.writes=0 staunch.blocks={BLOCKS} staunch.report={EVERY}");
     let env: &[(&str, &str)] = if baseline { &[("STAUNCH_NO_RECOVERY", "1")] } else { &[] };
     ChildVm::start(dir, &Spec { vcpus: 2, mem_mib: 256, cmdline: &cmdline, disk_mib: 8, env })
 }
 
-fn mismatches(vm: &ChildVm) -> u64 {
-    vm.reports(REPORT).last().and_then(|l| proto::field(l, "mismatches").and_then(|v| v.parse().ok())).unwrap_or(0)
+/// The guest's counters as its reports show them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    reports: usize,
+    boots: usize,
+    written: u64,
+    mismatches: u64,
+    errors: u64,
 }
 
-/// Stop the guest and check its disk from the host: every block it wrote
-/// must be intact (a block never reached is blank).
-fn close(mut vm: ChildVm) -> bool {
-    close_keep(&mut vm, false)
+fn num(line: &str, key: &str) -> u64 {
+    proto::field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-fn close_keep(vm: &mut ChildVm, keep: bool) -> bool {
-    vm.kill();
-    let Ok(bytes) = std::fs::read(&vm.disk) else { return false };
-    let ok = (0..BLOCKS).all(|lba| {
-        let off = lba as usize * proto::BLOCK_SIZE;
-        let b: &[u8; proto::BLOCK_SIZE] = bytes[off..off + proto::BLOCK_SIZE].try_into().expect("block");
-        matches!(proto::check_block(b, lba), Ok(_) | Err(proto::BlockError::Blank))
-    });
-    if ok && !keep {
-        let _ = std::fs::remove_dir_all(&vm.dir);
-    } else {
-        eprintln!("           (kept {} for inspection)", vm.dir.display());
+fn seen(lines: &[String]) -> Seen {
+    let reports: Vec<&String> = lines.iter().filter(|l| l.starts_with(REPORT)).collect();
+    let last = reports.last().map(|l| l.as_str()).unwrap_or("");
+    Seen {
+        reports: reports.len(),
+        boots: lines.iter().filter(|l| l.starts_with("STAUNCH ready")).count(),
+        written: num(last, "written"),
+        mismatches: num(last, "mismatches"),
+        errors: num(last, "errors"),
     }
-    ok
 }
 
-/// A failed host check of the disk is charged to the VM's last injection.
-fn close_and_judge(vm: ChildVm, rows: &mut [Row]) {
-    if !close(vm) {
-        if let Some(last) = rows.last_mut() {
-            last.outcome = Outcome::Mismatch;
-            last.how = "host disk check failed".into();
+/// Judge the guest's reports after a fault: `Some((outcome, why))` if it
+/// was hurt.
+fn judge(before: &Seen, lines: &[String]) -> Option<(Outcome, String)> {
+    let now = seen(lines);
+    if now.mismatches > before.mismatches {
+        return Some((Outcome::Mismatch, format!("guest saw {} mismatches", now.mismatches - before.mismatches)));
+    }
+    if now.boots != 1 {
+        return Some((Outcome::Hurt, format!("the guest booted {} times", now.boots)));
+    }
+    if now.errors > before.errors {
+        return Some((Outcome::Hurt, format!("{} guest requests failed", now.errors - before.errors)));
+    }
+    let mut w = before.written;
+    for l in lines.iter().filter(|l| l.starts_with(REPORT)).skip(before.reports) {
+        let n = num(l, "written");
+        if n <= w {
+            return Some((Outcome::Hurt, format!("written went from {w} to {n}")));
+        }
+        w = n;
+    }
+    None
+}
+
+/// The largest `maxgap_us` the guest reported on the lines after `from`, in ms.
+fn guest_pause(lines: &[String], from: usize) -> Option<f64> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with(REPORT))
+        .skip(from)
+        .filter_map(|l| proto::field(l, "maxgap_us")?.parse::<f64>().ok())
+        .reduce(f64::max)
+        .map(|us| us / 1000.0)
+}
+
+/// Stop the guest where it is, then check from the host: the disk holds
+/// every block's last write for the count the guest reported, and its
+/// console stream is intact. Keeps the VM's files when something is wrong.
+fn close(mut vm: ChildVm, keep: bool) -> Result<(), String> {
+    if vm.alive() {
+        let _ = vm.request(&ApiRequest::Pause {});
+    }
+    let lines = vm.lines();
+    let written = seen(&lines).written;
+    vm.kill();
+    let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
+    let mut problems = Vec::new();
+    match std::fs::read(&vm.disk) {
+        Err(e) => problems.push(format!("disk unreadable: {e}")),
+        Ok(bytes) => {
+            if let Err(e) = staunch_testguest::disk::check(&bytes, BLOCKS, written, written + SLACK) {
+                problems.push(format!("disk check: {} bad blocks, first: {}", e.len(), e[0]));
+            }
+        }
+    }
+    let console = staunch_testguest::console::blk_report_errors(&log, EVERY);
+    if !console.is_empty() {
+        problems.push(format!("console: {} broken lines, first: {}", console.len(), console[0]));
+    }
+    if problems.is_empty() && !keep {
+        let _ = std::fs::remove_dir_all(&vm.dir);
+        return Ok(());
+    }
+    eprintln!("           (kept {} for inspection)", vm.dir.display());
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Close the VM and charge a failed host check to its last injection, as a
+/// data mismatch whatever it was counted as before.
+fn close_and_judge(vm: ChildVm, rows: &mut [Row], first_row: usize, keep: bool) -> usize {
+    match close(vm, keep) {
+        Ok(()) => 0,
+        Err(why) => {
+            if let Some(last) = rows[first_row..].last_mut() {
+                last.how = format!("{} (was {:?}: {})", why, last.outcome, last.how);
+                last.outcome = Outcome::Mismatch;
+            }
+            why.matches("console").count()
         }
     }
 }
 
-fn pause_after(events: &[Value]) -> Option<f64> {
+/// What the VMM's events report about itself: its measured pause.
+fn vmm_pause(events: &[Value]) -> Option<f64> {
     let mut total = 0.0;
     let mut any = false;
     for e in events {
-        match e["event"].as_str() {
-            Some("microreset") => {
-                total += e["recovery_us"].as_f64().unwrap_or(0.0) / 1000.0;
-                any = true;
-            }
-            Some("hang-detected") => {
-                total += e["stuck_ms"].as_f64().unwrap_or(0.0);
-                any = true;
-            }
-            Some("resumed") => {
-                total += e["guest_pause_ms"].as_f64().unwrap_or(0.0);
-                any = true;
-            }
-            _ => {}
+        let ms = match e["event"].as_str() {
+            Some("microreset") => e["recovery_us"].as_f64().map(|u| u / 1000.0),
+            Some("hang-detected") => e["stuck_ms"].as_f64(),
+            Some("resumed") => e["guest_pause_ms"].as_f64(),
+            _ => None,
+        };
+        if let Some(ms) = ms {
+            total += ms;
+            any = true;
         }
     }
     any.then_some(total)
+}
+
+/// The components the VMM's events name for a fault.
+fn components(events: &[Value]) -> Vec<String> {
+    let mut c: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e["event"].as_str()? {
+            "microreset" | "hang-detected" => e["component"].as_str().map(String::from),
+            "resumed" => Some("vmm process".into()),
+            _ => None,
+        })
+        .collect();
+    c.sort();
+    c.dedup();
+    c
 }
 
 fn pct(v: &mut [f64], p: f64) -> Option<f64> {
@@ -196,13 +311,55 @@ fn pct(v: &mut [f64], p: f64) -> Option<f64> {
     Some(v[i])
 }
 
+/// Inject `fault` into `v`; false if it could not be delivered.
+fn inject(v: &ChildVm, fault: &Fault, rng: &mut Rng) -> bool {
+    match fault {
+        Fault::Failpoint(p, act) => {
+            if let Err(e) = v.arm(&format!("{p}={}", act.name())) {
+                tracing::debug!("arming: {e}");
+            }
+            if *p == "record.save" {
+                // The record is written by a handover: ask for one.
+                let _ = v.request(&ApiRequest::Upgrade { binary: None });
+            }
+            true
+        }
+        Fault::Signal(s) => {
+            let (pid, tids) = v.thread_ids();
+            if tids.is_empty() {
+                return false;
+            }
+            let tid = tids[(rng.next() % tids.len() as u64) as usize];
+            // SAFETY: tgkill to a thread of the VMM we started.
+            unsafe { libc::syscall(libc::SYS_tgkill, pid as i32, tid, *s) == 0 }
+        }
+        Fault::Kill => {
+            // SAFETY: kill(2) of the VMM we started (or its successor).
+            unsafe { libc::kill(v.vmm_pid() as i32, libc::SIGKILL) == 0 }
+        }
+    }
+}
+
+/// Why the VMM is gone, from its exit status.
+fn death(vm: &mut ChildVm) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match vm.child.try_wait().ok().flatten() {
+        Some(st) => match (st.code(), st.signal()) {
+            (Some(c), _) => format!("VMM exited with status {c}"),
+            (_, Some(sig)) => format!("VMM killed by signal {sig}"),
+            _ => "VMM died".into(),
+        },
+        None => "VMM died".into(),
+    }
+}
+
 pub fn run(a: CampaignArgs) -> Result<i32> {
     let mut rng = Rng(a.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let cat = catalog();
     let base = crate::guestrun::cache_dir().join(format!("campaign-{}", std::process::id()));
     let mut rows: Vec<Row> = Vec::new();
     let mut vm: Option<ChildVm> = None;
-    let mut in_vm = 0;
+    let (mut in_vm, mut first_row, mut console_bad) = (0, 0, 0);
     let started = Instant::now();
     eprintln!(
         "campaign: {} injections, seed {}, {} faults in the catalog{}",
@@ -214,118 +371,161 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
     for i in 0..a.runs {
         if vm.is_none() || in_vm >= a.per_vm {
             if let Some(old) = vm.take() {
-                close_and_judge(old, &mut rows);
+                console_bad += close_and_judge(old, &mut rows, first_row, false);
             }
             vm = Some(start_vm(&base.join(format!("vm{i}")), a.baseline).context("starting a campaign VM")?);
-            in_vm = 0;
+            (in_vm, first_row) = (0, rows.len());
         }
-        let v = vm.as_ref().expect("vm");
+        let v = vm.as_mut().expect("vm");
         let fault = cat[(rng.next() % cat.len() as u64) as usize].clone();
-        let seen = v.events().len();
-        let before = v.reports(REPORT).len();
-        let mism = mismatches(v);
-        match &fault {
-            Fault::Failpoint(p, act) => {
-                if let Err(e) = v.arm(&format!("{p}={}", act.name())) {
-                    // The control socket itself may be what just failed.
-                    tracing::debug!("arming: {e}");
-                }
-            }
-            Fault::Signal(s) => {
-                let (pid, tids) = v.thread_ids();
-                let tid = tids[(rng.next() % tids.len().max(1) as u64) as usize % tids.len().max(1)];
-                // SAFETY: tgkill to a thread of the VMM we started.
-                unsafe { libc::syscall(libc::SYS_tgkill, pid as i32, tid, *s) };
-            }
-            Fault::Kill => {
-                // SAFETY: kill(2) of the VMM we started (or its successor).
-                unsafe { libc::kill(v.vmm_pid() as i32, libc::SIGKILL) };
+        let seen_events = v.events().len();
+        let lines = v.lines();
+        let before = seen(&lines);
+        let delivered = inject(v, &fault, &mut rng);
+        let ok = v.progress(REPORT, before.reports, 2, Duration::from_secs(a.deadline));
+        if let Fault::Failpoint(p, _) = &fault {
+            // Disarm before judging: one that fires later is not this run's.
+            if ok {
+                let _ = v.request(&ApiRequest::Failpoint { spec: format!("{p}=off") });
             }
         }
-        let ok = v.progress(REPORT, before, 2, Duration::from_secs(a.deadline));
-        let events: Vec<Value> = v.events().into_iter().skip(seen).collect();
+        let events: Vec<Value> = v.events().into_iter().skip(seen_events).collect();
+        let fired = match &fault {
+            Fault::Failpoint(p, _) => events.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == *p),
+            _ => delivered,
+        };
+        let lines = v.lines();
         let (outcome, how) = if !ok {
-            let how = if v.alive() {
-                "guest stopped making progress".to_string()
-            } else {
-                use std::os::unix::process::ExitStatusExt;
-                match vm.as_mut().and_then(|v| v.child.try_wait().ok().flatten()) {
-                    Some(st) => match (st.code(), st.signal()) {
-                        (Some(c), _) => format!("VMM exited with status {c}"),
-                        (_, Some(sig)) => format!("VMM killed by signal {sig}"),
-                        _ => "VMM died".into(),
-                    },
-                    None => "VMM died".into(),
-                }
-            };
+            let how = if v.alive() { "guest stopped making progress".to_string() } else { death(v) };
             (Outcome::Lost, how)
-        } else if mismatches(v) != mism {
-            (Outcome::Mismatch, format!("guest saw {} mismatches", mismatches(v) - mism))
+        } else if let Some(hurt) = judge(&before, &lines) {
+            hurt
+        } else if !fired {
+            (Outcome::NotFired, "never hit while the guest ran".into())
         } else {
-            let how = events.iter().filter_map(|e| e["event"].as_str()).collect::<Vec<_>>().join("+");
+            let how = events
+                .iter()
+                .filter_map(|e| e["event"].as_str())
+                .filter(|e| *e != "failpoint-fired")
+                .collect::<Vec<_>>()
+                .join("+");
             (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how })
         };
-        eprintln!("[{:>4}/{}] {:<28} {:<10} {}", i + 1, a.runs, fault.describe(), format!("{outcome:?}"), how);
-        rows.push(Row { pause_ms: pause_after(&events), fault: fault.clone(), outcome, how });
+        let row = Row {
+            guest_ms: guest_pause(&lines, before.reports),
+            vmm_ms: vmm_pause(&events),
+            components: components(&events),
+            fault: fault.clone(),
+            outcome,
+            how,
+        };
+        eprintln!(
+            "[{:>4}/{}] {:<28} {:<10} guest {:>7} ms  {}",
+            i + 1,
+            a.runs,
+            fault.describe(),
+            format!("{outcome:?}"),
+            row.guest_ms.map(|m| format!("{m:.2}")).unwrap_or("-".into()),
+            row.how
+        );
+        rows.push(row);
         in_vm += 1;
-        if outcome != Outcome::Recovered {
-            if let Some(mut old) = vm.take() {
-                close_keep(&mut old, !matches!(fault, Fault::Kill));
+        if !matches!(outcome, Outcome::Recovered | Outcome::NotFired) {
+            if let Some(old) = vm.take() {
+                console_bad += close_and_judge(old, &mut rows, first_row, !matches!(fault, Fault::Kill));
             }
         }
     }
     if let Some(old) = vm.take() {
-        close_and_judge(old, &mut rows);
+        console_bad += close_and_judge(old, &mut rows, first_row, false);
     }
+    Ok(report(&a, &rows, console_bad, started))
+}
+
+fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) -> i32 {
+    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or("-".into());
+    let count = |rs: &[&Row], o| rs.iter().filter(|r| r.outcome == o).count();
     let mut classes: Vec<String> = rows.iter().map(|r| r.fault.class()).collect();
     classes.sort();
     classes.dedup();
     println!();
     println!(
-        "| fault{} | injections | recovered | guest lost | data mismatch | p50 pause ms | p99 pause ms | max pause ms |",
+        "| fault{} | injections | not fired | recovered | hurt | guest lost | data mismatch | guest pause p50 ms | p99 | max | VMM-reported p50 ms |",
         if a.baseline { " (recovery off)" } else { "" }
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or("-".into());
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let line = |name: &str, rs: Vec<&Row>| {
-        let n = |o| rs.iter().filter(|r| r.outcome == o).count();
-        let mut p: Vec<f64> =
-            rs.iter().filter(|r| r.outcome == Outcome::Recovered).filter_map(|r| r.pause_ms).collect();
+        let rec: Vec<&&Row> = rs.iter().filter(|r| r.outcome == Outcome::Recovered).collect();
+        let mut g: Vec<f64> = rec.iter().filter_map(|r| r.guest_ms).collect();
+        let mut m: Vec<f64> = rec.iter().filter_map(|r| r.vmm_ms).collect();
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             rs.len(),
-            n(Outcome::Recovered),
-            n(Outcome::Lost),
-            n(Outcome::Mismatch),
-            fmt(pct(&mut p, 0.5)),
-            fmt(pct(&mut p, 0.99)),
-            fmt(pct(&mut p, 1.0))
+            count(&rs, Outcome::NotFired),
+            count(&rs, Outcome::Recovered),
+            count(&rs, Outcome::Hurt),
+            count(&rs, Outcome::Lost),
+            count(&rs, Outcome::Mismatch),
+            fmt(pct(&mut g, 0.5)),
+            fmt(pct(&mut g, 0.99)),
+            fmt(pct(&mut g, 1.0)),
+            fmt(pct(&mut m, 0.5)),
         );
     };
     for c in &classes {
         line(c, rows.iter().filter(|r| &r.fault.class() == c).collect());
     }
     let catchable: Vec<&Row> = rows.iter().filter(|r| !matches!(r.fault, Fault::Kill)).collect();
-    let rec = catchable.iter().filter(|r| r.outcome == Outcome::Recovered).count();
     line("**all but SIGKILL**", catchable.clone());
+
+    // Where each failpoint hit, as the VMM's events name it.
+    println!();
+    println!("| failpoint | component(s) hit | injections | fired | recovered |");
+    println!("|---|---|---:|---:|---:|");
+    for p in staunch_fault::ALL {
+        let rs: Vec<&Row> = rows.iter().filter(|r| matches!(r.fault, Fault::Failpoint(n, _) if n == p.name)).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let mut comps: Vec<&str> = rs.iter().flat_map(|r| r.components.iter().map(String::as_str)).collect();
+        comps.sort();
+        comps.dedup();
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            p.name,
+            if comps.is_empty() { "-".into() } else { comps.join(", ") },
+            rs.len(),
+            rs.len() - count(&rs, Outcome::NotFired),
+            count(&rs, Outcome::Recovered)
+        );
+    }
+    let fired: Vec<&Row> = catchable.iter().copied().filter(|r| r.outcome != Outcome::NotFired).collect();
+    let rec = count(&fired, Outcome::Recovered);
+    let mismatches = count(&rows.iter().collect::<Vec<_>>(), Outcome::Mismatch);
     println!();
     println!(
-        "recovered {rec}/{} ({:.1} %) of catchable faults; data mismatches: {}; SIGKILL injections: {} (the crash path cannot run; the guest is lost until a host supervisor exists); {:.0} s",
-        catchable.len(),
-        100.0 * rec as f64 / catchable.len().max(1) as f64,
-        rows.iter().filter(|r| r.outcome == Outcome::Mismatch).count(),
+        "recovered {rec}/{} ({:.1} %) of fired catchable faults; not fired: {}; data mismatches: {mismatches}; \
+         VMs with console bytes lost or doubled: {console_bad}; SIGKILL injections: {} (the crash path cannot run; \
+         the guest is lost until a host supervisor exists); {:.0} s",
+        fired.len(),
+        100.0 * rec as f64 / fired.len().max(1) as f64,
+        catchable.len() - fired.len(),
         rows.len() - catchable.len(),
         started.elapsed().as_secs_f64()
     );
+    println!("pauses: the guest's own clock (maxgap_us: its longest gap between two loop iterations); the VMM-reported column is the VMM's figure about itself");
     let unrecovered: Vec<String> = rows
         .iter()
-        .filter(|r| r.outcome != Outcome::Recovered && !matches!(r.fault, Fault::Kill))
+        .filter(|r| !matches!(r.outcome, Outcome::Recovered | Outcome::NotFired) && !matches!(r.fault, Fault::Kill))
         .map(|r| format!("{} ({:?}: {})", r.fault.describe(), r.outcome, r.how))
         .collect();
     if !unrecovered.is_empty() {
         println!("not recovered: {}", unrecovered.join("; "));
     }
-    let mismatches = rows.iter().any(|r| r.outcome == Outcome::Mismatch);
-    let rate = rec as f64 / catchable.len().max(1) as f64;
-    Ok(if !a.baseline && (mismatches || rate < a.min_recovered) { 1 } else { 0 })
+    let rate = rec as f64 / fired.len().max(1) as f64;
+    if !a.baseline && (mismatches > 0 || console_bad > 0 || rate < a.min_recovered) {
+        1
+    } else {
+        0
+    }
 }

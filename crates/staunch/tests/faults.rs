@@ -202,3 +202,31 @@ fn kvm_short_campaign() {
     assert!(r.stdout.contains("**all but SIGKILL**"), "{}", r.stdout);
     assert!(r.stdout.contains("data mismatches: 0"), "{}", r.stdout);
 }
+
+/// A fault in the VMM while it saves the VM for a planned upgrade (the guest
+/// is paused then): a hang, a panic, a real SIGSEGV. Each is an ordinary
+/// crash, recovered; the upgrade's successor never commits, so only one
+/// process ever owns the guest.
+#[test]
+fn kvm_faults_while_saving_for_an_upgrade_are_recovered() {
+    let (vm, disk) = blk_vm("upgrade-faults", 2);
+    for (i, action) in ["hang", "panic", "segv"].iter().enumerate() {
+        let seen = vm.events().len();
+        let before = reports(&vm);
+        assert_eq!(vm.ctl(&["failpoint", &format!("record.save={action}")]).status, 0);
+        let r = vm.ctl(&["upgrade"]);
+        assert_eq!(r.status, 0, "upgrade with record.save={action}: {}", r.stderr);
+        let events: Vec<Value> = vm.events().into_iter().skip(seen).collect();
+        let fired = events.iter().find(|e| e["event"] == "failpoint-fired").expect("the failpoint fired");
+        assert_eq!(fired["point"], "record.save");
+        let resumed = events.iter().find(|e| e["event"] == "resumed").expect("a recovery");
+        assert_eq!(resumed["generation"], (i + 1) as u64, "{resumed}");
+        let cause = resumed["cause"].as_str().unwrap();
+        assert!(cause.starts_with("crash: "), "record.save={action} recovered as {cause}");
+        vm.wait_for("progress after the recovery", |l| {
+            l.matches("blk written=").count() >= before + 2 || l.contains("final=1")
+        });
+    }
+    assert_eq!(vm.log().matches("STAUNCH ready").count(), 1);
+    finish_and_check(vm, &disk);
+}
