@@ -529,3 +529,50 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
         0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.lines().map(str::to_string).collect()
+    }
+
+    const BOOT: &str = "STAUNCH ready ring=3\nSTAUNCH blk written=200 verified=200 mismatches=0 errors=0\n";
+
+    /// The shapes of hurt that the old judge (two new lines, mismatches
+    /// unchanged) called recovered.
+    #[test]
+    fn the_judge_sees_a_hurt_guest() {
+        let before = seen(&lines(BOOT));
+        let ok = format!("{BOOT}STAUNCH blk written=400 verified=400 mismatches=0 errors=0\nSTAUNCH blk written=600 verified=600 mismatches=0 errors=0\n");
+        assert!(judge(&before, &lines(&ok)).is_none());
+        // Every write after the fault failed.
+        let failing = format!("{BOOT}STAUNCH blk written=200 verified=200 mismatches=0 errors=200\nSTAUNCH blk written=200 verified=200 mismatches=0 errors=400\n");
+        assert_eq!(judge(&before, &lines(&failing)).unwrap().0, Outcome::Hurt);
+        // Cold-booted and replayed from the start.
+        let rebooted = format!("{BOOT}STAUNCH ready ring=3\nSTAUNCH blk written=200 verified=200 mismatches=0 errors=0\nSTAUNCH blk written=400 verified=400 mismatches=0 errors=0\n");
+        assert_eq!(judge(&before, &lines(&rebooted)).unwrap().0, Outcome::Hurt);
+        // The guest saw a stale block.
+        let stale = format!("{BOOT}STAUNCH blk written=400 verified=399 mismatches=1 errors=0\nSTAUNCH blk written=600 verified=599 mismatches=1 errors=0\n");
+        assert_eq!(judge(&before, &lines(&stale)).unwrap().0, Outcome::Mismatch);
+    }
+
+    #[test]
+    fn the_guest_pause_is_the_guest_clock_or_nothing() {
+        let l = lines(&format!("{BOOT}STAUNCH blk written=400 verified=400 mismatches=0 errors=0 maxgap_us=2500\nSTAUNCH blk written=600 verified=600 mismatches=0 errors=0 maxgap_us=40\n"));
+        assert_eq!(guest_pause(&l, 1), Some(2.5));
+        assert_eq!(guest_pause(&lines(BOOT), 0), None);
+    }
+
+    #[test]
+    fn the_catalog_has_every_failpoint_and_no_empty_corruption() {
+        let cat = catalog();
+        for p in staunch_fault::ALL {
+            assert!(cat.iter().any(|f| matches!(f, Fault::Failpoint(n, _) if *n == p.name)), "{} missing", p.name);
+        }
+        assert!(!cat
+            .iter()
+            .any(|f| matches!(f, Fault::Failpoint(n, staunch_fault::Action::Corrupt) if NO_CORRUPT.contains(n))));
+    }
+}
