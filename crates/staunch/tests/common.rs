@@ -95,6 +95,7 @@ pub struct Vm {
     pub sock: PathBuf,
     pub log: PathBuf,
     pub events: PathBuf,
+    pub stderr: PathBuf,
 }
 
 impl Vm {
@@ -109,8 +110,11 @@ impl Vm {
         if let Some(d) = disk {
             c.arg("--disk").arg(d);
         }
-        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let vm = Vm { child, sock, log, events };
+        // A file, not a pipe: nobody reads a pipe until the end, and a VMM
+        // that fills one (its events are on stderr too) would block on it.
+        let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().unwrap();
+        let vm = Vm { child, sock, log, events, stderr: dir.join("stderr.log") };
         vm.wait_for("first report", |l| l.contains("STAUNCH "));
         vm
     }
@@ -150,9 +154,7 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(10));
             }
         };
-        let mut stderr = String::new();
-        use std::io::Read;
-        self.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         Run { status: status.code().unwrap_or(-1), stdout: self.log(), stderr }
     }
 }
