@@ -7,7 +7,7 @@
 use crate::childvm::{ChildVm, Spec};
 use crate::guestrun::cache_dir;
 use anyhow::{bail, Result};
-use staunch_testguest::proto::{self, BLOCK_SIZE};
+use staunch_testguest::proto;
 use staunch_vmm::api::ApiRequest;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ pub struct DemoArgs {
 }
 
 const REGION_BLOCKS: u64 = 128;
+const REPORT_EVERY: u64 = 1000;
 const REPORT: &str = "STAUNCH blk written=";
 
 struct Shown(usize);
@@ -41,7 +42,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     println!("== Staunch demo: the test guest on KVM, {} vCPUs, a 16 MiB virtio-blk disk", a.vcpus);
     let dir = cache_dir().join("demo");
     let cmdline = format!(
-        "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report=1000",
+        "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report={REPORT_EVERY}",
         a.writes
     );
     let mut vm =
@@ -82,6 +83,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     ];
     for (what, spec, kind) in faults {
         let seen = vm.events().len();
+        let from = vm.reports(REPORT).len();
         println!(
             "   >> injecting {what}{}",
             if spec.is_empty() { String::new() } else { format!(" (failpoint {spec})") }
@@ -92,7 +94,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             vm.arm(spec)?;
         }
         let Some(ev) = vm.wait_event(kind, seen, Duration::from_secs(30)) else { bail!("no recovery after {what}") };
-        let (pause, how) = match kind {
+        let (vmm_ms, how) = match kind {
             "microreset" => (ev["recovery_us"].as_f64().unwrap_or(0.0) / 1e3, "microreset of the device, same process"),
             _ => (
                 ev["guest_pause_ms"].as_f64().unwrap_or(0.0),
@@ -103,12 +105,22 @@ pub fn run(a: DemoArgs) -> Result<i32> {
                 },
             ),
         };
-        println!(
-            "   << recovered: {how}; guest paused {pause:.2} ms (generation {})",
-            ev["generation"].as_u64().unwrap_or(0)
-        );
-        pauses.push((what, pause));
         wait_reports(&vm, &mut shown, 2)?;
+        // The guest's own clock: its longest gap between two iterations on
+        // the lines since the fault.
+        let guest_ms = vm
+            .reports(REPORT)
+            .iter()
+            .skip(from)
+            .filter_map(|l| proto::field(l, "maxgap_us")?.parse::<f64>().ok())
+            .reduce(f64::max)
+            .map(|us| us / 1e3);
+        println!(
+            "   << recovered: {how} (generation {}); guest paused {} by its own clock; VMM-reported {vmm_ms:.2} ms",
+            ev["generation"].as_u64().unwrap_or(0),
+            guest_ms.map(|m| format!("{m:.2} ms")).unwrap_or("? (not reported)".into()),
+        );
+        pauses.push((what, guest_ms, vmm_ms));
     }
 
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -126,18 +138,16 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let last = vm.reports(REPORT).last().cloned().unwrap_or_default();
     let bytes = std::fs::read(&vm.disk)?;
     let region = REGION_BLOCKS.min(a.writes);
-    let intact = (0..region)
-        .filter(|lba| {
-            let off = *lba as usize * BLOCK_SIZE;
-            let b: &[u8; BLOCK_SIZE] = bytes[off..off + BLOCK_SIZE].try_into().expect("block");
-            proto::check_block(b, *lba).is_ok()
-        })
-        .count() as u64;
+    // Every block holds its last write (the guest finished all of them).
+    let disk = staunch_testguest::disk::check(&bytes, REGION_BLOCKS, a.writes, a.writes);
+    let bad_blocks = disk.as_ref().err().map_or(0, |e| e.len());
+    let console = staunch_testguest::console::blk_report_errors(&std::fs::read_to_string(&vm.log)?, REPORT_EVERY);
     let field = |k| proto::field(&last, k).unwrap_or("?").to_string();
     println!("== Summary");
     println!("   boot to first guest line  : {boot_ms:.1} ms");
-    for (what, p) in &pauses {
-        println!("   guest pause, {what:<26}: {p:.2} ms");
+    for (what, g, v) in &pauses {
+        let g = g.map(|m| format!("{m:.2} ms")).unwrap_or("?".into());
+        println!("   guest pause, {what:<26}: {g} (guest clock); VMM-reported {v:.2} ms");
     }
     println!(
         "   guest work                : {} blocks written, {} verified, {} mismatches, {} errors",
@@ -146,11 +156,13 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         field("mismatches"),
         field("errors")
     );
-    println!("   host check of the disk    : {intact}/{region} blocks intact");
+    println!("   host check of the disk    : {}/{region} blocks hold their last write", region - bad_blocks as u64);
+    println!("   console                   : {} lines with a byte lost or doubled", console.len());
     println!("   VMM exit status           : {code} (the guest powered off)");
     println!("   total demo time           : {:.2} s", t0.elapsed().as_secs_f64());
     let ok = code == 0
-        && intact == region
+        && disk.is_ok()
+        && console.is_empty()
         && field("mismatches") == "0"
         && field("errors") == "0"
         && field("verified") == a.writes.to_string();
