@@ -438,10 +438,7 @@ fn etcd_ops(rows: &mut [Row], port: u16, (w, r, wt, tx): (usize, usize, usize, u
     };
     let mut h = match Http::connect(port) {
         Ok(h) => h,
-        Err(e) => {
-            let e = anyhow::Error::from(e);
-            return rows[0..4].iter_mut().for_each(|row| row.etcd().fail("etcd", &e));
-        }
+        Err(e) => return rows[0..4].iter_mut().for_each(|row| row.etcd().fail("etcd", &e)),
     };
     rows[0].etcd().attempt("etcd puts", || {
         let t = Instant::now();
