@@ -1,9 +1,12 @@
 //! `staunch bench`: the same test guest under Staunch and under QEMU 10
 //! (`-accel kvm`, microvm, same ELF, same kind of disk), measured the same
 //! way in the same run: wall time between the guest's own report lines, read
-//! from each VMM's serial output on a pipe.
+//! from each VMM's serial output on a pipe. Every benchmark starts only on
+//! a machine where nothing else of the project runs (see [`crate::idle`]),
+//! and each run runs alone.
 
 use crate::guestrun::{cache_dir, test_guest};
+use crate::idle::Machine;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -36,6 +39,11 @@ pub struct BenchArgs {
     /// Also print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Measure even though other processes of the project (VMMs, stores,
+    /// QEMU, qemu-storage-daemon, etcd) are running: every table then says
+    /// MEASURED ON A BUSY MACHINE. Without it the benchmark refuses to start.
+    #[arg(long)]
+    allow_busy: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -50,6 +58,12 @@ struct Ctx {
     kernel: PathBuf,
     qemu: Option<PathBuf>,
     dir: PathBuf,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// QEMU unpacked by scripts/qemu.sh finds its libraries beside it.
@@ -119,10 +133,13 @@ impl Ctx {
         let mut child = cmd.spawn().context("starting the VMM")?;
         let out = child.stdout.take().context("stdout")?;
         let pid = child.id();
+        // Ends an overrunning run; told to stand down (before the child is
+        // reaped, so its pid is still the child's) once the output ends.
+        let (done, overrun) = std::sync::mpsc::channel::<()>();
         let watchdog = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(600));
-            // SAFETY: plain kill(2) of our own child if it overran.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = overrun.recv_timeout(Duration::from_secs(600)) {
+                staunch_vmm::handover::kill_family(pid);
+            }
         });
         let mut lines = Vec::new();
         for l in BufReader::new(out).lines() {
@@ -132,8 +149,9 @@ impl Ctx {
                 lines.push((t, l[i..].trim_end().to_string()));
             }
         }
+        drop(done);
+        let _ = watchdog.join();
         let _ = child.wait();
-        drop(watchdog);
         if !lines.iter().any(|(_, l)| l.starts_with("STAUNCH done code=0")) {
             bail!("{} run of {cmdline:?} did not finish cleanly: {lines:?}", name(vmm));
         }
@@ -162,6 +180,19 @@ struct Metric {
     unit: &'static str,
     lower_is_better: bool,
     values: [Vec<f64>; 2],
+    /// Failed runs, per VMM (counted, never dropped).
+    failed: [usize; 2],
+}
+
+impl Metric {
+    fn new(name: &'static str, unit: &'static str, lower_is_better: bool) -> Metric {
+        Metric { name, unit, lower_is_better, values: Default::default(), failed: [0; 2] }
+    }
+
+    /// "ok / failed" for VMM `i`.
+    fn rounds(&self, i: usize) -> String {
+        format!("{} / {}", self.values[i].len(), self.failed[i])
+    }
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -170,31 +201,55 @@ fn median(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v[v.len() / 2])
 }
 
-fn measure(ctx: &Ctx, vmms: &[Vmm], a: &BenchArgs) -> Result<[Metric; 5]> {
+/// Every round runs each VMM in turn, one run at a time with nothing of
+/// ours left from the run before; a failed run is counted against the
+/// metrics it was to measure.
+fn measure(ctx: &Ctx, vmms: &[Vmm], a: &BenchArgs, machine: &Machine) -> Result<[Metric; 5]> {
     let mut m = [
-        Metric { name: "boot to first guest line", unit: "ms", lower_is_better: true, values: Default::default() },
-        Metric { name: "PIO exit round trip", unit: "us", lower_is_better: true, values: Default::default() },
-        Metric { name: "MMIO exit round trip", unit: "us", lower_is_better: true, values: Default::default() },
-        Metric { name: "virtio-blk 4 KiB reads", unit: "req/s", lower_is_better: false, values: Default::default() },
-        Metric { name: "virtio-blk 4 KiB writes", unit: "req/s", lower_is_better: false, values: Default::default() },
+        Metric::new("boot to first guest line", "ms", true),
+        Metric::new("PIO exit round trip", "us", true),
+        Metric::new("MMIO exit round trip", "us", true),
+        Metric::new("virtio-blk 4 KiB reads", "req/s", false),
+        Metric::new("virtio-blk 4 KiB writes", "req/s", false),
     ];
     let exits = format!("staunch.work=exits staunch.ring=0 staunch.iters={}", a.iters);
     let blk = format!("staunch.work=blk-bench staunch.blocks=1024 staunch.iters={}", a.ios);
+    let per = |s: f64| s * 1e6 / a.iters as f64;
     for round in 0..a.rounds {
         for (vi, v) in vmms.iter().enumerate() {
             eprintln!("round {}/{}: {} ...", round + 1, a.rounds, name(*v));
-            let l = ctx.lines(*v, &exits, true)?;
-            m[0].values[vi].push(at(&l, "STAUNCH ready")?.as_secs_f64() * 1e3);
-            m[1].values[vi].push(span(&l, "STAUNCH exits pio-begin", "STAUNCH exits pio-end")? * 1e6 / a.iters as f64);
-            m[2].values[vi]
-                .push(span(&l, "STAUNCH exits mmio-begin", "STAUNCH exits mmio-end")? * 1e6 / a.iters as f64);
-            let l = ctx.lines(*v, &blk, true)?;
-            m[3].values[vi].push(a.ios as f64 / span(&l, "STAUNCH blkbench read-begin", "STAUNCH blkbench read-end")?);
-            m[4].values[vi]
-                .push(a.ios as f64 / span(&l, "STAUNCH blkbench write-begin", "STAUNCH blkbench write-end")?);
+            machine.settle()?;
+            let r = ctx.lines(*v, &exits, true).and_then(|l| {
+                Ok([
+                    at(&l, "STAUNCH ready")?.as_secs_f64() * 1e3,
+                    per(span(&l, "STAUNCH exits pio-begin", "STAUNCH exits pio-end")?),
+                    per(span(&l, "STAUNCH exits mmio-begin", "STAUNCH exits mmio-end")?),
+                ])
+            });
+            record(&mut m[0..3], vi, r, name(*v));
+            machine.settle()?;
+            let r = ctx.lines(*v, &blk, true).and_then(|l| {
+                Ok([
+                    a.ios as f64 / span(&l, "STAUNCH blkbench read-begin", "STAUNCH blkbench read-end")?,
+                    a.ios as f64 / span(&l, "STAUNCH blkbench write-begin", "STAUNCH blkbench write-end")?,
+                ])
+            });
+            record(&mut m[3..5], vi, r, name(*v));
         }
     }
+    machine.settle()?;
     Ok(m)
+}
+
+/// One run's values into `m` (in order), or its failure against each.
+fn record<const N: usize>(m: &mut [Metric], vi: usize, r: Result<[f64; N]>, who: &str) {
+    match r {
+        Ok(v) => m.iter_mut().zip(v).for_each(|(m, v)| m.values[vi].push(v)),
+        Err(e) => {
+            eprintln!("  FAILED run ({who}): {e:#}");
+            m.iter_mut().for_each(|m| m.failed[vi] += 1);
+        }
+    }
 }
 
 /// Apply `--quick` and set up the guest image, the scratch directory and,
@@ -205,7 +260,8 @@ fn prepare(mut a: BenchArgs, with_qemu: bool) -> Result<(BenchArgs, Ctx)> {
         a.ios = a.ios.min(200);
         a.rounds = 1;
     }
-    let dir = cache_dir().join("bench");
+    // Per run: two benchmarks at once (--allow-busy) must not share disks.
+    let dir = cache_dir().join(format!("bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let qemu = if with_qemu { a.qemu.clone().or_else(default_qemu) } else { None };
     let ctx = Ctx { kernel: test_guest()?, qemu, dir };
@@ -214,13 +270,17 @@ fn prepare(mut a: BenchArgs, with_qemu: bool) -> Result<(BenchArgs, Ctx)> {
 
 /// The main benchmarks with the resilience machinery (failpoint checks,
 /// contained regions, watchdog, rescuer) on and off, same binary.
-fn overhead(a: BenchArgs) -> Result<i32> {
+fn overhead(a: BenchArgs, machine: &Machine) -> Result<i32> {
     let (a, ctx) = prepare(a, false)?;
     let (on_ns, off_ns) = dispatch_cost();
-    let m = measure(&ctx, &[Vmm::Staunch, Vmm::StaunchBare], &a)?;
+    let m = measure(&ctx, &[Vmm::Staunch, Vmm::StaunchBare], &a, machine)?;
     println!();
-    println!("| benchmark (median of {} rounds) | unit | recovery on | recovery off | overhead |", a.rounds);
-    println!("|---|---|---:|---:|---:|");
+    machine.banner();
+    println!(
+        "| {} | unit | recovery on | recovery off | overhead | rounds ok / failed (on; off) |",
+        machine.head("benchmark (median over the rounds that succeeded)")
+    );
+    println!("|---|---|---:|---:|---:|---:|");
     for x in &m[1..] {
         let (on, off) = (median(&x.values[0]), median(&x.values[1]));
         let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("-".into());
@@ -231,19 +291,27 @@ fn overhead(a: BenchArgs) -> Result<i32> {
             }
             _ => "-".into(),
         };
-        println!("| {} | {} | {} | {} | {} |", x.name, x.unit, f(on), f(off), over);
+        println!("| {} | {} | {} | {} | {} | {}; {} |", x.name, x.unit, f(on), f(off), over, x.rounds(0), x.rounds(1));
     }
     let exit_ns = median(&m[1].values[1]).unwrap_or(0.0) * 1e3;
     println!();
-    println!("| per-exit cost of the machinery, measured in-process | recovery on | recovery off | added | share of one PIO exit |");
-    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| device access (contained region, failpoint check) + vCPU loop (contained failpoint, busy flag) | {on_ns:.1} ns | {off_ns:.1} ns | {:.1} ns | {:.3} % |",
+        "| {} | recovery on | recovery off | added | share of one PIO exit | rounds |",
+        machine.head("per-exit cost of the machinery, measured in-process")
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| device access (contained region, failpoint check) + vCPU loop (contained failpoint, busy flag) | {on_ns:.1} ns | {off_ns:.1} ns | {:.1} ns | {:.3} % | best of {DISPATCH_PASSES} passes of {DISPATCH_ITERS} |",
         on_ns - off_ns,
         if exit_ns > 0.0 { (on_ns - off_ns) / exit_ns * 100.0 } else { 0.0 }
     );
+    println!();
+    machine.footer();
     Ok(0)
 }
+
+const DISPATCH_ITERS: u32 = 5_000_000;
+const DISPATCH_PASSES: usize = 5;
 
 /// What the resilience machinery adds to one exit, measured directly: the
 /// same device access through the contained path and the plain one, plus the
@@ -266,7 +334,7 @@ fn dispatch_cost() -> (f64, f64) {
     }
     let dev = Mutex::new(Reg(0));
     let busy = AtomicBool::new(false);
-    const N: u32 = 5_000_000;
+    const N: u32 = DISPATCH_ITERS;
     let run = |on: bool| {
         let t = std::time::Instant::now();
         for i in 0..N {
@@ -288,7 +356,7 @@ fn dispatch_cost() -> (f64, f64) {
     };
     // Interleave and keep the best of several passes of each.
     let (mut on, mut off) = (f64::MAX, f64::MAX);
-    for _ in 0..5 {
+    for _ in 0..DISPATCH_PASSES {
         on = on.min(run(true));
         off = off.min(run(false));
     }
@@ -296,10 +364,13 @@ fn dispatch_cost() -> (f64, f64) {
 }
 
 pub fn run(a: BenchArgs) -> Result<i32> {
+    let machine = Machine::check(a.allow_busy)?;
     match a.which.as_str() {
-        "recovery" => return crate::bench_recovery::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu)),
-        "overhead" => return overhead(a),
-        "store" => return crate::bench_store::run(a.quick),
+        "recovery" => {
+            return crate::bench_recovery::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine)
+        }
+        "overhead" => return overhead(a, &machine),
+        "store" => return crate::bench_store::run(a.quick, &machine),
         _ => {}
     }
     let (a, ctx) = prepare(a, true)?;
@@ -318,10 +389,14 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         }
         None => eprintln!("peer: QEMU not found (run scripts/qemu.sh); Staunch column only"),
     }
-    let m = measure(&ctx, &vmms, &a)?;
+    let m = measure(&ctx, &vmms, &a, &machine)?;
     println!();
-    println!("| benchmark (median of {} rounds) | unit | Staunch | QEMU | Staunch/QEMU |", a.rounds);
-    println!("|---|---|---:|---:|---:|");
+    machine.banner();
+    println!(
+        "| {} | unit | Staunch | QEMU | Staunch/QEMU | rounds ok / failed (Staunch; QEMU) |",
+        machine.head("benchmark (median over the rounds that succeeded)")
+    );
+    println!("|---|---|---:|---:|---:|---:|");
     let mut json = Vec::new();
     for x in &m {
         let s = median(&x.values[0]);
@@ -333,14 +408,22 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             }
             _ => "-".into(),
         };
-        println!("| {} | {} | {} | {} | {} |", x.name, x.unit, f(s), f(q), ratio);
-        json.push(serde_json::json!({"metric": x.name, "unit": x.unit, "staunch": s, "qemu": q}));
+        let qr = if vmms.len() > 1 { x.rounds(1) } else { "-".into() };
+        println!("| {} | {} | {} | {} | {} | {}; {qr} |", x.name, x.unit, f(s), f(q), ratio, x.rounds(0));
+        json.push(serde_json::json!({
+            "metric": x.name, "unit": x.unit, "staunch": s, "qemu": q,
+            "staunch_rounds_ok": x.values[0].len(), "staunch_rounds_failed": x.failed[0],
+            "qemu_rounds_ok": x.values[1].len(), "qemu_rounds_failed": x.failed[1],
+            "busy_machine": machine.is_busy(),
+        }));
     }
     println!();
     println!(
         "guest: Staunch test guest, 1 vCPU, 256 MiB; exits from ring 0, blk from ring 3; {} exits, {} requests",
         a.iters, a.ios
     );
+    println!("each run ran alone (nothing of ours left from the run before); a failed run is reported on stderr and counted under rounds, never dropped");
+    machine.footer();
     if a.json {
         println!("{}", serde_json::Value::Array(json));
     }

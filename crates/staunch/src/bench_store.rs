@@ -4,9 +4,11 @@
 //! client, one request at a time, for both: what a component waiting on its
 //! store sees. etcd is driven through its HTTP/JSON gateway (the project has
 //! no gRPC stack), which adds a little per request on etcd's side; the
-//! table says so.
+//! table says so. The two never run at the same time, and the benchmark
+//! starts only with nothing else of the project running (see [`crate::idle`]).
 
 use crate::guestrun::cache_dir;
+use crate::idle::Machine;
 use anyhow::{bail, Context, Result};
 use staunch_store::client::{nul, Client};
 use staunch_store::wire::Op;
@@ -141,8 +143,15 @@ impl Http {
     }
 }
 
-fn etcd(bin: &Path, dir: &Path, port: u16) -> Result<Proc> {
-    let peer = port + 1;
+/// Two loopback ports free right now, for etcd's clients and its peer
+/// (a fixed port would meet another run's etcd, and measure that one).
+fn free_ports() -> Result<(u16, u16)> {
+    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+fn etcd(bin: &Path, dir: &Path, (port, peer): (u16, u16)) -> Result<Proc> {
     let mut c = Command::new(bin);
     c.arg("--data-dir").arg(dir).args(["--name", "bench"]);
     c.arg("--listen-client-urls").arg(format!("http://127.0.0.1:{port}"));
@@ -155,8 +164,11 @@ fn etcd(bin: &Path, dir: &Path, port: u16) -> Result<Proc> {
 
 fn etcd_until_serving(port: u16, spawn: impl FnOnce() -> Result<Proc>) -> Result<(Proc, f64)> {
     let t = Instant::now();
-    let p = spawn()?;
+    let mut p = spawn()?;
     loop {
+        if let Some(st) = p.0.try_wait()? {
+            bail!("etcd exited ({st}) before serving");
+        }
         let probe = format!("{{\"key\":\"{}\"}}", b64(b"/probe"));
         if Http::connect(port).and_then(|mut h| h.post("/v3/kv/range", &probe)).is_ok() {
             return Ok((p, t.elapsed().as_secs_f64() * 1e3));
@@ -177,16 +189,59 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The rounds of one row on one side, failures included.
+#[derive(Default)]
+struct Side {
+    values: Vec<f64>,
+    failed: usize,
+}
+
+impl Side {
+    /// One round: its value, or its failure, counted and said.
+    fn attempt(&mut self, what: &str, f: impl FnOnce() -> Result<f64>) {
+        match f() {
+            Ok(v) => self.values.push(v),
+            Err(e) => self.fail(what, &e),
+        }
+    }
+
+    fn fail(&mut self, what: &str, e: &anyhow::Error) {
+        self.failed += 1;
+        eprintln!("  FAILED round ({what}): {e:#}");
+    }
+
+    fn median(&self) -> Option<f64> {
+        (!self.values.is_empty()).then(|| median(self.values.clone()))
+    }
+
+    fn rounds(&self) -> String {
+        format!("{} / {}", self.values.len(), self.failed)
+    }
+}
+
 struct Row {
     what: String,
     unit: &'static str,
-    staunch: f64,
-    etcd: Option<f64>,
+    staunch: Side,
+    /// None: etcd has no such operation here.
+    etcd: Option<Side>,
     /// Higher is better (rates) or lower is better (times).
     higher: bool,
 }
 
-pub fn run(quick: bool) -> Result<i32> {
+impl Row {
+    fn new(what: String, unit: &'static str, higher: bool, peer: bool) -> Row {
+        Row { what, unit, staunch: Side::default(), etcd: peer.then(Side::default), higher }
+    }
+
+    fn etcd(&mut self) -> &mut Side {
+        self.etcd.get_or_insert_with(Side::default)
+    }
+}
+
+const RESTARTS: usize = 3;
+
+pub fn run(quick: bool, machine: &Machine) -> Result<i32> {
     let n = if quick { 200 } else { 3000 };
     let dir = cache_dir().join(format!("bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -199,127 +254,225 @@ pub fn run(quick: bool) -> Result<i32> {
         Some(p) => eprintln!("peer: etcd 3.4.23 ({})", p.display()),
         None => eprintln!("peer: etcd not found (run scripts/etcd.sh); Staunch column only"),
     }
-    let mut rows = Vec::new();
+    let peer = etcd_bin.is_some();
+    let k = |q: usize| if quick { q / 10 } else { q };
+    let failovers = if quick { 1 } else { 3 };
+    let (w, r, wt, tx) = (n, n * 5, n / 5, n / 2);
+    let mut rows = [
+        Row::new(format!("writes (put), 1 client, {w} per round"), "ops/s", true, peer),
+        Row::new(format!("reads (get), 1 client, {r} per round"), "ops/s", true, peer),
+        Row::new(format!("watch: write to event, p50 of {wt} per round"), "ms", false, peer),
+        Row::new(format!("transactions (read+write, commit), {tx} per round"), "ops/s", true, peer),
+        Row::new("failover gap (kill -9 of the primary)".into(), "ms", false, false),
+        Row::new(format!("restart to serving, {} nodes", k(10_000)), "ms", false, peer),
+        Row::new(format!("restart to serving, {} nodes", k(100_000)), "ms", false, peer),
+    ];
 
     // Staunch: reads, writes, watch latency, transactions.
+    machine.settle()?;
     let sock = dir.join("xs.sock");
     let (primary, _) = until_serving(&sock, || store(&sock, &dir.join("data"), false))?;
     let mut c = Client::connect(&sock)?;
     eprintln!("staunch store: {n} writes, reads, watches, transactions ...");
-    let t = Instant::now();
-    for i in 0..n {
-        c.write_value(0, &format!("/bench/k{}", i % 100), b"value-0123456789").unwrap().map_err(anyhow::Error::msg)?;
-    }
-    let s_w = rate(n, t);
-    let t = Instant::now();
-    for i in 0..n * 5 {
-        c.read_value(0, &format!("/bench/k{}", i % 100))?.map_err(anyhow::Error::msg)?;
-    }
-    let s_r = rate(n * 5, t);
-    let mut w = Client::connect(&sock)?;
-    w.request(Op::Watch, 0, &nul(&["/watched", "t"]))?.map_err(anyhow::Error::msg)?;
-    w.next_event(Duration::from_secs(2))?;
-    let mut lat = Vec::new();
-    for i in 0..n / 5 {
+    rows[0].staunch.attempt("Staunch writes", || {
         let t = Instant::now();
-        c.write_value(0, "/watched/x", i.to_string().as_bytes())?.map_err(anyhow::Error::msg)?;
-        w.next_event(Duration::from_secs(2))?.context("no watch event")?;
-        lat.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let s_watch = median(lat);
-    let t = Instant::now();
-    for i in 0..n / 2 {
-        let tx = c.transaction_start()?.map_err(anyhow::Error::msg)?;
-        c.read_value(tx, "/bench/k0")?.map_err(anyhow::Error::msg)?;
-        c.write_value(tx, "/bench/k0", i.to_string().as_bytes())?.map_err(anyhow::Error::msg)?;
-        c.transaction_end(tx, true)?.map_err(anyhow::Error::msg)?;
-    }
-    let s_tx = rate(n / 2, t);
+        for i in 0..w {
+            c.write_value(0, &format!("/bench/k{}", i % 100), b"value-0123456789")?.map_err(anyhow::Error::msg)?;
+        }
+        Ok(rate(w, t))
+    });
+    rows[1].staunch.attempt("Staunch reads", || {
+        let t = Instant::now();
+        for i in 0..r {
+            c.read_value(0, &format!("/bench/k{}", i % 100))?.map_err(anyhow::Error::msg)?;
+        }
+        Ok(rate(r, t))
+    });
+    rows[2].staunch.attempt("Staunch watch", || {
+        let mut w = Client::connect(&sock)?;
+        w.request(Op::Watch, 0, &nul(&["/watched", "t"]))?.map_err(anyhow::Error::msg)?;
+        w.next_event(Duration::from_secs(2))?;
+        let mut lat = Vec::new();
+        for i in 0..wt {
+            let t = Instant::now();
+            c.write_value(0, "/watched/x", i.to_string().as_bytes())?.map_err(anyhow::Error::msg)?;
+            w.next_event(Duration::from_secs(2))?.context("no watch event")?;
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(median(lat))
+    });
+    rows[3].staunch.attempt("Staunch transactions", || {
+        let t = Instant::now();
+        for i in 0..tx {
+            let tx = c.transaction_start()?.map_err(anyhow::Error::msg)?;
+            c.read_value(tx, "/bench/k0")?.map_err(anyhow::Error::msg)?;
+            c.write_value(tx, "/bench/k0", i.to_string().as_bytes())?.map_err(anyhow::Error::msg)?;
+            c.transaction_end(tx, true)?.map_err(anyhow::Error::msg)?;
+        }
+        Ok(rate(tx, t))
+    });
 
     // Failover: a standby follows; the primary is SIGKILLed under writes.
     let standby = store(&sock, &dir.join("standby"), true)?;
     std::thread::sleep(Duration::from_millis(300));
-    let mut gaps = Vec::new();
     let mut prim = primary;
     let mut stby = standby;
-    for round in 0..if quick { 1 } else { 3 } {
-        let mut last_ok = Instant::now();
-        let mut gap = 0.0f64;
-        for i in 0..400 {
-            if i == 150 {
-                let _ = prim.0.kill();
-                let _ = prim.0.wait();
+    for round in 0..failovers {
+        rows[4].staunch.attempt("Staunch failover", || {
+            let mut last_ok = Instant::now();
+            let mut gap = 0.0f64;
+            for i in 0..400 {
+                if i == 150 {
+                    let _ = prim.0.kill();
+                    let _ = prim.0.wait();
+                }
+                c.write_value(0, "/failover", i.to_string().as_bytes())?.map_err(anyhow::Error::msg)?;
+                gap = gap.max(last_ok.elapsed().as_secs_f64() * 1e3);
+                last_ok = Instant::now();
             }
-            c.write_value(0, "/failover", i.to_string().as_bytes())?.map_err(anyhow::Error::msg)?;
-            gap = gap.max(last_ok.elapsed().as_secs_f64() * 1e3);
-            last_ok = Instant::now();
-        }
-        gaps.push(gap);
+            Ok(gap)
+        });
         // The standby now serves; a new standby follows it.
         prim = stby;
         stby = store(&sock, &dir.join(format!("standby{round}")), true)?;
         std::thread::sleep(Duration::from_millis(300));
     }
-    drop((prim, stby));
-    let s_failover = median(gaps);
+    drop((prim, stby, c));
 
     // Restart-to-serving with 10k and 100k nodes (a snapshot plus a log).
-    let mut restarts = Vec::new();
-    for nodes in [10_000usize, 100_000] {
-        let nodes = if quick { nodes / 10 } else { nodes };
+    for (i, nodes) in [10_000usize, 100_000].into_iter().enumerate() {
+        let nodes = k(nodes);
+        machine.settle()?;
         eprintln!("staunch store: restart with {nodes} nodes ...");
         let data = dir.join(format!("data-{nodes}"));
-        let (p, _) = until_serving(&sock, || store(&sock, &data, false))?;
-        let mut c = Client::connect(&sock)?;
-        populate_staunch(&mut c, nodes)?;
-        drop(p);
-        let mut ms = Vec::new();
-        for _ in 0..3 {
-            let (p, t) = until_serving(&sock, || store(&sock, &data, false))?;
+        let setup = until_serving(&sock, || store(&sock, &data, false)).and_then(|(p, _)| {
+            populate_staunch(&mut Client::connect(&sock)?, nodes)?;
             drop(p);
-            ms.push(t);
+            Ok(())
+        });
+        let side = &mut rows[5 + i].staunch;
+        match setup {
+            Ok(()) => (0..RESTARTS).for_each(|_| {
+                side.attempt("Staunch restart", || {
+                    let (p, t) = until_serving(&sock, || store(&sock, &data, false))?;
+                    drop(p);
+                    Ok(t)
+                })
+            }),
+            Err(e) => (0..RESTARTS).for_each(|_| side.fail("Staunch restart: populating", &e)),
         }
-        restarts.push(median(ms));
     }
-    drop(c);
-    drop(w);
 
-    // etcd, the same operations.
-    let mut e = [None; 7];
+    // etcd, the same operations, alone on the machine.
     if let Some(bin) = &etcd_bin {
-        let port = 23_790;
-        let (p, _) = etcd_until_serving(port, || etcd(bin, &dir.join("etcd"), port))?;
+        machine.settle()?;
+        let ports = free_ports()?;
+        let port = ports.0;
         eprintln!("etcd: {n} puts, gets, watches, txns ...");
-        let mut h = Http::connect(port)?;
-        let put = |h: &mut Http, k: &str, v: &str| {
-            h.post("/v3/kv/put", &format!("{{\"key\":\"{}\",\"value\":\"{}\"}}", b64(k.as_bytes()), b64(v.as_bytes())))
+        match etcd_until_serving(port, || etcd(bin, &dir.join("etcd"), ports)) {
+            Ok((p, _)) => {
+                etcd_ops(&mut rows, port, (w, r, wt, tx));
+                drop(p);
+            }
+            Err(e) => rows[0..4].iter_mut().for_each(|row| row.etcd().fail("etcd", &e)),
+        }
+        for (i, nodes) in [10_000usize, 100_000].into_iter().enumerate() {
+            let nodes = k(nodes);
+            machine.settle()?;
+            eprintln!("etcd: restart with {nodes} keys ...");
+            let data = dir.join(format!("etcd-{nodes}"));
+            let setup = etcd_until_serving(port, || etcd(bin, &data, ports)).and_then(|(p, _)| {
+                populate_etcd(&mut Http::connect(port)?, nodes)?;
+                drop(p);
+                Ok(())
+            });
+            let side = rows[5 + i].etcd();
+            match setup {
+                Ok(()) => (0..RESTARTS).for_each(|_| {
+                    side.attempt("etcd restart", || {
+                        let (p, ms) = etcd_until_serving(port, || etcd(bin, &data, ports))?;
+                        drop(p);
+                        Ok(ms)
+                    })
+                }),
+                Err(e) => (0..RESTARTS).for_each(|_| side.fail("etcd restart: populating", &e)),
+            }
+        }
+    }
+    machine.settle()?;
+
+    println!();
+    machine.banner();
+    println!(
+        "| {} | unit | Staunch | etcd 3.4 | Staunch/etcd | rounds ok / failed (Staunch; etcd) |",
+        machine.head("config store")
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    for r in &rows {
+        let s = r.staunch.median();
+        let e = r.etcd.as_ref().and_then(Side::median);
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        let ratio = match (s, e) {
+            (Some(s), Some(e)) if e > 0.0 => {
+                let better = if (r.higher && s > e) || (!r.higher && s < e) { " (better)" } else { "" };
+                format!("{:.3}{better}", s / e)
+            }
+            _ => "-".into(),
         };
+        let er = r.etcd.as_ref().map(Side::rounds).unwrap_or_else(|| "-".into());
+        println!("| {} | {} | {} | {} | {ratio} | {}; {er} |", r.what, r.unit, f(s), f(e), r.staunch.rounds());
+    }
+    println!();
+    println!(
+        "one client, one request at a time, unix socket (Staunch) vs loopback HTTP/JSON gateway (etcd); every write is fsynced by both; failover: longest gap between a client's acknowledged writes around the kill, client reconnect included; restart: median of {RESTARTS} restarts each; medians over the rounds that succeeded; failed rounds are reported on stderr and counted, never dropped; Staunch and etcd never ran at the same time"
+    );
+    machine.footer();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(0)
+}
+
+/// etcd's puts, gets, watches and transactions, into `rows[0..4]`.
+fn etcd_ops(rows: &mut [Row], port: u16, (w, r, wt, tx): (usize, usize, usize, usize)) {
+    let put = |h: &mut Http, k: &str, v: &str| {
+        h.post("/v3/kv/put", &format!("{{\"key\":\"{}\",\"value\":\"{}\"}}", b64(k.as_bytes()), b64(v.as_bytes())))
+    };
+    let mut h = match Http::connect(port) {
+        Ok(h) => h,
+        Err(e) => return rows[0..4].iter_mut().for_each(|row| row.etcd().fail("etcd", &e)),
+    };
+    rows[0].etcd().attempt("etcd puts", || {
         let t = Instant::now();
-        for i in 0..n {
+        for i in 0..w {
             put(&mut h, &format!("/bench/k{}", i % 100), "value-0123456789")?;
         }
-        e[0] = Some(rate(n, t));
+        Ok(rate(w, t))
+    });
+    rows[1].etcd().attempt("etcd gets", || {
         let t = Instant::now();
-        for i in 0..n * 5 {
+        for i in 0..r {
             h.post("/v3/kv/range", &format!("{{\"key\":\"{}\"}}", b64(format!("/bench/k{}", i % 100).as_bytes())))?;
         }
-        e[1] = Some(rate(n * 5, t));
+        Ok(rate(r, t))
+    });
+    rows[2].etcd().attempt("etcd watch", || {
         let mut wh = Http::connect(port)?;
         wh.send("/v3/watch", &format!("{{\"create_request\":{{\"key\":\"{}\"}}}}", b64(b"/watched/x")))?;
         let (_, chunked) = wh.headers()?;
         anyhow::ensure!(chunked, "etcd watch: expected a stream");
         wh.chunk()?; // the "created" message
         let mut lat = Vec::new();
-        for i in 0..n / 5 {
+        for i in 0..wt {
             let t = Instant::now();
             put(&mut h, "/watched/x", &i.to_string())?;
             let ev = wh.chunk()?;
             anyhow::ensure!(ev.contains("events"), "etcd watch: {ev}");
             lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        e[2] = Some(median(lat));
+        Ok(median(lat))
+    });
+    rows[3].etcd().attempt("etcd txns", || {
         let t = Instant::now();
-        for i in 0..n / 2 {
+        for i in 0..tx {
             // Read, then put if nobody changed it since: etcd's optimistic transaction.
             let r = h.post("/v3/kv/range", &format!("{{\"key\":\"{}\"}}", b64(b"/bench/k0")))?;
             let rev =
@@ -332,91 +485,25 @@ pub fn run(quick: bool) -> Result<i32> {
             let r = h.post("/v3/kv/txn", &body)?;
             anyhow::ensure!(r.contains("\"succeeded\":true"), "etcd txn: {r}");
         }
-        e[3] = Some(rate(n / 2, t));
-        drop((h, wh, p));
-        for (i, nodes) in [10_000usize, 100_000].into_iter().enumerate() {
-            let nodes = if quick { nodes / 10 } else { nodes };
-            eprintln!("etcd: restart with {nodes} keys ...");
-            let data = dir.join(format!("etcd-{nodes}"));
-            let (p, _) = etcd_until_serving(port, || etcd(bin, &data, port))?;
-            let mut h = Http::connect(port)?;
-            for chunk in 0..nodes / 100 {
-                let ops: Vec<String> = (0..100)
-                    .map(|j| {
-                        format!(
-                            "{{\"request_put\":{{\"key\":\"{}\",\"value\":\"{}\"}}}}",
-                            b64(format!("/vm/{chunk}/k{j}").as_bytes()),
-                            b64(b"some-value")
-                        )
-                    })
-                    .collect();
-                h.post("/v3/kv/txn", &format!("{{\"success\":[{}]}}", ops.join(",")))?;
-            }
-            drop((h, p));
-            let (p, ms) = etcd_until_serving(port, || etcd(bin, &data, port))?;
-            drop(p);
-            e[5 + i] = Some(ms);
-        }
-    }
+        Ok(rate(tx, t))
+    });
+}
 
-    let k = |q: usize| if quick { q / 10 } else { q };
-    rows.push(Row { what: "writes (put), 1 client".into(), unit: "ops/s", staunch: s_w, etcd: e[0], higher: true });
-    rows.push(Row { what: "reads (get), 1 client".into(), unit: "ops/s", staunch: s_r, etcd: e[1], higher: true });
-    rows.push(Row {
-        what: "watch: write to event, p50".into(),
-        unit: "ms",
-        staunch: s_watch,
-        etcd: e[2],
-        higher: false,
-    });
-    rows.push(Row {
-        what: "transactions (read+write, commit)".into(),
-        unit: "ops/s",
-        staunch: s_tx,
-        etcd: e[3],
-        higher: true,
-    });
-    rows.push(Row {
-        what: "failover gap (kill -9 of the primary)".into(),
-        unit: "ms",
-        staunch: s_failover,
-        etcd: None,
-        higher: false,
-    });
-    rows.push(Row {
-        what: format!("restart to serving, {} nodes", k(10_000)),
-        unit: "ms",
-        staunch: restarts[0],
-        etcd: e[5],
-        higher: false,
-    });
-    rows.push(Row {
-        what: format!("restart to serving, {} nodes", k(100_000)),
-        unit: "ms",
-        staunch: restarts[1],
-        etcd: e[6],
-        higher: false,
-    });
-    println!();
-    println!("| config store | unit | Staunch | etcd 3.4 | Staunch/etcd |");
-    println!("|---|---|---:|---:|---:|");
-    for r in &rows {
-        let (e, ratio) = match r.etcd {
-            Some(e) => (format!("{e:.2}"), format!("{:.3}", r.staunch / e)),
-            None => ("-".into(), "-".into()),
-        };
-        let better = match r.etcd {
-            Some(e) if (r.higher && r.staunch > e) || (!r.higher && r.staunch < e) => " (better)",
-            _ => "",
-        };
-        println!("| {} | {} | {:.2} | {e} | {ratio}{better} |", r.what, r.unit, r.staunch);
+/// `nodes` keys under /vm, in transactions of 100 puts.
+fn populate_etcd(h: &mut Http, nodes: usize) -> Result<()> {
+    for chunk in 0..nodes / 100 {
+        let ops: Vec<String> = (0..100)
+            .map(|j| {
+                format!(
+                    "{{\"request_put\":{{\"key\":\"{}\",\"value\":\"{}\"}}}}",
+                    b64(format!("/vm/{chunk}/k{j}").as_bytes()),
+                    b64(b"some-value")
+                )
+            })
+            .collect();
+        h.post("/v3/kv/txn", &format!("{{\"success\":[{}]}}", ops.join(",")))?;
     }
-    println!();
-    println!(
-        "one client, one request at a time, unix socket (Staunch) vs loopback HTTP/JSON gateway (etcd); every write is fsynced by both; failover: longest gap between a client's acknowledged writes around the kill, client reconnect included"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(0)
+    Ok(())
 }
 
 /// `nodes` nodes under /vm, in transactions of 1000 writes; then a

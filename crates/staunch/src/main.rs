@@ -11,6 +11,7 @@ mod campaign;
 mod childvm;
 mod demo;
 mod guestrun;
+mod idle;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
