@@ -90,14 +90,23 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, msrs: &[u32]) -> Result<VcpuSnapshot, S
     })
 }
 
+/// The time-stamp counter's MSR.
+const MSR_IA32_TSC: u32 = 0x10;
+
 /// Write a vCPU's state into a freshly created vCPU (CPUID already set).
 /// Order follows what KVM needs: MSRs and special registers before the
-/// LAPIC, pending events last.
-pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), StateError> {
+/// LAPIC, pending events last. The TSC is moved on by `tsc_advance` ticks:
+/// the time the guest spent paused, which it must see pass (as it would
+/// if its vCPU had simply not run), not lose.
+pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot, tsc_advance: u64) -> Result<(), StateError> {
     if s.version != VCPU_STATE_VERSION {
         return Err(StateError::Version { found: s.version, expected: VCPU_STATE_VERSION });
     }
-    let m = Msrs::from_entries(&s.msrs).map_err(|_| StateError::Msrs { set: 0, total: s.msrs.len() })?;
+    let mut msrs = s.msrs.clone();
+    for e in msrs.iter_mut().filter(|e| e.index == MSR_IA32_TSC) {
+        e.data = e.data.wrapping_add(tsc_advance);
+    }
+    let m = Msrs::from_entries(&msrs).map_err(|_| StateError::Msrs { set: 0, total: s.msrs.len() })?;
     let set = fd.set_msrs(&m).map_err(kerr("set MSRs"))?;
     if set != s.msrs.len() {
         return Err(StateError::Msrs { set, total: s.msrs.len() });
@@ -131,7 +140,9 @@ pub fn save_vm(vm: &VmFd) -> Result<VmSnapshot, StateError> {
     })
 }
 
-pub fn restore_vm(vm: &VmFd, s: &VmSnapshot) -> Result<(), StateError> {
+/// Restore the VM-wide state; the guest's clock moves on by `advance_ns`
+/// (the pause), like its TSC.
+pub fn restore_vm(vm: &VmFd, s: &VmSnapshot, advance_ns: u64) -> Result<(), StateError> {
     if s.version != VM_STATE_VERSION {
         return Err(StateError::Version { found: s.version, expected: VM_STATE_VERSION });
     }
@@ -140,7 +151,7 @@ pub fn restore_vm(vm: &VmFd, s: &VmSnapshot) -> Result<(), StateError> {
         vm.set_irqchip(c).map_err(kerr("set irqchip"))?;
     }
     // Only the clock value: the flags KVM reports are not accepted back.
-    let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
+    let clock = kvm_clock_data { clock: s.clock.clock.wrapping_add(advance_ns), ..Default::default() };
     vm.set_clock(&clock).map_err(kerr("set clock"))?;
     Ok(())
 }

@@ -80,60 +80,67 @@ pub struct VcpuControl {
     pub busy: std::sync::atomic::AtomicBool,
     /// The kernel thread id, for signals from a watchdog or crash path.
     pub tid: std::sync::atomic::AtomicI32,
-    /// The write exit being served right now, for the crash path.
-    pending: PendingSlot,
+    /// KVM_RUN calls so far (counted before each call) and the last whose
+    /// exit was fully served: the crash path tells from them, and from the
+    /// exit KVM left in the run page, whether an exit is outstanding.
+    runs: AtomicU64,
+    served: AtomicU64,
+    /// Where the thread is between two guest entries (see `Phase`).
+    phase: AtomicU8,
+    /// A park signal came while entering KVM_RUN; the thread parks as soon
+    /// as the call returns.
+    park_requested: std::sync::atomic::AtomicBool,
+    /// A write exit the crash path found outstanding (set in the handler).
+    pending: Mutex<Option<PendingWrite>>,
 }
 
-/// A guest write (port I/O `out` or MMIO store) whose exit a crash
-/// interrupted: the crash path completes it in KVM, so the guest is past the
-/// instruction on every KVM flavour (some report the instruction pointer at
-/// the instruction until the exit completes, some past it), and the
-/// successor replays it to the device, which knows whether it already took
-/// effect (see the UART's transmit ledger).
+/// The vCPU thread's phase, for the crash path. `Entering` is the one
+/// moment it cannot read: KVM_RUN may or may not have returned a new exit
+/// yet, so a park there is deferred to right after the call returns.
+const PHASE_SERVED: u8 = 0;
+const PHASE_ENTERING: u8 = 1;
+const PHASE_SERVING: u8 = 2;
+
+/// What [`park_current_thread`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Park {
+    /// Not a vCPU thread: the caller parks it itself.
+    NotVcpu,
+    /// The thread was entering KVM_RUN: return from the signal handler; it
+    /// parks when the call returns (which it does at once).
+    Deferred,
+}
+
+/// A guest write (port I/O `out` or MMIO store) whose exit a crash caught
+/// before its handler had finished. The crash path completes the exit in
+/// KVM, so the guest is past the instruction on every KVM flavour (some
+/// report the instruction pointer at the instruction until the exit
+/// completes, some past it), and the successor replays the write to the
+/// device. `stamp` names the exit: a device with side effects outside the
+/// VM (the UART's console) records the stamp of what it did, and skips a
+/// replay of something it already did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PendingWrite {
     pub vcpu: u8,
+    pub stamp: u64,
     pub mmio: bool,
     pub addr: u64,
     pub len: u8,
     pub data: [u8; 8],
 }
 
-/// Lock-free, so the crash path can read it whatever the thread was doing.
-#[derive(Default)]
-struct PendingSlot {
-    /// 0: none; 1: port I/O; 2: MMIO. Written last on set, first on clear.
-    kind: AtomicU8,
-    addr: AtomicU64,
-    len: AtomicU8,
-    data: AtomicU64,
+/// The stamp of exit number `run` of vCPU `index` (never 0).
+fn stamp(index: u8, run: u64) -> u64 {
+    ((index as u64) << 56) | (run & ((1 << 56) - 1))
 }
 
-impl PendingSlot {
-    fn set(&self, mmio: bool, addr: u64, data: &[u8]) {
-        let mut d = [0u8; 8];
-        let n = data.len().min(8);
-        d[..n].copy_from_slice(&data[..n]);
-        self.addr.store(addr, Ordering::Relaxed);
-        self.len.store(n as u8, Ordering::Relaxed);
-        self.data.store(u64::from_le_bytes(d), Ordering::Relaxed);
-        self.kind.store(if mmio { 2 } else { 1 }, Ordering::Release);
-    }
+thread_local! {
+    static STAMP: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
-    fn clear(&self) {
-        self.kind.store(0, Ordering::Release);
-    }
-
-    fn get(&self, vcpu: u8) -> Option<PendingWrite> {
-        let kind = self.kind.load(Ordering::Acquire);
-        (kind != 0).then(|| PendingWrite {
-            vcpu,
-            mmio: kind == 2,
-            addr: self.addr.load(Ordering::Relaxed),
-            len: self.len.load(Ordering::Relaxed),
-            data: self.data.load(Ordering::Relaxed).to_le_bytes(),
-        })
-    }
+/// The stamp of the exit this thread is serving (0 outside a vCPU thread).
+pub fn current_stamp() -> u64 {
+    STAMP.with(|s| s.get())
 }
 
 fn kick_signal() -> i32 {
@@ -165,14 +172,39 @@ impl VcpuControl {
             microresets: AtomicU64::new(0),
             busy: std::sync::atomic::AtomicBool::new(false),
             tid: std::sync::atomic::AtomicI32::new(0),
-            pending: PendingSlot::default(),
+            runs: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            phase: AtomicU8::new(PHASE_SERVED),
+            park_requested: std::sync::atomic::AtomicBool::new(false),
+            pending: Mutex::new(None),
         })
     }
 
-    /// The write exit a crash interrupted on this vCPU, if any (completed in
-    /// KVM by the crash path, not yet by a device).
+    /// The write exit a crash caught on this vCPU before its handler was
+    /// done, if any (completed in KVM by the crash path, not by a device).
     pub fn pending_write(&self) -> Option<PendingWrite> {
-        self.pending.get(self.index)
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A KVM_RUN is about to be made.
+    fn enter(&self) {
+        self.phase.store(PHASE_ENTERING, Ordering::SeqCst);
+    }
+
+    /// KVM_RUN returned: its exit (if any) is served under a new stamp. A
+    /// park deferred while entering happens here, where the state is clear.
+    fn returned(&self) {
+        let n = self.runs.fetch_add(1, Ordering::AcqRel) + 1;
+        STAMP.with(|s| s.set(stamp(self.index, n)));
+        self.phase.store(PHASE_SERVING, Ordering::SeqCst);
+        if self.park_requested.load(Ordering::SeqCst) {
+            park_current_thread();
+        }
+    }
+
+    fn exit_served(&self) {
+        self.served.store(self.runs.load(Ordering::Acquire), Ordering::Release);
+        self.phase.store(PHASE_SERVED, Ordering::SeqCst);
     }
 
     pub fn state(&self) -> VcpuState {
@@ -426,9 +458,18 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
                 let mut stop = None;
                 for _ in 0..64 {
                     fd.set_kvm_immediate_exit(1);
-                    match fd.run() {
-                        Ok(exit) => stop = dispatch(exit, handler, &ctl.pending),
-                        Err(_) => break,
+                    ctl.enter();
+                    let r = fd.run();
+                    ctl.returned();
+                    match r {
+                        Ok(exit) => {
+                            stop = dispatch(exit, handler);
+                            ctl.exit_served();
+                        }
+                        Err(_) => {
+                            ctl.exit_served();
+                            break;
+                        }
                     }
                     if stop.is_some() {
                         break;
@@ -475,9 +516,13 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
             handler.contained("vcpu-loop", f, t.elapsed());
         }
         ctl.busy.store(false, Ordering::Relaxed);
-        let exit = match fd.run() {
+        ctl.enter();
+        let r = fd.run();
+        ctl.returned();
+        let exit = match r {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ctl.exit_served();
                 fd.set_kvm_immediate_exit(0);
                 continue;
             }
@@ -485,7 +530,8 @@ pub fn run(mut fd: VcpuFd, ctl: &VcpuControl, handler: &dyn ExitHandler) -> Stop
         };
         ctl.exits.fetch_add(1, Ordering::Relaxed);
         ctl.busy.store(true, Ordering::Relaxed);
-        let stop = dispatch(exit, handler, &ctl.pending);
+        let stop = dispatch(exit, handler);
+        ctl.exit_served();
         ctl.busy.store(false, Ordering::Relaxed);
         if let Some(r) = stop {
             if let StopReason::Error(msg) = r {
@@ -535,24 +581,27 @@ thread_local! {
 /// a vCPU, it becomes Paused and serves jobs (state saves) for its vCPU until
 /// the process is replaced by exec; never returns then. Returns false on a
 /// thread that runs no vCPU.
-pub fn park_current_thread() -> bool {
+pub fn park_current_thread() -> Park {
     let (ctl, fd) = PARK.with(|p| p.get());
     if ctl.is_null() || fd.is_null() {
-        return false;
+        return Park::NotVcpu;
+    }
+    // SAFETY: set by `run` on this thread; see below.
+    let ctl_ref = unsafe { &*ctl };
+    if ctl_ref.phase.load(Ordering::SeqCst) == PHASE_ENTERING && !ctl_ref.park_requested.swap(true, Ordering::SeqCst) {
+        // Make the KVM_RUN about to be made (or being made) return at once.
+        let p = ctl_ref.run_page.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: the run page stays mapped while the vCPU fd lives.
+            unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+        }
+        return Park::Deferred;
     }
     // SAFETY: both pointers were set by `run` on this thread and point into
     // its frame, which the signal interrupted and which never resumes: the
     // thread parks here until exec replaces the process.
     let (ctl, fd) = unsafe { (&*ctl, &mut *fd) };
-    // A write exit whose handler may have died half way is completed in KVM
-    // (nothing to hand back for a write) so the saved registers are past the
-    // instruction on any KVM; the successor replays the write to the device
-    // (`pending_write`). A read is left as it is: its data was never filled.
-    if ctl.pending.get(ctl.index).is_some() {
-        fd.set_kvm_immediate_exit(1);
-        let _ = fd.run();
-        fd.set_kvm_immediate_exit(0);
-    }
+    settle_outstanding_exit(ctl, fd);
     ctl.busy.store(false, Ordering::Relaxed);
     ctl.set_state(VcpuState::Paused);
     loop {
@@ -566,30 +615,66 @@ pub fn park_current_thread() -> bool {
     }
 }
 
-/// Serve one exit; Some(reason) if the VM must stop. A write is noted in
-/// `pending` while its handler runs.
-fn dispatch(exit: VcpuExit<'_>, handler: &dyn ExitHandler, pending: &PendingSlot) -> Option<StopReason> {
+/// The crash path, on the vCPU's own thread: an exit KVM returned and that
+/// no later KVM_RUN completed is outstanding, whatever this thread was doing
+/// when the signal came (KVM writes the exit into the run page before the
+/// ioctl returns, so there is no window where it is unknown). A write is
+/// completed in KVM now and, unless its handler had finished, noted for the
+/// successor to replay; a read is completed only if its handler had filled
+/// the data (otherwise the guest runs the instruction again where KVM keeps
+/// the instruction pointer at it; see docs/recovery.md for the rest).
+fn settle_outstanding_exit(ctl: &VcpuControl, fd: &mut VcpuFd) {
+    let (runs, served) = (ctl.runs.load(Ordering::Acquire), ctl.served.load(Ordering::Acquire));
+    let run = fd.get_kvm_run();
+    let (write, read) = match run.exit_reason {
+        kvm_bindings::KVM_EXIT_IO => {
+            // SAFETY: exit_reason says the union holds the io member.
+            let io = unsafe { run.__bindgen_anon_1.io };
+            let len = (io.size as usize * io.count as usize).min(8);
+            let mut data = [0u8; 8];
+            // SAFETY: KVM put `size * count` bytes at `data_offset` inside
+            // the mapped run area; we read at most 8 of them.
+            unsafe {
+                let src = (run as *const kvm_run as *const u8).add(io.data_offset as usize);
+                std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), len);
+            }
+            let w = io.direction == kvm_bindings::KVM_EXIT_IO_OUT as u8;
+            let pw = PendingWrite { vcpu: ctl.index, stamp: stamp(ctl.index, runs), mmio: false, addr: io.port as u64, len: len as u8, data };
+            (w.then_some(pw), !w)
+        }
+        kvm_bindings::KVM_EXIT_MMIO => {
+            // SAFETY: exit_reason says the union holds the mmio member.
+            let m = unsafe { run.__bindgen_anon_1.mmio };
+            let len = (m.len as usize).min(8) as u8;
+            let pw = PendingWrite { vcpu: ctl.index, stamp: stamp(ctl.index, runs), mmio: true, addr: m.phys_addr, len, data: m.data };
+            ((m.is_write != 0).then_some(pw), m.is_write == 0)
+        }
+        _ => (None, false),
+    };
+    let done = served == runs;
+    if write.is_some() || (read && done) {
+        fd.set_kvm_immediate_exit(1);
+        let _ = fd.run();
+        fd.set_kvm_immediate_exit(0);
+    }
+    if !done && write.is_some() {
+        *ctl.pending.lock().unwrap_or_else(|p| p.into_inner()) = write;
+    }
+}
+
+/// Serve one exit; Some(reason) if the VM must stop.
+fn dispatch(exit: VcpuExit<'_>, handler: &dyn ExitHandler) -> Option<StopReason> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             handler.pio_read(port, data);
             None
         }
-        VcpuExit::IoOut(port, data) => {
-            pending.set(false, port as u64, data);
-            let r = handler.pio_write(port, data);
-            pending.clear();
-            r
-        }
+        VcpuExit::IoOut(port, data) => handler.pio_write(port, data),
         VcpuExit::MmioRead(addr, data) => {
             handler.mmio_read(addr, data);
             None
         }
-        VcpuExit::MmioWrite(addr, data) => {
-            pending.set(true, addr, data);
-            let r = handler.mmio_write(addr, data);
-            pending.clear();
-            r
-        }
+        VcpuExit::MmioWrite(addr, data) => handler.mmio_write(addr, data),
         VcpuExit::Hlt | VcpuExit::Intr => None,
         VcpuExit::Shutdown => Some(StopReason::TripleFault),
         VcpuExit::SystemEvent(kind, _) => Some(match kind {

@@ -51,8 +51,12 @@ fn cause_name(c: i32) -> String {
 
 /// Never returns: a vCPU thread serves its vCPU's state saves, any other
 /// thread sleeps until exec replaces the process.
-fn park() -> ! {
-    staunch_kvm::vcpu::park_current_thread();
+/// Returns only on a vCPU thread caught entering KVM_RUN: the signal
+/// handler then returns, and the thread parks when the call comes back.
+fn park() {
+    if staunch_kvm::vcpu::park_current_thread() == staunch_kvm::vcpu::Park::Deferred {
+        return;
+    }
     loop {
         // SAFETY: pause(2) just sleeps until a signal.
         unsafe { libc::pause() };
@@ -72,6 +76,7 @@ fn wake_rescuer(cause: i32) {
 extern "C" fn on_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     if sig == park_signal() {
         park();
+        return;
     }
     // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::gettid() };
@@ -89,6 +94,7 @@ extern "C" fn on_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
             unsafe { libc::_exit(71) };
         }
         park();
+        return;
     }
     wake_rescuer(sig);
     park();
@@ -147,14 +153,14 @@ pub(crate) fn arm(core: Arc<Core>) -> std::io::Result<()> {
             return;
         }
         if CORE.lock().map(|c| c.is_some()).unwrap_or(true) {
-            // Recovery first; one line, no backtrace (symbolizing one takes
-            // long enough to be taken for a hang while the guest waits).
-            tracing::error!("panic, taking the crash path: {info}");
-            if IN_CRASH.swap(true, Ordering::SeqCst) {
-                park();
+            // Recovery first, then one line, no backtrace (symbolizing one
+            // takes long enough to be taken for a hang while the guest waits).
+            if !IN_CRASH.swap(true, Ordering::SeqCst) {
+                wake_rescuer(CAUSE_PANIC);
             }
-            wake_rescuer(CAUSE_PANIC);
+            tracing::error!("panic, taking the crash path: {info}");
             park();
+            return;
         }
         prev(info);
     }));

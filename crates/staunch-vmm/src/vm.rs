@@ -840,10 +840,15 @@ impl Prepared {
             continue_log: true,
         };
         let devs = assemble(&rec.config, &self.vm, &self.ram, output, disks, from)?;
-        state::restore_vm(&self.vm.fd, &rec.vm)?;
+        // The guest's clocks run on through the pause: it sees the time it
+        // lost (and can measure it), as with a vCPU that simply did not run.
+        let paused_ns = record::monotonic_ns().saturating_sub(rec.paused_at_ns);
+        let khz = self.vcpus.first().and_then(|fd| fd.get_tsc_khz().ok()).unwrap_or(0) as u128;
+        let ticks = (paused_ns as u128 * khz / 1_000_000) as u64;
+        state::restore_vm(&self.vm.fd, &rec.vm, paused_ns)?;
         for s in &rec.vcpus {
             let fd = self.vcpus.get(s.index as usize).ok_or(VmmError::VcpuGone(s.index))?;
-            state::restore_vcpu(fd, s)?;
+            state::restore_vcpu(fd, s, ticks)?;
         }
         // The guest is past these writes (the crash path completed them in
         // KVM); the devices have yet to see them, or know they have.
