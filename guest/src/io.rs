@@ -46,7 +46,10 @@ pub fn serial_init() {
 }
 
 pub fn putc(c: u8) {
+    // Ticks between bytes: a pause while the guest prints shows too.
+    crate::clock::tick();
     while inb(COM1 + 5) & 0x20 == 0 {
+        crate::clock::tick();
         core::hint::spin_loop();
     }
     outb(COM1, c);

@@ -1,8 +1,10 @@
-//! Polling virtio-mmio (version 2) block driver: one request in flight.
+//! Polling virtio-mmio (version 2) block driver: up to one request in
+//! flight per slot, each slot a fixed descriptor chain.
 
 use crate::io::{mmio_read32, mmio_write32};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
+use staunch_guestproto as proto;
 
 const MAGIC: u64 = 0x000;
 const VERSION: u64 = 0x004;
@@ -36,7 +38,14 @@ pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 pub const T_GET_ID: u32 = 8;
 
-const QSIZE: usize = 16;
+/// Descriptors (and ring entries) this driver offers; fewer if the device
+/// allows fewer.
+const QSIZE: usize = 64;
+/// Descriptors per request chain: header, data, status. Slot `i`'s chain is
+/// descriptors `3i..3i+3`, so the used-ring id of its request is `3i`.
+pub const STRIDE: usize = 3;
+/// Slots (request chains) the largest queue holds.
+pub const MAX_SLOTS: usize = QSIZE / STRIDE;
 const D_NEXT: u16 = 1;
 const D_WRITE: u16 = 2;
 
@@ -50,36 +59,42 @@ struct Desc {
 }
 
 #[repr(C, align(4096))]
-struct Ring {
-    desc: [Desc; QSIZE],
-    avail_flags: u16,
-    avail_idx: u16,
-    avail: [u16; QSIZE],
-    _pad: [u8; 256 - 4 - 2 * QSIZE],
-    used_flags: u16,
-    used_idx: u16,
-    used: [(u32, u32); QSIZE],
+struct DescTable([Desc; QSIZE]);
+
+#[repr(C, align(4096))]
+struct Avail {
+    flags: u16,
+    idx: u16,
+    ring: [u16; QSIZE],
+    used_event: u16,
+}
+
+#[repr(C, align(4096))]
+struct Used {
+    flags: u16,
+    idx: u16,
+    ring: [(u32, u32); QSIZE],
+    avail_event: u16,
 }
 
 #[repr(C, align(16))]
+#[derive(Clone, Copy)]
 struct Header {
     kind: u32,
     _r: u32,
     sector: u64,
 }
 
-static mut RING: Ring = Ring {
-    desc: [Desc { addr: 0, len: 0, flags: 0, next: 0 }; QSIZE],
-    avail_flags: 0,
-    avail_idx: 0,
-    avail: [0; QSIZE],
-    _pad: [0; 256 - 4 - 2 * QSIZE],
-    used_flags: 0,
-    used_idx: 0,
-    used: [(0, 0); QSIZE],
-};
-static mut HDR: Header = Header { kind: 0, _r: 0, sector: 0 };
-static mut STATUS_BYTE: u8 = 0;
+/// One status byte per slot, each in its own cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Status(u8);
+
+static mut DESC: DescTable = DescTable([Desc { addr: 0, len: 0, flags: 0, next: 0 }; QSIZE]);
+static mut AVAIL: Avail = Avail { flags: 0, idx: 0, ring: [0; QSIZE], used_event: 0 };
+static mut USED: Used = Used { flags: 0, idx: 0, ring: [(0, 0); QSIZE], avail_event: 0 };
+static mut HDRS: [Header; MAX_SLOTS] = [Header { kind: 0, _r: 0, sector: 0 }; MAX_SLOTS];
+static mut STATUS_BYTES: [Status; MAX_SLOTS] = [Status(0); MAX_SLOTS];
 
 #[derive(Debug)]
 pub enum Error {
@@ -93,8 +108,21 @@ pub struct Blk {
     pub capacity: u64,
     pub read_only: bool,
     pub flush: bool,
+    /// Queue size in use (a power of two).
+    pub qsize: usize,
     avail: u16,
     used: u16,
+}
+
+/// A used-ring entry.
+#[derive(Clone, Copy)]
+pub struct UsedElem {
+    pub id: u32,
+    pub len: u32,
+    /// The device's used index when this entry was taken, and the driver's
+    /// (before taking it).
+    pub device_idx: u16,
+    pub driver_idx: u16,
 }
 
 /// Parse `virtio_mmio.device=<size>@<addr>:<irq>` entries from the command line.
@@ -147,14 +175,15 @@ impl Blk {
             return Err(Error::Features);
         }
         w(QUEUE_SEL, 0);
-        if (r(QUEUE_NUM_MAX) as usize) < QSIZE {
+        let max = (r(QUEUE_NUM_MAX) as usize).min(QSIZE);
+        if max < 2 * STRIDE {
             return Err(Error::QueueTooSmall);
         }
-        w(QUEUE_NUM, QSIZE as u32);
-        // SAFETY: only the boot CPU drives the device; the ring is static.
-        let (d, a, u) = unsafe {
-            (addr_of!(RING.desc) as u64, addr_of!(RING.avail_flags) as u64, addr_of!(RING.used_flags) as u64)
-        };
+        // The largest power of two the device takes.
+        let qsize = 1usize << (usize::BITS - 1 - max.leading_zeros());
+        w(QUEUE_NUM, qsize as u32);
+        // Only the boot CPU drives the device; the rings are static.
+        let (d, a, u) = (addr_of!(DESC) as u64, addr_of!(AVAIL) as u64, addr_of!(USED) as u64);
         w(Q_DESC, d as u32);
         w(Q_DESC + 4, (d >> 32) as u32);
         w(Q_DRIVER, a as u32);
@@ -165,43 +194,106 @@ impl Blk {
         w(STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
         let capacity = r(CONFIG) as u64 | ((r(CONFIG + 4) as u64) << 32);
         // SAFETY: as above.
-        let used = unsafe { read_volatile(addr_of!(RING.used_idx)) };
-        Ok(Blk { base, capacity, read_only: want_lo & F_RO != 0, flush: want_lo & F_FLUSH != 0, avail: 0, used })
+        let (avail, used) = unsafe { (read_volatile(addr_of!(AVAIL.idx)), read_volatile(addr_of!(USED.idx))) };
+        Ok(Blk { base, capacity, read_only: want_lo & F_RO != 0, flush: want_lo & F_FLUSH != 0, qsize, avail, used })
     }
 
-    /// Submit one request and poll for its completion; returns the status byte.
-    pub fn request(&mut self, kind: u32, sector: u64, buf: Option<&mut [u8]>) -> u8 {
-        // SAFETY: one request at a time, from one CPU; the device only touches
-        // the buffers named by the descriptors until it bumps used_idx.
+    /// Request chains the queue holds.
+    pub fn slots(&self) -> usize {
+        self.qsize / STRIDE
+    }
+
+    /// Post a request in `slot`'s chain (the caller keeps the slot free
+    /// until its completion): header, `buf` (device-writable unless `kind`
+    /// is a write) and a status byte set to [`proto::blk::STATUS_UNSET`].
+    /// The device sees it at the next [`Blk::kick`]. The caller must not
+    /// touch `buf` until the request completes.
+    pub fn submit(&mut self, slot: usize, kind: u32, sector: u64, buf: Option<(u64, u32)>) {
+        let head = slot * STRIDE;
+        // SAFETY: one CPU drives the queue; the descriptors of a free slot
+        // are the driver's until it publishes them in the avail ring.
         unsafe {
-            let hdr = addr_of_mut!(HDR);
+            let hdr = addr_of_mut!(HDRS[slot]);
             write_volatile(hdr, Header { kind, _r: 0, sector });
-            write_volatile(addr_of_mut!(STATUS_BYTE), 0xff);
-            let ring = addr_of_mut!(RING);
-            let mut n = 0;
-            (*ring).desc[0] = Desc { addr: hdr as u64, len: 16, flags: D_NEXT, next: 1 };
-            n += 1;
-            if let Some(b) = buf {
+            let st = addr_of_mut!(STATUS_BYTES[slot].0);
+            write_volatile(st, proto::blk::STATUS_UNSET);
+            let desc = addr_of_mut!(DESC.0);
+            let status_at = match buf {
+                Some(_) => head + 2,
+                None => head + 1,
+            };
+            write_volatile(
+                addr_of_mut!((*desc)[head]),
+                Desc { addr: hdr as u64, len: 16, flags: D_NEXT, next: (head + 1) as u16 },
+            );
+            if let Some((addr, len)) = buf {
                 let flags = if kind == T_OUT { D_NEXT } else { D_NEXT | D_WRITE };
-                (*ring).desc[1] = Desc { addr: b.as_mut_ptr() as u64, len: b.len() as u32, flags, next: 2 };
-                n += 1;
+                write_volatile(addr_of_mut!((*desc)[head + 1]), Desc { addr, len, flags, next: status_at as u16 });
             }
-            (*ring).desc[n] = Desc { addr: addr_of!(STATUS_BYTE) as u64, len: 1, flags: D_WRITE, next: 0 };
-            if n == 1 {
-                (*ring).desc[0].next = 1;
-            }
-            write_volatile(addr_of_mut!((*ring).avail[self.avail as usize % QSIZE]), 0);
+            write_volatile(addr_of_mut!((*desc)[status_at]), Desc { addr: st as u64, len: 1, flags: D_WRITE, next: 0 });
+            write_volatile(addr_of_mut!(AVAIL.ring[self.avail as usize % self.qsize]), head as u16);
             fence(Ordering::SeqCst);
             self.avail = self.avail.wrapping_add(1);
-            write_volatile(addr_of_mut!((*ring).avail_idx), self.avail);
-            fence(Ordering::SeqCst);
-            mmio_write32(self.base + QUEUE_NOTIFY, 0);
-            while read_volatile(addr_of!((*ring).used_idx)) == self.used {
-                core::hint::spin_loop();
+            write_volatile(addr_of_mut!(AVAIL.idx), self.avail);
+        }
+    }
+
+    /// Tell the device about the requests submitted.
+    pub fn kick(&mut self) {
+        fence(Ordering::SeqCst);
+        mmio_write32(self.base + QUEUE_NOTIFY, 0);
+    }
+
+    /// The next used-ring entry, if the device posted one. Calls the pause
+    /// meter's tick, as every poll loop does.
+    pub fn poll(&mut self) -> Option<UsedElem> {
+        crate::clock::tick();
+        // SAFETY: the used ring is written by the device and only read here.
+        unsafe {
+            let device_idx = read_volatile(addr_of!(USED.idx));
+            if device_idx == self.used {
+                return None;
             }
             fence(Ordering::SeqCst);
+            let (id, len) = read_volatile(addr_of!(USED.ring[self.used as usize % self.qsize]));
+            let driver_idx = self.used;
             self.used = self.used.wrapping_add(1);
-            read_volatile(addr_of!(STATUS_BYTE))
+            Some(UsedElem { id, len, device_idx, driver_idx })
+        }
+    }
+
+    /// Take the driver's used index to the device's (after a used index
+    /// that made no sense).
+    pub fn resync(&mut self) {
+        // SAFETY: as in poll.
+        self.used = unsafe { read_volatile(addr_of!(USED.idx)) };
+    }
+
+    /// The status byte of `slot`'s last request.
+    pub fn status(&self, slot: usize) -> u8 {
+        // SAFETY: a byte the device writes; reading it is always defined.
+        unsafe { read_volatile(addr_of!(STATUS_BYTES[slot % MAX_SLOTS].0)) }
+    }
+
+    /// Submit one request in slot 0 and poll for its completion, with
+    /// nothing else in flight; returns the status byte, or
+    /// [`BAD_COMPLETION`] if the device completed something else.
+    pub fn request(&mut self, kind: u32, sector: u64, buf: Option<&mut [u8]>) -> u8 {
+        self.submit(0, kind, sector, buf.map(|b| (b.as_mut_ptr() as u64, b.len() as u32)));
+        self.kick();
+        loop {
+            if let Some(u) = self.poll() {
+                fence(Ordering::SeqCst);
+                return if u.id == 0 && u.device_idx.wrapping_sub(u.driver_idx) == 1 {
+                    self.status(0)
+                } else {
+                    BAD_COMPLETION
+                };
+            }
+            core::hint::spin_loop();
         }
     }
 }
+
+/// What [`Blk::request`] returns for a completion of another request.
+pub const BAD_COMPLETION: u8 = 0xfe;

@@ -2,7 +2,15 @@
 //!
 //! The guest is `no_std` and freestanding; the host parses its serial output
 //! and checks its disk. Both sides use this crate so the formats cannot drift.
-#![no_std]
+//! The guest builds it without default features (no heap); the host gets the
+//! checkers that need one (`alloc`).
+#![cfg_attr(not(test), no_std)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod blk;
+pub mod console;
 
 /// Every line the guest reports starts with this word.
 pub const LINE_PREFIX: &str = "STAUNCH ";
