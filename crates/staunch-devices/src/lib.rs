@@ -2,6 +2,7 @@
 //! Nothing here knows about KVM: devices see offsets and bytes, and raise
 //! interrupts through [`Interrupt`].
 
+pub mod access;
 pub mod bus;
 pub mod legacy;
 pub mod serial;

@@ -5,43 +5,49 @@
 //! into a small ring (one store of the `accepted` count is the commit point),
 //! then written to the host sink, after which `sunk` moves on. The ledger is
 //! lock-free, so the crash path reads it even when the dead thread holds the
-//! UART's lock. A successor restores both counts and the accepted bytes not
-//! yet sunk, writes those first, and, for the write exit a crash interrupted,
-//! knows whether the byte had been accepted (`access` marks the count at the
-//! start of the transmit write in progress): accepted means it is not sent
-//! again, not accepted means the replayed write sends it. So no byte is lost
-//! and none is written twice. The one window left is between the sink's
-//! `write` returning and `sunk` moving on; for a file sink the crash path
-//! closes it by reading the file's length (see [`TxLedger::sunk_from_len`]).
+//! UART's lock. Each accepted byte carries the stamp of the guest access that
+//! wrote it (see [`crate::access`]). A successor restores both counts and the
+//! recent bytes with their stamps, writes first what was not sunk, and, for a
+//! write exit a crash cut short, finds by its stamp whether the byte was
+//! accepted: then the replay does not send it again, else the replay sends
+//! it. A microreset's retry asks the same. So no byte is lost and none is
+//! written twice. The one window left is between the sink's `write`
+//! returning and `sunk` moving on: for a file sink the crash path closes it
+//! by reading the file's length (see [`TxLedger::sunk_from_len`]); for a pipe
+//! or a socket that one write may be repeated.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Bytes accepted but not yet sunk that a ledger can hold; the sink is
 /// drained on every byte, so more than one is pending only after a crash.
 const RING: usize = 4096;
-const NO_ACCESS: u64 = u64::MAX;
+/// Accepted bytes a saved ledger keeps with their stamps (at least), enough
+/// to find the interrupted accesses of every vCPU.
+const KEEP: u64 = 256;
+const NO_FILE: u64 = u64::MAX;
 
 /// The ledger as saved in the preserved record.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct TxState {
     pub accepted: u64,
     pub sunk: u64,
-    /// Accepted bytes the sink has not taken yet, oldest first.
-    pub pending: Vec<u8>,
-    /// `accepted` at the start of a transmit write that was interrupted.
-    pub access: Option<u64>,
+    /// The last accepted bytes (all those not sunk, and at least the last
+    /// [`KEEP`]), oldest first, each `byte | stamp << 8`.
+    pub recent: Vec<u64>,
 }
 
 pub struct TxLedger {
     accepted: AtomicU64,
     sunk: AtomicU64,
-    access: AtomicU64,
     /// `len` of a file sink minus `sunk` when the ledger took the file over.
     file_base: AtomicU64,
-    ring: Box<[AtomicU8]>,
+    /// The next byte the writer gets was accepted already (a skipped retry):
+    /// the UART still runs its write, for its registers and interrupt.
+    swallow: AtomicBool,
+    ring: Box<[AtomicU64]>,
 }
 
 impl TxLedger {
@@ -50,18 +56,24 @@ impl TxLedger {
     }
 
     pub fn restore(s: &TxState) -> Arc<Self> {
+        let recent = &s.recent[s.recent.len().saturating_sub(RING)..];
+        let first = s.accepted.saturating_sub(recent.len() as u64);
         let l = TxLedger {
             accepted: AtomicU64::new(s.accepted),
-            sunk: AtomicU64::new(s.accepted - (s.pending.len() as u64).min(s.accepted)),
-            access: AtomicU64::new(s.access.unwrap_or(NO_ACCESS)),
-            file_base: AtomicU64::new(NO_ACCESS),
-            ring: (0..RING).map(|_| AtomicU8::new(0)).collect(),
+            // Bytes older than what was kept cannot be written any more.
+            sunk: AtomicU64::new(s.sunk.clamp(first, s.accepted)),
+            file_base: AtomicU64::new(NO_FILE),
+            swallow: AtomicBool::new(false),
+            ring: (0..RING).map(|_| AtomicU64::new(0)).collect(),
         };
-        let first = l.sunk.load(Ordering::Relaxed);
-        for (i, b) in s.pending.iter().enumerate() {
-            l.ring[((first + i as u64) % RING as u64) as usize].store(*b, Ordering::Relaxed);
+        for (i, v) in recent.iter().enumerate() {
+            l.slot(first + i as u64).store(*v, Ordering::Relaxed);
         }
         Arc::new(l)
+    }
+
+    fn slot(&self, n: u64) -> &AtomicU64 {
+        &self.ring[(n % RING as u64) as usize]
     }
 
     pub fn accepted(&self) -> u64 {
@@ -72,20 +84,18 @@ impl TxLedger {
         self.sunk.load(Ordering::Acquire)
     }
 
-    /// A transmit-register write begins.
-    pub(crate) fn begin_access(&self) {
-        self.access.store(self.accepted(), Ordering::Release);
+    /// True if a byte of the access stamped `stamp` was accepted (only the
+    /// bytes still in the ring are searched: a retry or replay comes within
+    /// a few bytes of its access).
+    pub fn has_accepted(&self, stamp: u64) -> bool {
+        let n = self.accepted();
+        stamp != 0
+            && (n.saturating_sub(RING as u64)..n).rev().any(|i| self.slot(i).load(Ordering::Relaxed) >> 8 == stamp)
     }
 
-    pub(crate) fn end_access(&self) {
-        self.access.store(NO_ACCESS, Ordering::Release);
-    }
-
-    /// True if the interrupted transmit write already had its byte accepted
-    /// (a retry must then not send it again).
-    pub(crate) fn interrupted_access_accepted(&self) -> bool {
-        let a = self.access.load(Ordering::Acquire);
-        a != NO_ACCESS && self.accepted() > a
+    /// The next byte handed to the writer is not accepted again.
+    pub(crate) fn swallow_next(&self) {
+        self.swallow.store(true, Ordering::Release);
     }
 
     /// The sink is the file whose length is `len` now: from here on its
@@ -98,7 +108,7 @@ impl TxLedger {
     /// where the counter may trail by the one write the crash cut short).
     pub fn sunk_from_len(&self, len: u64) {
         let base = self.file_base.load(Ordering::Acquire);
-        if base != NO_ACCESS && len >= base {
+        if base != NO_FILE && len >= base {
             let sunk = (len - base).min(self.accepted());
             self.sunk.store(sunk.max(self.sunk()), Ordering::Release);
         }
@@ -106,18 +116,14 @@ impl TxLedger {
 
     pub fn state(&self) -> TxState {
         let (accepted, sunk) = (self.accepted(), self.sunk());
-        let from = sunk.max(accepted.saturating_sub(RING as u64));
-        TxState {
-            accepted,
-            sunk,
-            pending: (from..accepted).map(|i| self.ring[(i % RING as u64) as usize].load(Ordering::Relaxed)).collect(),
-            access: Some(self.access.load(Ordering::Acquire)).filter(|a| *a != NO_ACCESS),
-        }
+        let keep = (accepted - sunk.min(accepted)).max(KEEP).min(RING as u64);
+        let from = accepted.saturating_sub(keep);
+        TxState { accepted, sunk, recent: (from..accepted).map(|i| self.slot(i).load(Ordering::Relaxed)).collect() }
     }
 
-    fn accept(&self, b: u8) {
+    fn accept(&self, b: u8, stamp: u64) {
         let n = self.accepted.load(Ordering::Relaxed);
-        self.ring[(n % RING as u64) as usize].store(b, Ordering::Relaxed);
+        self.slot(n).store(b as u64 | stamp << 8, Ordering::Relaxed);
         // The commit point: from here the byte is the console's.
         self.accepted.store(n + 1, Ordering::Release);
     }
@@ -143,7 +149,7 @@ impl LedgerWriter {
         while sunk < accepted {
             let at = (sunk % RING as u64) as usize;
             let n = ((accepted - sunk) as usize).min(RING - at);
-            let chunk: Vec<u8> = l.ring[at..at + n].iter().map(|b| b.load(Ordering::Relaxed)).collect();
+            let chunk: Vec<u8> = l.ring[at..at + n].iter().map(|b| b.load(Ordering::Relaxed) as u8).collect();
             let _ = self.sink.write_all(&chunk);
             sunk += n as u64;
             l.sunk.store(sunk, Ordering::Release);
@@ -153,8 +159,10 @@ impl LedgerWriter {
 
 impl Write for LedgerWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for b in buf {
-            self.ledger.accept(*b);
+        let skip = self.ledger.swallow.swap(false, Ordering::AcqRel) as usize;
+        let stamp = crate::access::stamp();
+        for b in &buf[skip.min(buf.len())..] {
+            self.ledger.accept(*b, stamp);
         }
         self.drain();
         Ok(buf.len())
@@ -190,39 +198,38 @@ mod tests {
         let out = Out::default();
         let mut w = LedgerWriter::new(l.clone(), Box::new(out.clone()));
         w.write_all(b"ab").unwrap();
-        l.accept(b'c'); // the crash lands between accept and drain
+        l.accept(b'c', 7); // the crash lands between accept and drain
         let st = l.state();
-        assert_eq!((st.accepted, st.sunk, st.pending.as_slice()), (3, 2, &b"c"[..]));
+        assert_eq!((st.accepted, st.sunk, st.recent.len()), (3, 2, 3));
         let l2 = TxLedger::restore(&st);
         let mut w2 = LedgerWriter::new(l2.clone(), Box::new(out.clone()));
         w2.drain();
         w2.write_all(b"d").unwrap();
         assert_eq!(&*out.0.lock().unwrap(), b"abcd");
         assert_eq!((l2.accepted(), l2.sunk()), (4, 4));
+        assert!(l2.has_accepted(7), "the stamp crossed the restore");
     }
 
     #[test]
     fn file_length_corrects_a_trailing_counter() {
         let l = TxLedger::new();
         l.track_file(100); // 100 bytes of earlier runs in the log
-        l.accept(b'x');
-        l.accept(b'y');
+        l.accept(b'x', 1);
+        l.accept(b'y', 2);
         // Both reached the file but the counter did not move on.
         l.sunk_from_len(102);
         assert_eq!(l.sunk(), 2);
-        assert!(l.state().pending.is_empty());
+        assert_eq!(l.state().recent.len(), 2);
     }
 
     #[test]
-    fn an_interrupted_access_knows_whether_it_was_accepted() {
+    fn stamps_tell_which_access_was_accepted() {
         let l = TxLedger::new();
-        l.begin_access();
-        assert!(!l.interrupted_access_accepted());
-        l.accept(b'q');
-        assert!(l.interrupted_access_accepted());
-        let l2 = TxLedger::restore(&l.state());
-        assert!(l2.interrupted_access_accepted());
-        l2.end_access();
-        assert!(!l2.interrupted_access_accepted());
+        l.accept(b'a', (1 << 48) | 9); // vCPU 1, exit 9
+        l.accept(b'b', 5); // vCPU 0, exit 5, after it
+        assert!(l.has_accepted((1 << 48) | 9));
+        assert!(l.has_accepted(5));
+        assert!(!l.has_accepted(6));
+        assert!(!l.has_accepted(0));
     }
 }

@@ -180,8 +180,9 @@ pub fn arm(p: &Point, action: Action, count: u32) {
     }
 }
 
-/// Apply a spec like `mmio.write=panic,vcpu.loop=hang*2`.
-pub fn configure(spec: &str) -> Result<(), FailError> {
+/// Parse a spec like `mmio.write=panic,vcpu.loop=hang*2` without arming it.
+pub fn parse(spec: &str) -> Result<Vec<(&'static Point, Action, u32)>, FailError> {
+    let mut items = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, act) = item.split_once('=').ok_or_else(|| FailError::Spec(item.into()))?;
         let (act, count) = match act.split_once('*') {
@@ -190,6 +191,14 @@ pub fn configure(spec: &str) -> Result<(), FailError> {
         };
         let p = find(name).ok_or_else(|| FailError::Unknown(name.into()))?;
         let a = Action::parse(act).ok_or_else(|| FailError::Action(act.into()))?;
+        items.push((p, a, count));
+    }
+    Ok(items)
+}
+
+/// Apply a spec like `mmio.write=panic,vcpu.loop=hang*2` (all or nothing).
+pub fn configure(spec: &str) -> Result<(), FailError> {
+    for (p, a, count) in parse(spec)? {
         arm(p, a, count);
     }
     Ok(())

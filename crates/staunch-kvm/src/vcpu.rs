@@ -129,9 +129,10 @@ pub struct PendingWrite {
     pub data: [u8; 8],
 }
 
-/// The stamp of exit number `run` of vCPU `index` (never 0).
+/// The stamp of exit number `run` of vCPU `index`: 56 bits (a device may
+/// keep a byte beside it in a u64), never 0 (runs count from 1).
 fn stamp(index: u8, run: u64) -> u64 {
-    ((index as u64) << 56) | (run & ((1 << 56) - 1))
+    ((index as u64) << 48) | (run & ((1 << 48) - 1))
 }
 
 thread_local! {
@@ -160,6 +161,13 @@ fn install_kick_handler() -> Result<(), String> {
 
 impl VcpuControl {
     pub fn new(index: u8) -> Arc<Self> {
+        Self::continuing(index, 0)
+    }
+
+    /// A vCPU whose exits continue the count of a predecessor's: stamps are
+    /// unique across every process that ran this VM, so a device never takes
+    /// a new exit for one it already served before a crash.
+    pub fn continuing(index: u8, runs: u64) -> Arc<Self> {
         Arc::new(VcpuControl {
             index,
             jobs: Mutex::new(Vec::new()),
@@ -172,8 +180,8 @@ impl VcpuControl {
             microresets: AtomicU64::new(0),
             busy: std::sync::atomic::AtomicBool::new(false),
             tid: std::sync::atomic::AtomicI32::new(0),
-            runs: AtomicU64::new(0),
-            served: AtomicU64::new(0),
+            runs: AtomicU64::new(runs),
+            served: AtomicU64::new(runs),
             phase: AtomicU8::new(PHASE_SERVED),
             park_requested: std::sync::atomic::AtomicBool::new(false),
             pending: Mutex::new(None),
@@ -184,6 +192,11 @@ impl VcpuControl {
     /// done, if any (completed in KVM by the crash path, not by a device).
     pub fn pending_write(&self) -> Option<PendingWrite> {
         *self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// KVM_RUN calls so far, to be continued by a successor.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Acquire)
     }
 
     /// A KVM_RUN is about to be made.
@@ -639,14 +652,28 @@ fn settle_outstanding_exit(ctl: &VcpuControl, fd: &mut VcpuFd) {
                 std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), len);
             }
             let w = io.direction == kvm_bindings::KVM_EXIT_IO_OUT as u8;
-            let pw = PendingWrite { vcpu: ctl.index, stamp: stamp(ctl.index, runs), mmio: false, addr: io.port as u64, len: len as u8, data };
+            let pw = PendingWrite {
+                vcpu: ctl.index,
+                stamp: stamp(ctl.index, runs),
+                mmio: false,
+                addr: io.port as u64,
+                len: len as u8,
+                data,
+            };
             (w.then_some(pw), !w)
         }
         kvm_bindings::KVM_EXIT_MMIO => {
             // SAFETY: exit_reason says the union holds the mmio member.
             let m = unsafe { run.__bindgen_anon_1.mmio };
             let len = (m.len as usize).min(8) as u8;
-            let pw = PendingWrite { vcpu: ctl.index, stamp: stamp(ctl.index, runs), mmio: true, addr: m.phys_addr, len, data: m.data };
+            let pw = PendingWrite {
+                vcpu: ctl.index,
+                stamp: stamp(ctl.index, runs),
+                mmio: true,
+                addr: m.phys_addr,
+                len,
+                data: m.data,
+            };
             ((m.is_write != 0).then_some(pw), m.is_write == 0)
         }
         _ => (None, false),

@@ -16,7 +16,18 @@ pub fn blk_report_errors(log: &str, every: u64) -> Vec<String> {
             continue;
         };
         let Some(kv) = rest.strip_prefix("blk written=") else {
-            let known = ["ready ", "blk capacity=", "blk id=", "blk mismatch ", "done code="];
+            // Lines of other shapes the guest prints; what they report is
+            // judged elsewhere (mismatches, errors).
+            let known = [
+                "ready ",
+                "blk capacity=",
+                "blk id=",
+                "blk qd=",
+                "blk mismatch ",
+                "blk flush ",
+                "cpu mismatch ",
+                "done code=",
+            ];
             if !known.iter().any(|k| rest.starts_with(k)) {
                 bad.push(format!("unknown line: {l:?}"));
             }

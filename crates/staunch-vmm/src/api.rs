@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a VMM that is about to stop waits for its last reply to be
@@ -85,26 +87,54 @@ impl ApiResponse {
 
 const MAX_LINE: usize = 64 * 1024;
 
+/// One control socket's server, shared by its connection threads.
+#[derive(Default)]
+struct ServerState {
+    /// Set when the VM leaves this process: requests get this error at
+    /// once instead of waiting for a VM that will not answer.
+    closed: Mutex<Option<String>>,
+    /// Replies being written right now.
+    writing: AtomicUsize,
+}
+
+/// The handle of a running control socket.
+pub struct Server(Arc<ServerState>);
+
+impl Server {
+    /// The VM is leaving this process (handed over, stopped): answer every
+    /// later request with `why`, and wait (briefly) for replies being
+    /// written, so none is cut off by the process's exit.
+    pub fn close(&self, why: &str) {
+        *self.0.closed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.into());
+        let t = std::time::Instant::now();
+        while self.0.writing.load(Ordering::Acquire) > 0 && t.elapsed() < REPLY_WRITTEN_WITHIN {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
 /// Bind `path` and serve it in the background. A predecessor's socket at
 /// `path` is replaced atomically (bind beside it, rename over it), so
 /// clients never find the path missing across an upgrade or a recovery.
-pub fn serve(path: &Path, tx: Sender<VmEvent>) -> std::io::Result<()> {
+pub fn serve(path: &Path, tx: Sender<VmEvent>) -> std::io::Result<Server> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.new", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
     std::fs::rename(&tmp, path)?;
+    let state = Arc::new(ServerState::default());
+    let st = state.clone();
     std::thread::Builder::new().name("api".into()).spawn(move || {
         for conn in listener.incoming().flatten() {
-            let tx = tx.clone();
-            let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || connection(conn, tx));
+            let (tx, st) = (tx.clone(), st.clone());
+            let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || connection(conn, tx, &st));
         }
     })?;
-    Ok(())
+    Ok(Server(state))
 }
 
-fn connection(conn: UnixStream, tx: Sender<VmEvent>) {
+fn connection(conn: UnixStream, tx: Sender<VmEvent>, st: &ServerState) {
     let Ok(mut out) = conn.try_clone() else { return };
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
@@ -123,8 +153,10 @@ fn connection(conn: UnixStream, tx: Sender<VmEvent>) {
             continue;
         }
         let mut written = None;
+        let closed = st.closed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let resp = match serde_json::from_str::<ApiRequest>(line.trim()) {
             Err(e) => ApiResponse::err(format!("bad request: {e}")),
+            Ok(_) if closed.is_some() => ApiResponse::err(closed.unwrap_or_default()),
             Ok(req) => {
                 let (rtx, rrx) = sync_channel(1);
                 let (wtx, wrx) = sync_channel(1);
@@ -138,8 +170,10 @@ fn connection(conn: UnixStream, tx: Sender<VmEvent>) {
         };
         // A slow connection thread (api.reply=slow) is what a loaded host
         // makes of it: the VMM must still wait for this write before it leaves.
+        st.writing.fetch_add(1, Ordering::AcqRel);
         let _ = staunch_fault::hit(&staunch_fault::API_REPLY);
         let sent = writeln!(out, "{}", json!(resp));
+        st.writing.fetch_sub(1, Ordering::AcqRel);
         if let Some(w) = written.take() {
             let _ = w.try_send(());
         }

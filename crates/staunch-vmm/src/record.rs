@@ -75,6 +75,9 @@ pub struct VmRecord {
     /// Version 4: guest writes a crash interrupted mid-exit, completed in
     /// KVM and replayed to the devices by the successor.
     pub pending_writes: Vec<staunch_kvm::vcpu::PendingWrite>,
+    /// Each vCPU's KVM_RUN count, continued by the successor (the stamps of
+    /// its exits stay unique).
+    pub vcpu_runs: Vec<u64>,
 }
 
 pub fn encode(r: &VmRecord) -> Result<Vec<u8>, RecordError> {

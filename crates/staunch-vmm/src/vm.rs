@@ -105,12 +105,18 @@ impl ExitHandler for Exits {
         self.pio.read(port as u64, data);
     }
     fn pio_write(&self, port: u16, data: &[u8]) -> Option<StopReason> {
+        if !staunch_devices::access::replaying() {
+            staunch_devices::access::set_stamp(staunch_kvm::vcpu::current_stamp());
+        }
         self.pio.write(port as u64, data).and_then(to_stop)
     }
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         self.mmio.read(addr, data);
     }
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<StopReason> {
+        if !staunch_devices::access::replaying() {
+            staunch_devices::access::set_stamp(staunch_kvm::vcpu::current_stamp());
+        }
         self.mmio.write(addr, data).and_then(to_stop)
     }
     fn contained(&self, component: &'static str, fault: String, latency: Duration) {
@@ -591,6 +597,7 @@ pub struct RunningVm {
     last_upgrade_error: Option<String>,
     snapshotted: bool,
     _irqs: Vec<Arc<EventFd>>,
+    api: Option<api::Server>,
 }
 
 impl Core {
@@ -634,6 +641,7 @@ impl Core {
             } else {
                 Vec::new()
             },
+            vcpu_runs: self.vcpus.iter().map(|v| v.runs()).collect(),
         })
     }
 
@@ -707,9 +715,11 @@ impl Core {
         let held = self.hold_transports(crash);
         let devices = self.devices(&held, crash);
         let sent = (|| -> Result<(), VmmError> {
+            let rec = self.save_with(cause, t0, crash, devices)?;
             let (memfd, console) = {
+                // Watched for hangs while it works on its own (not while it
+                // waits for vCPU threads, which a busy host may delay).
                 let _watched = (!crash).then(|| self.saver.watch());
-                let rec = self.save_with(cause, t0, crash, devices)?;
                 let (memfd, console, _) = self.preserve(rec)?;
                 (memfd, console)
             };
@@ -850,19 +860,6 @@ impl Prepared {
             let fd = self.vcpus.get(s.index as usize).ok_or(VmmError::VcpuGone(s.index))?;
             state::restore_vcpu(fd, s, ticks)?;
         }
-        // The guest is past these writes (the crash path completed them in
-        // KVM); the devices have yet to see them, or know they have.
-        for w in &rec.pending_writes {
-            let data = &w.data[..(w.len as usize).min(8)];
-            let stop = if w.mmio {
-                devs.handler.mmio_write(w.addr, data)
-            } else {
-                devs.handler.pio_write(w.addr as u16, data)
-            };
-            if let Some(r) = stop {
-                tracing::warn!(?r, "a replayed write asked the VM to stop; ignored");
-            }
-        }
         Ok(devs)
     }
 }
@@ -905,7 +902,7 @@ impl RunningVm {
         }
         let msrs = state::msr_list(&vm.kvm, &fds[0])?;
         tracing::info!(vcpus = cfg.vcpus, mem_mib = cfg.mem_mib, entry = format_args!("{:#x}", boot.entry), format = ?boot.format, "VM started");
-        Self::launch(cfg.clone(), vm, ram, devs, fds, msrs, started, 0)
+        Self::launch(cfg.clone(), vm, ram, devs, fds, msrs, started, 0, &[])
     }
 
     /// Rebuild a VM from a preserved record, mapping the same memfds.
@@ -942,7 +939,25 @@ impl RunningVm {
     ) -> Result<Self, VmmError> {
         // The saved MSRs are exactly those this host let us read.
         let msrs: Vec<u32> = rec.vcpus.first().map(|v| v.msrs.iter().map(|e| e.index).collect()).unwrap_or_default();
-        let mut me = Self::launch(rec.config, p.vm, p.ram, devs, p.vcpus, msrs, started, rec.generation + 1)?;
+        // The guest is past the writes a crash cut short (the crash path
+        // completed them in KVM): the devices see them now, after the commit
+        // and before any vCPU runs, and skip what they had already done.
+        let mut stop = None;
+        for w in &rec.pending_writes {
+            let data = &w.data[..(w.len as usize).min(8)];
+            let r = staunch_devices::access::replay(w.stamp, || {
+                if w.mmio { devs.handler.mmio_write(w.addr, data) } else { devs.handler.pio_write(w.addr as u16, data) }
+            });
+            stop = stop.or(r.map(|r| (w.vcpu, r)));
+        }
+        let replayed = rec.pending_writes.len();
+        let mut me =
+            Self::launch(rec.config, p.vm, p.ram, devs, p.vcpus, msrs, started, rec.generation + 1, &rec.vcpu_runs)?;
+        if let Some((vcpu, r)) = stop {
+            // A replayed power-off or reset: the guest asked for it.
+            let _ = me.events_tx.send(VmEvent::Stopped(vcpu, r));
+        }
+        report["replayed_writes"] = json!(replayed);
         // A restored device may have had work queued when it was saved.
         for w in &me.workers {
             let _ = w.evt.write(1);
@@ -1027,12 +1042,13 @@ impl RunningVm {
         msrs: Vec<u32>,
         started: Instant,
         generation: u64,
+        runs: &[u64],
     ) -> Result<Self, VmmError> {
         let (events_tx, events) = channel();
         let mut vcpus = Vec::new();
         let mut threads = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
-            let ctl = VcpuControl::new(i as u8);
+            let ctl = VcpuControl::continuing(i as u8, runs.get(i).copied().unwrap_or(0));
             let (h, tx, c) = (devs.handler.clone(), events_tx.clone(), ctl.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -1045,9 +1061,12 @@ impl RunningVm {
             vcpus.push(ctl);
             threads.push(t);
         }
-        if let Some(p) = &cfg.api_socket {
-            api::serve(p, events_tx.clone()).map_err(|err| VmmError::Api { path: p.display().to_string(), err })?;
-        }
+        let api = match &cfg.api_socket {
+            Some(p) => Some(
+                api::serve(p, events_tx.clone()).map_err(|err| VmmError::Api { path: p.display().to_string(), err })?,
+            ),
+            None => None,
+        };
         let shadows = devs.transports.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).shadow()).collect();
         let watches = devs
             .workers
@@ -1092,6 +1111,7 @@ impl RunningVm {
             last_upgrade_error: None,
             snapshotted: false,
             _irqs: devs.irqs,
+            api,
         })
     }
 
@@ -1220,12 +1240,8 @@ impl RunningVm {
                     ApiResponse::err(e.to_string())
                 }
             },
-            ApiRequest::Failpoint { spec } => match staunch_fault::configure(&spec) {
-                Ok(()) => ApiResponse::ok(json!({"armed": spec})),
-                Err(e) => ApiResponse::err(e.to_string()),
-            },
-            // The main loop runs these itself: they end this VM here.
-            ApiRequest::Upgrade { .. } => ApiResponse::err("upgrade is run by the VM's main loop"),
+            // The main loop runs these itself.
+            ApiRequest::Upgrade { .. } | ApiRequest::Failpoint { .. } => ApiResponse::err("run by the VM's main loop"),
         }
     }
 
@@ -1301,6 +1317,17 @@ impl RunningVm {
                         }
                     }
                 }
+                VmEvent::Api(ApiRequest::Failpoint { spec }, reply) => match staunch_fault::parse(&spec) {
+                    // Answered before arming: the fault may end this process
+                    // at once, and the client must have its reply first.
+                    Ok(items) => {
+                        reply.send_and_wait(ApiResponse::ok(json!({"armed": spec})));
+                        for (p, a, n) in items {
+                            staunch_fault::arm(p, a, n);
+                        }
+                    }
+                    Err(e) => reply.send(ApiResponse::err(e.to_string())),
+                },
                 VmEvent::Api(req, reply) => {
                     if matches!(req, ApiRequest::Reboot {}) {
                         reply.send_and_wait(ApiResponse::ok(json!({"rebooting": true})));
@@ -1327,6 +1354,9 @@ impl RunningVm {
     /// Answer every request still queued, so no client of a VMM that is
     /// leaving reads a truncated reply or none.
     fn refuse_pending(&self, why: &str) {
+        if let Some(api) = &self.api {
+            api.close(why);
+        }
         while let Ok(ev) = self.events.try_recv() {
             if let VmEvent::Api(_, reply) = ev {
                 reply.send_and_wait(ApiResponse::err(why));
