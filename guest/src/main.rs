@@ -630,6 +630,7 @@ fn blk_verify(c: &Config) -> u8 {
                 alive,
                 gap
             );
+            v.blk.ack_interrupt();
             stop += c.report_every;
             continue;
         }

@@ -18,6 +18,8 @@ const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
 const Q_DESC: u64 = 0x080;
 const Q_DRIVER: u64 = 0x090;
@@ -242,6 +244,18 @@ impl Blk {
     pub fn kick(&mut self) {
         fence(Ordering::SeqCst);
         mmio_write32(self.base + QUEUE_NOTIFY, 0);
+    }
+
+    /// Read the interrupt status and acknowledge it, as a driver's
+    /// interrupt handler does (this one polls, so it does it once per
+    /// report): the device's registers are then used while the guest runs,
+    /// not only at set-up. Returns the status read.
+    pub fn ack_interrupt(&mut self) -> u32 {
+        let st = mmio_read32(self.base + INTERRUPT_STATUS);
+        if st != 0 {
+            mmio_write32(self.base + INTERRUPT_ACK, st);
+        }
+        st
     }
 
     /// The next used-ring entry, if the device posted one. Calls the pause
