@@ -457,9 +457,16 @@ fn main() {
             let link = unsafe { staunch_vmm::handover::Link::from_fd(handover_fd) };
             match RunningVm::standby(&link) {
                 Ok(vm) => serve(vm),
-                // A spare whose VMM ended (or never needed it) leaves quietly.
-                Err(staunch_vmm::VmmError::Handover(staunch_vmm::handover::HandoverError::Closed)) => Ok(0),
-                Err(e) => Err(e.into()),
+                // A successor that never took the VM over is not the VM: its
+                // exit must not become the VM's status at the keeper (a spare
+                // aborted as the guest powers off would otherwise report its
+                // own "closed link" as the VM's exit).
+                Err(e) => {
+                    if !matches!(&e, staunch_vmm::VmmError::Handover(staunch_vmm::handover::HandoverError::Closed)) {
+                        eprintln!("staunch: standby successor: {e}");
+                    }
+                    Ok(staunch_vmm::handover::HANDED_OVER_EXIT)
+                }
             }
         }
         Cmd::Vmm { cmd: VmmCmd::Keep } => Ok(staunch_vmm::handover::keep()),

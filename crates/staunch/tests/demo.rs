@@ -1,0 +1,18 @@
+//! The main job (`./scripts/demo.sh` runs `staunch demo`), shortened: it
+//! must end with the guest's data intact and say so.
+mod common;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn kvm_demo_survives_its_three_faults() {
+    require_kvm();
+    let r = run(staunch().args(["demo", "--writes", "6000"]), None, Duration::from_secs(600));
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("== OK: the guest survived"), "{}", r.stdout);
+    assert!(r.stdout.contains("6000 blocks written, 6000 verified, 0 mismatches, 0 errors"), "{}", r.stdout);
+    assert!(r.stdout.contains("128/128 blocks hold their last write"), "{}", r.stdout);
+    assert!(r.stdout.contains("console                   : 0 lines"), "{}", r.stdout);
+    // Three recoveries, each with the guest's own figure.
+    assert_eq!(r.stdout.matches("by its own clock").count(), 3, "{}", r.stdout);
+}
