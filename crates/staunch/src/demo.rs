@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Blocks written and verified by the guest.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 100_000)]
     writes: u64,
     #[arg(long, default_value_t = 2)]
     vcpus: u8,

@@ -7,10 +7,10 @@ use std::time::Duration;
 #[test]
 fn kvm_demo_survives_its_three_faults() {
     require_kvm();
-    let r = run(staunch().args(["demo", "--writes", "6000"]), None, Duration::from_secs(600));
+    let r = run(staunch().args(["demo", "--writes", "60000"]), None, Duration::from_secs(600));
     assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("== OK: the guest survived"), "{}", r.stdout);
-    assert!(r.stdout.contains("6000 blocks written, 6000 verified, 0 mismatches, 0 errors"), "{}", r.stdout);
+    assert!(r.stdout.contains("60000 blocks written, 60000 verified, 0 mismatches, 0 errors"), "{}", r.stdout);
     assert!(r.stdout.contains("128/128 blocks hold their last write"), "{}", r.stdout);
     assert!(r.stdout.contains("console                   : 0 lines"), "{}", r.stdout);
     // Three recoveries, each with the guest's own figure.
