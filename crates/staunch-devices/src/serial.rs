@@ -308,19 +308,8 @@ fn first_difference(a: &SerialState, b: &SerialState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serial_tx::tests::Out;
     use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct Out(Arc<Mutex<Vec<u8>>>);
-    impl Write for Out {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
     struct NoIrq;
     impl Interrupt for NoIrq {
         fn trigger(&self) {}

@@ -174,12 +174,13 @@ impl Write for LedgerWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// A sink that keeps what it got (the UART's tests use it too).
     #[derive(Clone, Default)]
-    struct Out(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Out(pub(crate) Arc<Mutex<Vec<u8>>>);
     impl Write for Out {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);
