@@ -8,7 +8,7 @@
 use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_segment, Msrs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use staunch_boot::{CpuBootState, Segment};
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 
 #[derive(Debug, thiserror::Error)]
@@ -199,25 +199,38 @@ impl VcpuControl {
         self.runs.load(Ordering::Acquire)
     }
 
+    // The phase, `runs` and `served` are written by the vCPU thread alone
+    // and read by the crash path on that same thread (a signal handler) or,
+    // once the thread is parked, by the rescuer (which synchronizes through
+    // the job queue). So plain release stores and compiler fences keep the
+    // order the handler needs, without a locked instruction per exit.
+
     /// A KVM_RUN is about to be made.
     fn enter(&self) {
-        self.phase.store(PHASE_ENTERING, Ordering::SeqCst);
+        self.phase.store(PHASE_ENTERING, Ordering::Release);
+        compiler_fence(Ordering::SeqCst);
     }
 
     /// KVM_RUN returned: its exit (if any) is served under a new stamp. A
     /// park deferred while entering happens here, where the state is clear.
     fn returned(&self) {
-        let n = self.runs.fetch_add(1, Ordering::AcqRel) + 1;
+        compiler_fence(Ordering::SeqCst);
+        let n = self.runs.load(Ordering::Relaxed) + 1;
+        self.runs.store(n, Ordering::Release);
         STAMP.with(|s| s.set(stamp(self.index, n)));
-        self.phase.store(PHASE_SERVING, Ordering::SeqCst);
-        if self.park_requested.load(Ordering::SeqCst) {
+        compiler_fence(Ordering::SeqCst);
+        self.phase.store(PHASE_SERVING, Ordering::Release);
+        compiler_fence(Ordering::SeqCst);
+        if self.park_requested.load(Ordering::Acquire) {
             park_current_thread();
         }
     }
 
     fn exit_served(&self) {
-        self.served.store(self.runs.load(Ordering::Acquire), Ordering::Release);
-        self.phase.store(PHASE_SERVED, Ordering::SeqCst);
+        compiler_fence(Ordering::SeqCst);
+        self.served.store(self.runs.load(Ordering::Relaxed), Ordering::Release);
+        compiler_fence(Ordering::SeqCst);
+        self.phase.store(PHASE_SERVED, Ordering::Release);
     }
 
     pub fn state(&self) -> VcpuState {
