@@ -150,13 +150,21 @@ points! {
     STORE_REQUEST = "store.request": "a store connection's request handler";
 }
 
+points! {
+    // The vhost-user backends' points (staunch blk, staunch net).
+    BACKEND:
+    VHOST_REQUEST = "vhost.request": "a backend took a request from the ring and marked it in flight, before serving it";
+    VHOST_COMPLETED = "vhost.completed": "a backend served a request (the disk written), its used entry not yet published";
+    VHOST_INFLIGHT = "vhost.inflight": "a backend published a used entry, its inflight entry not yet cleared";
+}
+
 pub fn find(name: &str) -> Option<&'static Point> {
-    ALL.iter().chain(STORE.iter()).copied().find(|p| p.name == name)
+    ALL.iter().chain(STORE.iter()).chain(BACKEND.iter()).copied().find(|p| p.name == name)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FailError {
-    #[error("unknown failpoint '{0}' (known: {known})", known = ALL.iter().chain(STORE.iter()).map(|p| p.name).collect::<Vec<_>>().join(", "))]
+    #[error("unknown failpoint '{0}' (known: {known})", known = ALL.iter().chain(STORE.iter()).chain(BACKEND.iter()).map(|p| p.name).collect::<Vec<_>>().join(", "))]
     Unknown(String),
     #[error("unknown failpoint action '{0}'")]
     Action(String),

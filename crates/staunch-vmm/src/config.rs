@@ -9,7 +9,7 @@ pub enum ConfigError {
     Read { path: String, err: std::io::Error },
     #[error("config file {path}: {msg}")]
     Parse { path: String, msg: String },
-    #[error("invalid disk spec '{0}': expected PATH or PATH,ro")]
+    #[error("invalid disk spec '{0}': expected PATH, PATH,ro or vhost-user=SOCKET")]
     Disk(String),
     #[error("invalid serial spec '{0}': expected stdio, null, file:PATH or unix:PATH")]
     Serial(String),
@@ -27,10 +27,19 @@ pub struct DiskConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// `path` is a vhost-user-blk backend's socket, not a file.
+    #[serde(default)]
+    pub vhost_user: bool,
 }
 
 impl DiskConfig {
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        if let Some(sock) = spec.strip_prefix("vhost-user=") {
+            if sock.is_empty() || sock.contains(',') {
+                return Err(ConfigError::Disk(spec.into()));
+            }
+            return Ok(DiskConfig { path: sock.into(), read_only: false, vhost_user: true });
+        }
         let mut parts = spec.split(',');
         let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::Disk(spec.into()))?;
         let mut read_only = false;
@@ -41,7 +50,7 @@ impl DiskConfig {
                 _ => return Err(ConfigError::Disk(spec.into())),
             }
         }
-        Ok(DiskConfig { path: path.into(), read_only })
+        Ok(DiskConfig { path: path.into(), read_only, vhost_user: false })
     }
 }
 
@@ -167,7 +176,12 @@ mod tests {
 
     #[test]
     fn specs() {
-        assert_eq!(DiskConfig::parse("a.img,ro").unwrap(), DiskConfig { path: "a.img".into(), read_only: true });
+        assert_eq!(
+            DiskConfig::parse("a.img,ro").unwrap(),
+            DiskConfig { path: "a.img".into(), read_only: true, vhost_user: false }
+        );
+        assert!(DiskConfig::parse("vhost-user=/run/b.sock").unwrap().vhost_user);
+        assert!(DiskConfig::parse("vhost-user=").is_err());
         assert!(DiskConfig::parse(",ro").is_err());
         assert!(DiskConfig::parse("a,rx").is_err());
         assert_eq!(SerialConfig::parse("file:/x").unwrap(), SerialConfig::File("/x".into()));

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 mod crash;
+mod disks;
 pub mod events;
 pub mod handover;
 pub mod record;

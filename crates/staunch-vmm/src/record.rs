@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 pub const MAGIC: [u8; 8] = *b"STNCHREC";
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 const HEADER: usize = 8 + 4 + 8 + 4;
 /// A record larger than this is corrupt, not big.
 const MAX_LEN: u64 = 64 << 20;

@@ -3,6 +3,7 @@
 
 use crate::api::{self, ApiRequest, ApiResponse};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::disks::{self, Disk};
 use crate::events;
 use crate::handover::{HandoverError, Link, Msg, Successor};
 use crate::record::{self, DevicesState, RamInfo, RecordError, VmRecord};
@@ -11,7 +12,7 @@ use serde_json::json;
 use staunch_boot::{BootError, layout};
 use staunch_devices::legacy::{I8042, POWER_PORT, PowerPort};
 use staunch_devices::serial::Serial;
-use staunch_devices::virtio::blk::{BlkError, Block};
+use staunch_devices::virtio::blk::BlkError;
 use staunch_devices::virtio::mmio::MmioTransport;
 use staunch_devices::{Bus, BusError, DeviceAction, Interrupt};
 use staunch_kvm::memory::RamRegion;
@@ -266,21 +267,6 @@ struct Devices {
     console: Console,
 }
 
-/// The VM's disks: descriptors a predecessor image handed over, else opened
-/// by path. Done before KVM is touched, so a missing disk is the error seen.
-fn open_disks(cfg: &VmConfig, inherited: &[std::os::fd::RawFd]) -> Result<Vec<Block>, VmmError> {
-    let mut disks = Vec::new();
-    for (i, d) in cfg.disks.iter().enumerate() {
-        disks.push(match inherited.get(i) {
-            // SAFETY: the predecessor image kept this disk's descriptor open
-            // across exec and recorded its number; we take it over once.
-            Some(fd) => Block::from_file(unsafe { std::fs::File::from_raw_fd(*fd) }, &d.path, d.read_only)?,
-            None => Block::open(&d.path, d.read_only)?,
-        });
-    }
-    Ok(disks)
-}
-
 /// What a VM takes over from the one it replaces (nothing for a fresh boot).
 #[derive(Default)]
 struct Inherited<'a> {
@@ -339,13 +325,13 @@ fn assemble(
     vm: &Vm,
     ram: &GuestRam,
     output: Option<Box<dyn Write + Send>>,
-    disks: Vec<Block>,
+    disks: Vec<Disk>,
     from: Inherited,
 ) -> Result<Devices, VmmError> {
     let Inherited { devices: saved, console_fds: inherited_console, continue_log } = from;
     let disk_files = disks
         .iter()
-        .map(|b| b.file().try_clone())
+        .filter_map(|d| d.file().map(|f| f.try_clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| VmmError::Device(format!("disk descriptor: {e}")))?;
     if let Some((s, _)) = saved
@@ -434,17 +420,27 @@ fn assemble(
     for (i, disk) in disks.into_iter().enumerate() {
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
         let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
-        let line: Arc<dyn Interrupt> = irq(gsi)?;
+        let call = irq(gsi)?;
+        let line: Arc<dyn Interrupt> = call.clone();
+        let (dev, local): (Box<dyn staunch_devices::virtio::VirtioDevice>, bool) = match disk {
+            Disk::File(b) => (Box::new(b), true),
+            Disk::VhostUser(sock) => {
+                (disks::vhost_user(vm, base, &sock, ram.mem.clone(), call, cfg.events.clone())?, false)
+            }
+        };
         let t = match saved {
-            Some((s, replay)) => MmioTransport::restore(Box::new(disk), ram.mem.clone(), line, &s.virtio[i], replay)
-                .map_err(VmmError::Device)?,
-            None => MmioTransport::new(Box::new(disk), ram.mem.clone(), line),
+            Some((s, replay)) => {
+                MmioTransport::restore(dev, ram.mem.clone(), line, &s.virtio[i], replay).map_err(VmmError::Device)?
+            }
+            None => MmioTransport::new(dev, ram.mem.clone(), line),
         };
         let mut t = t;
         t.set_observer(observer.clone());
         let t = Arc::new(Mutex::new(t));
         mmio.insert(base, layout::VIRTIO_MMIO_SIZE, "virtio-blk", t.clone())?;
-        workers.push(QueueWorker::spawn(vm, base, t.clone(), &format!("virtio-blk{i}"), observer.clone())?);
+        if local {
+            workers.push(QueueWorker::spawn(vm, base, t.clone(), &format!("virtio-blk{i}"), observer.clone())?);
+        }
         transports.push(t);
         cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         acpi.virtio_mmio.push((base, layout::VIRTIO_MMIO_SIZE, gsi));
@@ -833,7 +829,7 @@ impl Prepared {
     fn restore(
         &self,
         rec: &VmRecord,
-        disks: Vec<Block>,
+        disks: Vec<Disk>,
         output: Option<Box<dyn Write + Send>>,
     ) -> Result<Devices, VmmError> {
         if rec.vcpus.len() != self.vcpus.len() {
@@ -886,7 +882,7 @@ impl RunningVm {
         cfg.validate()?;
         let started = Instant::now();
         staunch_boot::detect(&cfg.kernel)?;
-        let disks = open_disks(cfg, &[])?;
+        let disks = disks::open(cfg, &[])?;
         let ram = GuestRam::new(cfg.mem_mib)?;
         let vm = Vm::new(&cfg.kvm_device, &ram)?;
         let devs = assemble(cfg, &vm, &ram, output, disks, Inherited { continue_log, ..Default::default() })?;
@@ -920,7 +916,7 @@ impl RunningVm {
             })
             .collect();
         let lap = |what: &str| tracing::debug!(ms = (record::monotonic_ns() - t0) as f64 / 1e6, "restore: {what}");
-        let disks = open_disks(&rec.config, &rec.disk_fds)?;
+        let disks = disks::open(&rec.config, &rec.disk_fds)?;
         let p = Prepared::new(&rec.config, regions)?;
         lap("VM created, memory slots registered");
         let devs = p.restore(&rec, disks, output)?;
@@ -1020,7 +1016,7 @@ impl RunningVm {
         for (info, region) in rec.ram.iter_mut().zip(&p.ram.regions) {
             info.fd = region.file.as_raw_fd();
         }
-        let disks = open_disks(&rec.config, &rec.disk_fds)?;
+        let disks = disks::open(&rec.config, &rec.disk_fds)?;
         let devs = p.restore(&rec, disks, None)?;
         let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         link.send(&Msg::Restored, &[])?;

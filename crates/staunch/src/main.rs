@@ -56,6 +56,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// A vhost-user-blk backend: serves a disk file to a VMM (Staunch's or
+    /// QEMU's) from its own restartable process.
+    Blk(BlkArgs),
     /// Write the built-in test guest image to a file.
     Testguest {
         /// Directory to write `staunch-testguest.elf` into.
@@ -123,6 +126,37 @@ enum VmCmd {
     /// Arm failpoints in the running VMM: `name=action[*count],...`
     /// (actions: panic, error, hang, corrupt, segv, abort, stack-overflow).
     Failpoint { spec: String },
+}
+
+#[derive(Args)]
+struct BlkArgs {
+    /// Unix socket to listen on for the frontend.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The disk image: `FILE` or `FILE,ro`.
+    #[arg(long)]
+    disk: String,
+    /// Where to append structured events (JSON lines).
+    #[arg(long)]
+    events: Option<PathBuf>,
+    /// Virtqueues to offer (a frontend may use fewer).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+}
+
+fn blk(a: BlkArgs) -> Result<i32> {
+    let disk = DiskConfig::parse(&a.disk)?;
+    staunch_fault::from_env().context("STAUNCH_FAILPOINTS")?;
+    staunch_vmm::events::report_failpoints(a.events.clone());
+    let dev = staunch_vhost::blk::BlkDevice::open(&disk.path, disk.read_only, a.queues)?;
+    let listener = staunch_vhost::backend::bind(&a.socket)?;
+    staunch_vmm::events::emit(
+        a.events.as_deref(),
+        "backend-ready",
+        serde_json::json!({"component": "blk", "socket": a.socket, "disk": disk.path, "read_only": disk.read_only}),
+    );
+    let opts = staunch_vhost::backend::Options { events: a.events };
+    staunch_vhost::backend::serve(listener, std::sync::Arc::new(dev), opts)
 }
 
 #[derive(Args)]
@@ -478,6 +512,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Campaign(a) => campaign::run(a),
         Cmd::Store(a) => store(a),
+        Cmd::Blk(a) => blk(a),
         Cmd::Testguest { dir } => staunch_testguest::install(&dir)
             .with_context(|| format!("writing the test guest to {}", dir.display()))
             .map(|p| {

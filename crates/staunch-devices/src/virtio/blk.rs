@@ -114,9 +114,20 @@ impl Block {
         }
     }
 
+    /// A second handle on the same disk (another queue, another thread).
+    pub fn try_clone(&self) -> Result<Block, BlkError> {
+        let file =
+            self.file.try_clone().map_err(|err| BlkError::Open { path: self.path.display().to_string(), err })?;
+        Ok(Block { file, path: self.path.clone(), requests: 0, ..*self })
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity
+    }
+
     /// Serve one descriptor chain; returns the number of bytes written into
     /// guest memory (the used length), status included.
-    fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
+    pub fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
         let Some((status, rest)) = descs.split_last() else {
             return 0;
         };

@@ -231,7 +231,7 @@ impl MmioTransport {
         t.interrupt_status = s.interrupt_status;
         t.config_generation = s.config_generation;
         if t.status & S_DRIVER_OK != 0 {
-            t.device.activate(t.drv_features);
+            t.device.start(t.drv_features, &t.queues);
         }
         t.publish();
         Ok(t)
@@ -285,7 +285,7 @@ impl MmioTransport {
                 self.status |= S_FAILED;
                 return;
             }
-            self.device.activate(self.drv_features);
+            self.device.start(self.drv_features, &self.queues);
         }
         self.status = v;
     }
@@ -364,6 +364,7 @@ impl MmioTransport {
             }
             0x034 => self.queue().map(|q| q.max_size() as u32).unwrap_or(0),
             0x044 => self.queue().map(|q| q.ready() as u32).unwrap_or(0),
+            0x060 if self.device.signals_directly() => self.interrupt_status | INT_USED,
             0x060 => self.interrupt_status,
             0x070 => self.status,
             0x0fc => self.config_generation,

@@ -1,0 +1,12 @@
+//! vhost-user for Staunch, shared by the block and net backends and the
+//! VMM's frontends: the inflight region (exactly as the vhost-user
+//! specification lays it out), a backend server on the `vhost` crate's
+//! message parser, and a frontend that reconnects on its own.
+
+pub mod backend;
+pub mod blk;
+pub mod chain;
+pub mod frontend;
+pub mod inflight;
+pub mod memory;
+mod queue;
