@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
@@ -18,6 +19,20 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, 
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+
+/// Set while this process hands its VM over to a successor: links stop
+/// reconnecting, so the successor's connection (which supersedes ours at
+/// the backend) is not taken back. Cleared if the handover rolls back.
+/// An atomic store only: safe on a crash path.
+static FROZEN: AtomicBool = AtomicBool::new(false);
+
+pub fn freeze() {
+    FROZEN.store(true, Ordering::SeqCst);
+}
+
+pub fn thaw() {
+    FROZEN.store(false, Ordering::SeqCst);
+}
 
 /// Largest ring the inflight region is sized for (the transport's maximum).
 pub const QUEUE_MAX: u16 = 256;
@@ -70,6 +85,8 @@ pub struct Link {
     device: &'static str,
     state: Mutex<State>,
     changed: Condvar,
+    /// The device is gone (its VM was torn down): stop watching.
+    closed: AtomicBool,
 }
 
 fn fail(path: &Path, what: impl std::fmt::Display) -> FrontendError {
@@ -109,6 +126,7 @@ impl Link {
                 reconnects: 0,
             }),
             changed: Condvar::new(),
+            closed: AtomicBool::new(false),
         });
         {
             let mut st = link.lock();
@@ -155,7 +173,7 @@ impl Link {
             // The monitor sees the hang-up (or the failed set-up) and retries.
             tracing::warn!(error = %e, "vhost-user start failed; will retry on reconnect");
             if let Some(c) = &st.conn {
-                let _ = nix_shutdown(c.as_raw_fd());
+                nix_shutdown(c.as_raw_fd());
             }
         }
         Ok(())
@@ -170,6 +188,14 @@ impl Link {
             for i in 0..self.queues {
                 let _ = c.get_vring_base(i);
             }
+        }
+    }
+
+    /// The device is gone: end the connection and stop reconnecting.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(c) = &self.lock().conn {
+            nix_shutdown(c.as_raw_fd());
         }
     }
 
@@ -303,6 +329,14 @@ impl Link {
                 wait_hangup(fd);
             }
             let lost = Instant::now();
+            // Handing over: the successor owns the backend now (or the
+            // handover rolls back and we go on).
+            while FROZEN.load(Ordering::SeqCst) && !self.closed.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
             {
                 let mut st = self.lock();
                 if st.generation != generation {
@@ -320,6 +354,9 @@ impl Link {
             let mut attempts = 0u64;
             let mut last_report = Instant::now();
             loop {
+                if self.closed.load(Ordering::SeqCst) {
+                    return;
+                }
                 attempts += 1;
                 let r = {
                     let mut st = self.lock();
@@ -367,9 +404,9 @@ fn wait_hangup(fd: RawFd) {
     }
 }
 
-fn nix_shutdown(fd: RawFd) -> i32 {
+fn nix_shutdown(fd: RawFd) {
     // SAFETY: shutdown on a socket we own; it only ends the connection.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) }
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
 /// A virtio device whose queues a vhost-user backend serves; the transport
@@ -387,6 +424,12 @@ impl VhostUserDevice {
     }
     pub fn link(&self) -> &Arc<Link> {
         &self.link
+    }
+}
+
+impl Drop for VhostUserDevice {
+    fn drop(&mut self) {
+        self.link.close();
     }
 }
 

@@ -708,6 +708,9 @@ impl Core {
     /// After a crash a lock may belong to the dead thread: such a device is
     /// saved from the copy it published.
     pub(crate) fn hand_over(&self, succ: &Successor, cause: &str, t0: u64, crash: bool) -> Result<(), VmmError> {
+        // The successor connects to our vhost-user backends (superseding
+        // our connections): ours must not take them back.
+        staunch_vhost::frontend::freeze();
         let held = self.hold_transports(crash);
         let devices = self.devices(&held, crash);
         let sent = (|| -> Result<(), VmmError> {
@@ -739,6 +742,8 @@ impl Core {
         })();
         if sent.is_ok() {
             std::mem::forget(held);
+        } else {
+            staunch_vhost::frontend::thaw();
         }
         sent
     }
@@ -804,7 +809,9 @@ impl Core {
         if let Some(ev) = &self.cfg.events {
             cmd.arg("--events").arg(ev);
         }
+        staunch_vhost::frontend::freeze();
         let err = cmd.exec();
+        staunch_vhost::frontend::thaw();
         Err(VmmError::Exec { path: bin.display().to_string(), err })
     }
 }
