@@ -305,10 +305,19 @@ impl VhostUserBackendReqHandlerMut for Session {
         Ok((reply, file))
     }
     fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> VhostResult<()> {
+        use std::os::unix::fs::MetadataExt;
+        // Which region this is (the same one across restarts, on either side).
+        let inode = file.metadata().map(|m| m.ino()).unwrap_or(0);
         let r = Region::map(file, msg.mmap_size, msg.mmap_offset, msg.num_queues, msg.queue_size).map_err(|e| {
             tracing::warn!(error = %e, "inflight region refused");
             VhostError::InvalidParam
         })?;
+        staunch_events::emit(
+            self.opts.events.as_deref(),
+            "inflight-region",
+            serde_json::json!({"component": self.device.name(), "inode": inode, "size": r.size(),
+                               "queues": r.queues(), "queue_size": r.queue_size()}),
+        );
         self.inflight = Some(Arc::new(r));
         Ok(())
     }

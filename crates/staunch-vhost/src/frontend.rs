@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -46,6 +46,21 @@ pub enum FrontendError {
     Queues { path: String, offered: u64, wanted: usize },
 }
 
+pub const LINK_RECORD_VERSION: u32 = 1;
+
+/// What a VMM's successor needs to take a link over without asking the
+/// backend first (it may be down at that moment): the device it offered,
+/// and the inflight region's geometry (the region itself travels as a
+/// descriptor beside the record).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkRecord {
+    pub version: u32,
+    pub features: u64,
+    pub config: Vec<u8>,
+    /// mmap_size, mmap_offset, num_queues, queue_size.
+    pub inflight: Option<(u64, u64, u16, u16)>,
+}
+
 /// One queue as the driver configured it (guest physical addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingAddrs {
@@ -65,10 +80,7 @@ struct State {
     conn: Option<Frontend>,
     /// Bumped on every new connection, so the monitor knows which one it watches.
     generation: u64,
-    features: u64,
     protocol: VhostUserProtocolFeatures,
-    config: Vec<u8>,
-    inflight: Option<(VhostUserInflight, File)>,
     started: Option<Setup>,
     /// Backend outages so far, for status and events.
     reconnects: u64,
@@ -85,6 +97,12 @@ pub struct Link {
     device: &'static str,
     state: Mutex<State>,
     changed: Condvar,
+    /// The device the backend offered (features, configuration), fixed at
+    /// the first connection: a backend that comes back must offer the same.
+    /// Lock-free, so a crash path can save it whoever holds the state lock.
+    device_info: OnceLock<(u64, Vec<u8>)>,
+    /// The inflight region, kept for every backend that follows.
+    inflight: OnceLock<(VhostUserInflight, File)>,
     /// The device is gone (its VM was torn down): stop watching.
     closed: AtomicBool,
 }
@@ -96,7 +114,9 @@ fn fail(path: &Path, what: impl std::fmt::Display) -> FrontendError {
 impl Link {
     /// Connect to the backend at `path` (waiting for it if it is not there
     /// yet) and learn its features and configuration. `kicks` are the
-    /// queues' ioeventfds, `call` the device's irqfd.
+    /// queues' ioeventfds, `call` the device's irqfd. With `saved` (a VMM's
+    /// successor) the device is known already: the link comes up at once
+    /// and connects in the background, the same inflight region in hand.
     #[allow(clippy::too_many_arguments)]
     pub fn connect(
         path: &Path,
@@ -106,6 +126,7 @@ impl Link {
         kicks: Vec<Arc<EventFd>>,
         call: Arc<EventFd>,
         events: Option<PathBuf>,
+        saved: Option<(LinkRecord, Option<File>)>,
     ) -> Result<Arc<Link>, FrontendError> {
         let link = Arc::new(Link {
             path: path.to_path_buf(),
@@ -118,17 +139,24 @@ impl Link {
             state: Mutex::new(State {
                 conn: None,
                 generation: 0,
-                features: 0,
                 protocol: VhostUserProtocolFeatures::empty(),
-                config: Vec::new(),
-                inflight: None,
                 started: None,
                 reconnects: 0,
             }),
             changed: Condvar::new(),
+            device_info: OnceLock::new(),
+            inflight: OnceLock::new(),
             closed: AtomicBool::new(false),
         });
-        {
+        if let Some((rec, file)) = saved {
+            if rec.version != LINK_RECORD_VERSION {
+                return Err(fail(path, format!("link record version {} is not supported", rec.version)));
+            }
+            let _ = link.device_info.set((rec.features, rec.config));
+            if let (Some((size, off, n, qs)), Some(f)) = (rec.inflight, file) {
+                let _ = link.inflight.set((VhostUserInflight::new(size, off, n, qs), f));
+            }
+        } else {
             let mut st = link.lock();
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
@@ -153,11 +181,21 @@ impl Link {
 
     /// Device features the backend offers (without PROTOCOL_FEATURES).
     pub fn features(&self) -> u64 {
-        self.lock().features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device_info.get().map_or(0, |d| d.0) & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     pub fn config(&self) -> Vec<u8> {
-        self.lock().config.clone()
+        self.device_info.get().map(|d| d.1.clone()).unwrap_or_default()
+    }
+
+    /// What a successor needs, and a duplicate of the inflight region's
+    /// descriptor if there is one (lock-free: a crash path may call it).
+    pub fn record_and_file(&self) -> (LinkRecord, Option<File>) {
+        let (features, config) = self.device_info.get().cloned().unwrap_or_default();
+        let inflight = self.inflight.get();
+        let file = inflight.and_then(|(_, f)| f.try_clone().ok());
+        let geometry = inflight.map(|(m, _)| (m.mmap_size, m.mmap_offset, m.num_queues, m.queue_size));
+        (LinkRecord { version: LINK_RECORD_VERSION, features, config, inflight: geometry }, file)
     }
 
     pub fn reconnects(&self) -> u64 {
@@ -234,13 +272,24 @@ impl Link {
         let (_, config) = f
             .get_config(0, CONFIG_LEN, VhostUserConfigFlags::empty(), &[0u8; CONFIG_LEN as usize])
             .map_err(|e| fail(p, e))?;
-        if st.generation > 0 && (features != st.features || config != st.config) {
+        if let Some((f0, c0)) = self.device_info.get()
+            && (features != *f0 || config != *c0)
+        {
             // A different device behind the same socket: the guest must not
             // see it change under it. Refuse and keep retrying.
             return Err(fail(p, "the backend that came back offers other features or another configuration"));
         }
-        st.features = features;
-        st.config = config;
+        let _ = self.device_info.set((features, config));
+        if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) && self.inflight.get().is_none() {
+            // Asked for at once, not at the driver's start: the region then
+            // exists before anything can be in flight, and travels with the
+            // VM's record from the start.
+            let ask = VhostUserInflight::new(0, 0, self.queues as u16, QUEUE_MAX);
+            let (msg, file) = f.get_inflight_fd(&ask).map_err(|e| fail(p, e))?;
+            if msg.mmap_size > 0 {
+                let _ = self.inflight.set((msg, file));
+            }
+        }
         st.protocol = protocol;
         st.conn = Some(f);
         st.generation += 1;
@@ -260,18 +309,10 @@ impl Link {
         f.set_features(setup.acked | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()).map_err(|e| fail(p, e))?;
         let regions = self.regions().map_err(|e| fail(p, e))?;
         f.set_mem_table(&regions).map_err(|e| fail(p, e))?;
-        if st.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
-            match &st.inflight {
-                Some((msg, file)) => f.set_inflight_fd(msg, file.as_raw_fd()).map_err(|e| fail(p, e))?,
-                None => {
-                    let ask = VhostUserInflight::new(0, 0, self.queues as u16, QUEUE_MAX);
-                    let (msg, file) = f.get_inflight_fd(&ask).map_err(|e| fail(p, e))?;
-                    if msg.mmap_size > 0 {
-                        f.set_inflight_fd(&msg, file.as_raw_fd()).map_err(|e| fail(p, e))?;
-                        st.inflight = Some((msg, file));
-                    }
-                }
-            }
+        if st.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            && let Some((msg, file)) = self.inflight.get()
+        {
+            f.set_inflight_fd(msg, file.as_raw_fd()).map_err(|e| fail(p, e))?;
         }
         for (i, r) in setup.rings.iter().enumerate() {
             if r.size == 0 {
@@ -337,19 +378,25 @@ impl Link {
             if self.closed.load(Ordering::SeqCst) {
                 return;
             }
+            // A successor's link starts unconnected: attaching, not a loss.
+            let attach = fd.is_none() && generation == 0;
             {
                 let mut st = self.lock();
                 if st.generation != generation {
                     continue;
                 }
                 st.conn = None;
-                st.reconnects += 1;
+                if !attach {
+                    st.reconnects += 1;
+                }
             }
-            staunch_events::emit(
-                self.events.as_deref(),
-                "backend-lost",
-                serde_json::json!({"component": self.device, "socket": self.path}),
-            );
+            if !attach {
+                staunch_events::emit(
+                    self.events.as_deref(),
+                    "backend-lost",
+                    serde_json::json!({"component": self.device, "socket": self.path}),
+                );
+            }
             let mut delay = Duration::from_micros(50);
             let mut attempts = 0u64;
             let mut last_report = Instant::now();
@@ -382,7 +429,7 @@ impl Link {
             }
             staunch_events::emit(
                 self.events.as_deref(),
-                "backend-reconnected",
+                if attach { "backend-attached" } else { "backend-reconnected" },
                 serde_json::json!({"component": self.device, "socket": self.path, "attempts": attempts,
                                    "outage_us": lost.elapsed().as_micros() as u64}),
             );

@@ -78,6 +78,9 @@ pub struct VmRecord {
     /// Each vCPU's KVM_RUN count, continued by the successor (the stamps of
     /// its exits stay unique).
     pub vcpu_runs: Vec<u64>,
+    /// Version 5: each vhost-user disk's link, in config order (its inflight
+    /// region is among `disk_fds`, after the disk files before it).
+    pub vhost: Vec<staunch_vhost::frontend::LinkRecord>,
 }
 
 pub fn encode(r: &VmRecord) -> Result<Vec<u8>, RecordError> {
@@ -200,6 +203,8 @@ pub fn read_snapshot(path: &std::path::Path) -> Result<(VmRecord, Vec<File>), Re
     let mut rec = decode(&framed)?;
     // Descriptors of the saving process mean nothing here.
     rec.disk_fds.clear();
+    // A snapshot's inflight regions are gone with its process: links start afresh.
+    rec.vhost.clear();
     rec.console_fds.clear();
     let file_len = f.metadata()?.len();
     let mut off = 20 + len;

@@ -3,7 +3,7 @@
 
 use crate::api::{self, ApiRequest, ApiResponse};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::disks::{self, Disk};
+use crate::disks::{self, Disk, DiskSlot};
 use crate::events;
 use crate::handover::{HandoverError, Link, Msg, Successor};
 use crate::record::{self, DevicesState, RamInfo, RecordError, VmRecord};
@@ -263,7 +263,7 @@ struct Devices {
     first_output: Arc<OnceLock<Instant>>,
     acpi: staunch_boot::acpi::Devices,
     cmdline_extra: String,
-    disk_files: Vec<std::fs::File>,
+    disk_files: Vec<DiskSlot>,
     console: Console,
 }
 
@@ -329,11 +329,7 @@ fn assemble(
     from: Inherited,
 ) -> Result<Devices, VmmError> {
     let Inherited { devices: saved, console_fds: inherited_console, continue_log } = from;
-    let disk_files = disks
-        .iter()
-        .filter_map(|d| d.file().map(|f| f.try_clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| VmmError::Device(format!("disk descriptor: {e}")))?;
+    let mut disk_files = Vec::new();
     if let Some((s, _)) = saved
         && s.virtio.len() != disks.len()
     {
@@ -423,9 +419,15 @@ fn assemble(
         let call = irq(gsi)?;
         let line: Arc<dyn Interrupt> = call.clone();
         let (dev, local): (Box<dyn staunch_devices::virtio::VirtioDevice>, bool) = match disk {
-            Disk::File(b) => (Box::new(b), true),
-            Disk::VhostUser(sock) => {
-                (disks::vhost_user(vm, base, &sock, ram.mem.clone(), call, cfg.events.clone())?, false)
+            Disk::File(b) => {
+                let f = b.file().try_clone().map_err(|e| VmmError::Device(format!("disk descriptor: {e}")))?;
+                disk_files.push(DiskSlot::File(f));
+                (Box::new(b), true)
+            }
+            Disk::VhostUser(sock, known) => {
+                let (dev, link) = disks::vhost_user(vm, base, &sock, ram.mem.clone(), call, cfg.events.clone(), known)?;
+                disk_files.push(DiskSlot::Link(link));
+                (dev, false)
             }
         };
         let t = match saved {
@@ -559,8 +561,8 @@ pub(crate) struct Core {
     /// The thread saving the VM for a planned handover, watched for hangs
     /// like the others: the guest is paused while it works.
     pub(crate) saver: WorkerWatch,
-    /// Duplicates of the disks' descriptors, handed to a successor image.
-    disk_files: Vec<std::fs::File>,
+    /// The disks' descriptors and vhost-user links, handed to a successor.
+    disk_files: Vec<DiskSlot>,
     console: Console,
     msrs: Vec<u32>,
     generation: u64,
@@ -598,7 +600,14 @@ pub struct RunningVm {
 
 impl Core {
     /// Capture the whole VM. The vCPUs must be paused.
-    pub(crate) fn save(&self, cause: &str, paused_at_ns: u64, crash: bool) -> Result<VmRecord, VmmError> {
+    /// Also returns duplicates of the descriptors the record names, which
+    /// must stay open until the successor has them.
+    pub(crate) fn save(
+        &self,
+        cause: &str,
+        paused_at_ns: u64,
+        crash: bool,
+    ) -> Result<(VmRecord, Vec<std::fs::File>), VmmError> {
         let devices = self.devices(&self.hold_transports(crash), crash);
         self.save_with(cause, paused_at_ns, crash, devices)
     }
@@ -609,7 +618,8 @@ impl Core {
         paused_at_ns: u64,
         crash: bool,
         devices: DevicesState,
-    ) -> Result<VmRecord, VmmError> {
+    ) -> Result<(VmRecord, Vec<std::fs::File>), VmmError> {
+        let (files, links) = disks::handover(&self.disk_files)?;
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
             let (msrs, index) = (self.msrs.clone(), v.index);
@@ -619,7 +629,7 @@ impl Core {
         let vm = state::save_vm(&self.vm.fd)?;
         let ram =
             self.ram.regions.iter().map(|r| RamInfo { gpa: r.gpa, size: r.size, fd: r.file.as_raw_fd() }).collect();
-        Ok(VmRecord {
+        let rec = VmRecord {
             version: record::VERSION,
             cause: cause.into(),
             config: self.cfg.clone(),
@@ -630,7 +640,8 @@ impl Core {
             paused_at_ns,
             replay_in_flight: crash,
             generation: self.generation,
-            disk_fds: self.disk_files.iter().map(|f| f.as_raw_fd()).collect(),
+            disk_fds: files.iter().map(|f| f.as_raw_fd()).collect(),
+            vhost: links,
             console_fds: Vec::new(),
             pending_writes: if crash {
                 self.vcpus.iter().filter_map(|v| v.pending_write()).collect()
@@ -638,7 +649,8 @@ impl Core {
                 Vec::new()
             },
             vcpu_runs: self.vcpus.iter().map(|v| v.runs()).collect(),
-        })
+        };
+        Ok((rec, files))
     }
 
     /// The virtio transports' locks: held while their state is read (and,
@@ -714,7 +726,7 @@ impl Core {
         let held = self.hold_transports(crash);
         let devices = self.devices(&held, crash);
         let sent = (|| -> Result<(), VmmError> {
-            let rec = self.save_with(cause, t0, crash, devices)?;
+            let (rec, files) = self.save_with(cause, t0, crash, devices)?;
             let (memfd, console) = {
                 // Watched for hangs while it works on its own (not while it
                 // waits for vCPU threads, which a busy host may delay).
@@ -723,9 +735,9 @@ impl Core {
                 (memfd, console)
             };
             let mut fds = vec![memfd.as_raw_fd()];
-            fds.extend(self.disk_files.iter().map(|f| f.as_raw_fd()));
+            fds.extend(files.iter().map(|f| f.as_raw_fd()));
             fds.extend(console.iter().map(|f| f.as_raw_fd()));
-            let msg = Msg::Record { disks: self.disk_files.len() as u32, consoles: console.len() as u32 };
+            let msg = Msg::Record { disks: files.len() as u32, consoles: console.len() as u32 };
             succ.link.send(&msg, &fds)?;
             match succ.link.recv(Some(Duration::from_secs(10)))? {
                 (Msg::Restored, _) => {}
@@ -778,7 +790,7 @@ impl Core {
         crash: bool,
     ) -> Result<std::convert::Infallible, VmmError> {
         use std::os::unix::process::CommandExt;
-        let rec = self.save(cause, t0, crash)?;
+        let (rec, files) = self.save(cause, t0, crash)?;
         let (memfd, console, len) = self.preserve(rec)?;
         for fd in &console {
             record::keep_across_exec(fd).map_err(RecordError::Io)?;
@@ -787,7 +799,7 @@ impl Core {
             record::keep_across_exec(&r.file).map_err(RecordError::Io)?;
         }
         record::keep_across_exec(&memfd).map_err(RecordError::Io)?;
-        for f in &self.disk_files {
+        for f in &files {
             record::keep_across_exec(f).map_err(RecordError::Io)?;
         }
         // The very image that runs now, even if its file was replaced or
@@ -889,7 +901,7 @@ impl RunningVm {
         cfg.validate()?;
         let started = Instant::now();
         staunch_boot::detect(&cfg.kernel)?;
-        let disks = disks::open(cfg, &[])?;
+        let disks = disks::open(cfg, &[], &[])?;
         let ram = GuestRam::new(cfg.mem_mib)?;
         let vm = Vm::new(&cfg.kvm_device, &ram)?;
         let devs = assemble(cfg, &vm, &ram, output, disks, Inherited { continue_log, ..Default::default() })?;
@@ -923,7 +935,7 @@ impl RunningVm {
             })
             .collect();
         let lap = |what: &str| tracing::debug!(ms = (record::monotonic_ns() - t0) as f64 / 1e6, "restore: {what}");
-        let disks = disks::open(&rec.config, &rec.disk_fds)?;
+        let disks = disks::open(&rec.config, &rec.disk_fds, &rec.vhost)?;
         let p = Prepared::new(&rec.config, regions)?;
         lap("VM created, memory slots registered");
         let devs = p.restore(&rec, disks, output)?;
@@ -1023,7 +1035,7 @@ impl RunningVm {
         for (info, region) in rec.ram.iter_mut().zip(&p.ram.regions) {
             info.fd = region.file.as_raw_fd();
         }
-        let disks = disks::open(&rec.config, &rec.disk_fds)?;
+        let disks = disks::open(&rec.config, &rec.disk_fds, &rec.vhost)?;
         let devs = p.restore(&rec, disks, None)?;
         let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         link.send(&Msg::Restored, &[])?;
@@ -1253,7 +1265,7 @@ impl RunningVm {
     fn snapshot(&mut self, path: &std::path::Path) -> Result<ApiResponse, VmmError> {
         let t0 = record::monotonic_ns();
         self.pause();
-        let rec = self.core.save("snapshot", t0, false)?;
+        let (rec, _) = self.core.save("snapshot", t0, false)?;
         let files: Vec<&std::fs::File> = self.core.ram.regions.iter().map(|r| &r.file).collect();
         let bytes = record::write_snapshot(path, &rec, &files)?;
         let ms = (record::monotonic_ns() - t0) as f64 / 1e6;

@@ -238,6 +238,12 @@ fn kvm_vmm_crash_and_upgrade_while_attached_to_the_backend() {
     b.start(None);
     progress(&vm, "I/O after the backend was killed under the new VMM");
     judge(vm, &b);
+    // Every VMM generation handed the backends the same inflight region:
+    // it travels with the VM's record.
+    let inodes: Vec<u64> =
+        b.events().iter().filter(|e| e["event"] == "inflight-region").map(|e| e["inode"].as_u64().unwrap()).collect();
+    assert!(inodes.len() >= 4, "{:?}", b.events());
+    assert!(inodes.iter().all(|i| *i == inodes[0]), "{inodes:?}");
 }
 
 #[test]
