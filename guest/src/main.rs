@@ -434,6 +434,11 @@ struct Verify {
     mismatches: u64,
     errors: u64,
     kick: bool,
+    /// When each slot's request was handed to the device (TSC), and the
+    /// longest any data request took since the last report: the I/O stall
+    /// the guest itself saw (a backend restart shows here).
+    submitted: [u64; virtio::MAX_SLOTS],
+    maxio: u64,
 }
 
 impl Verify {
@@ -444,6 +449,7 @@ impl Verify {
         proto::fill_block(unsafe { &mut *b }, seq, lba);
         self.blk.submit(slot, virtio::T_OUT, lba * SECTORS_PER_BLOCK, Some((b as u64, BLOCK_SIZE as u32)));
         self.fl.submit(slot, Request { kind: virtio::T_OUT, seq, lba, writable: 1 });
+        self.submitted[slot] = io::rdtsc();
         self.kick = true;
     }
 
@@ -453,6 +459,7 @@ impl Verify {
         unsafe { (*b).fill(0) };
         self.blk.submit(slot, virtio::T_IN, lba * SECTORS_PER_BLOCK, Some((b as u64, BLOCK_SIZE as u32)));
         self.fl.submit(slot, Request { kind: virtio::T_IN, seq, lba, writable: BLOCK_SIZE as u32 + 1 });
+        self.submitted[slot] = io::rdtsc();
         self.kick = true;
     }
 
@@ -475,6 +482,11 @@ impl Verify {
             }
         };
         let (seq, lba) = (d.req.seq, d.req.lba);
+        if d.req.kind != virtio::T_FLUSH {
+            if let Some(t) = self.submitted.get(d.slot) {
+                self.maxio = self.maxio.max(io::rdtsc().saturating_sub(*t));
+            }
+        }
         match d.req.kind {
             virtio::T_OUT if d.status == 0 => {
                 self.win.wrote(seq, true);
@@ -586,6 +598,8 @@ fn blk_verify(c: &Config) -> u8 {
         mismatches: 0,
         errors: 0,
         kick: false,
+        submitted: [0; virtio::MAX_SLOTS],
+        maxio: 0,
     };
     // Issue up to each report boundary, then let the pipeline drain before
     // flushing and reporting: at a report every write issued has completed,
@@ -608,27 +622,30 @@ fn blk_verify(c: &Config) -> u8 {
             let (alive, back) = check_cpus();
             v.mismatches += back;
             let gap = clock::take_maxgap_us();
+            let maxio = clock::cycles_to_us(core::mem::take(&mut v.maxio));
             let (w, ok, bad, err) = (v.win.written(), v.verified, v.mismatches, v.errors);
             if last {
                 say!(
-                    "blk written={} verified={} mismatches={} errors={} final=1 cpus={} maxgap_us={}",
+                    "blk written={} verified={} mismatches={} errors={} final=1 cpus={} maxgap_us={} maxio_us={}",
                     w,
                     ok,
                     bad,
                     err,
                     alive,
-                    gap
+                    gap,
+                    maxio
                 );
                 break;
             }
             say!(
-                "blk written={} verified={} mismatches={} errors={} cpus={} maxgap_us={}",
+                "blk written={} verified={} mismatches={} errors={} cpus={} maxgap_us={} maxio_us={}",
                 w,
                 ok,
                 bad,
                 err,
                 alive,
-                gap
+                gap,
+                maxio
             );
             v.blk.ack_interrupt();
             stop += c.report_every;

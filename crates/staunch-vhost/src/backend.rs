@@ -367,13 +367,39 @@ pub fn bind(path: &Path) -> Result<UnixListener, BackendError> {
     UnixListener::bind(path).map_err(|err| BackendError::Socket { path: p, err })
 }
 
-/// Serve frontends on `listener`, forever. The newest connection wins: a
-/// frontend that reconnects (a VMM's successor, or one whose old socket is
-/// still held by a process that hangs) supersedes the one before, whose
-/// rings are stopped before the new one can start any.
-pub fn serve(listener: UnixListener, device: Arc<dyn Device>, opts: Options) -> ! {
-    let mut current: Option<(UnixStream, Arc<Mutex<Session>>, std::thread::JoinHandle<()>)> = None;
+/// The connection being served: its socket, session and thread.
+type Connection = (UnixStream, Arc<Mutex<Session>>, std::thread::JoinHandle<()>);
+
+/// Serve frontends on `listener` until `stop` is signalled; the current
+/// connection's rings are then stopped (every request taken is finished and
+/// published) and it is closed. The newest connection wins: a frontend that
+/// reconnects (a VMM's successor, or one whose old socket is still held by
+/// a process that hangs) supersedes the one before, whose rings are stopped
+/// before the new one can start any.
+pub fn serve_until(listener: &UnixListener, device: Arc<dyn Device>, opts: &Options, stop: &EventFd) {
+    use std::os::fd::AsRawFd;
+    let mut current: Option<Connection> = None;
+    let end = |c: &mut Option<Connection>| {
+        if let Some((old, session, thread)) = c.take() {
+            // Rings first: a request in progress completes and is published.
+            session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+            let _ = old.shutdown(std::net::Shutdown::Both);
+            let _ = thread.join();
+        }
+    };
     loop {
+        let mut fds = [
+            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfd entries.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            end(&mut current);
+            return;
+        }
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
@@ -382,11 +408,7 @@ pub fn serve(listener: UnixListener, device: Arc<dyn Device>, opts: Options) -> 
                 continue;
             }
         };
-        if let Some((old, session, thread)) = current.take() {
-            let _ = old.shutdown(std::net::Shutdown::Both);
-            session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
-            let _ = thread.join();
-        }
+        end(&mut current);
         let Ok(keep) = stream.try_clone() else { continue };
         let session = Arc::new(Mutex::new(Session::new(device.clone(), opts.clone())));
         let (s, d, o) = (session.clone(), device.clone(), opts.clone());

@@ -9,4 +9,5 @@ pub mod chain;
 pub mod frontend;
 pub mod inflight;
 pub mod memory;
+pub mod process;
 mod queue;

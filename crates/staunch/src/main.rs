@@ -142,6 +142,15 @@ struct BlkArgs {
     /// Virtqueues to offer (a frontend may use fewer).
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// Keep a spare process ready to take over if this one dies.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    spare: String,
+    /// A listening socket inherited across exec (upgrade, spare).
+    #[arg(long, hide = true)]
+    listen_fd: Option<i32>,
+    /// Serve only once this process has died (a spare).
+    #[arg(long, hide = true)]
+    spare_of: Option<u32>,
 }
 
 fn blk(a: BlkArgs) -> Result<i32> {
@@ -149,14 +158,20 @@ fn blk(a: BlkArgs) -> Result<i32> {
     staunch_fault::from_env().context("STAUNCH_FAILPOINTS")?;
     staunch_vmm::events::report_failpoints(a.events.clone());
     let dev = staunch_vhost::blk::BlkDevice::open(&disk.path, disk.read_only, a.queues)?;
-    let listener = staunch_vhost::backend::bind(&a.socket)?;
-    staunch_vmm::events::emit(
-        a.events.as_deref(),
-        "backend-ready",
-        serde_json::json!({"component": "blk", "socket": a.socket, "disk": disk.path, "read_only": disk.read_only}),
-    );
+    let mut args = vec!["--socket".into(), a.socket.display().to_string(), "--disk".into(), a.disk.clone()];
+    if let Some(e) = &a.events {
+        args.extend(["--events".into(), e.display().to_string()]);
+    }
+    args.extend(["--queues".into(), a.queues.to_string(), "--spare".into(), a.spare.clone()]);
+    let role = staunch_vhost::process::Role {
+        listen_fd: a.listen_fd,
+        spare_of: a.spare_of,
+        spare: a.spare == "on",
+        args,
+        command: "blk",
+    };
     let opts = staunch_vhost::backend::Options { events: a.events };
-    staunch_vhost::backend::serve(listener, std::sync::Arc::new(dev), opts)
+    match staunch_vhost::process::run(&a.socket, std::sync::Arc::new(dev), opts, role)? {}
 }
 
 #[derive(Args)]

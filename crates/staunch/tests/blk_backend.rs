@@ -16,10 +16,13 @@ const WRITES: u64 = 30_000;
 const BLOCKS: u64 = 256;
 
 struct Backend {
+    bin: PathBuf,
     sock: PathBuf,
     disk: PathBuf,
     events: PathBuf,
     log: PathBuf,
+    /// The process `start` spawned: the group leader of the backend and
+    /// every spare it starts (each spare takes over when its primary dies).
     child: Option<Child>,
 }
 
@@ -28,6 +31,7 @@ impl Backend {
         let disk = dir.join("disk.img");
         std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
         Backend {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_staunch")),
             sock: dir.join("blk.sock"),
             disk,
             events: dir.join("blk-events.jsonl"),
@@ -44,55 +48,75 @@ impl Backend {
             .collect()
     }
 
-    /// Start a backend (with failpoints armed from the start) and wait
+    fn wait_event(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(&f) {
+                return e;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no {what}: {:?}", self.events());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Start a backend (failpoints armed in it, not in its spares) and wait
     /// until it listens.
     fn start(&mut self, failpoints: Option<&str>) {
-        let mut c = staunch();
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new(&self.bin);
         c.arg("blk").arg("--socket").arg(&self.sock).arg("--disk").arg(&self.disk);
         c.arg("--events").arg(&self.events);
         if let Some(f) = failpoints {
             c.env("STAUNCH_FAILPOINTS", f);
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let child = c.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         let pid = child.id() as u64;
         self.child = Some(child);
-        let t = Instant::now();
-        while !self.events().iter().any(|e| e["event"] == "backend-ready" && e["pid"] == pid) {
-            assert!(t.elapsed() < Duration::from_secs(20), "backend did not start: {:?}", self.events());
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.wait_event("backend-ready", |e| e["event"] == "backend-ready" && e["pid"] == pid);
+        self.wait_event("its spare", |e| e["event"] == "spare-ready" && e["of"] == pid);
+    }
+
+    /// The process serving now.
+    fn primary(&self) -> u64 {
+        let ev = self.events();
+        let e = ev.iter().rev().find(|e| e["event"] == "backend-ready" || e["event"] == "backend-takeover");
+        e.expect("a running backend")["pid"].as_u64().unwrap()
     }
 
     fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("running backend").id() as i32;
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(pid, sig) };
+        // SAFETY: kill(2) on a process of the backend's group.
+        unsafe { libc::kill(self.primary() as i32, sig) };
     }
 
-    /// SIGKILL the backend and reap it.
+    /// Wait for the spare to take over from `pid` (and to start its own).
+    fn taken_over(&self, pid: u64) -> u64 {
+        let e = self.wait_event("takeover", |e| e["event"] == "backend-takeover" && e["from"] == pid);
+        let new = e["pid"].as_u64().unwrap();
+        self.wait_event("the new spare", |e| e["event"] == "spare-ready" && e["of"] == new);
+        new
+    }
+
+    /// SIGKILL the serving process; its spare takes over.
     fn kill(&mut self) {
+        let pid = self.primary();
+        self.signal(libc::SIGKILL);
+        self.taken_over(pid);
+    }
+
+    /// SIGKILL the backend and every spare: nothing listens any more.
+    fn kill_all(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            // SAFETY: killpg(2) on the group the backend was started in.
+            unsafe { libc::killpg(c.id() as i32, libc::SIGKILL) };
             let _ = c.wait();
         }
-    }
-
-    /// Wait until the backend's process ends on its own (a `kill` failpoint).
-    fn wait_exit(&mut self) {
-        let t = Instant::now();
-        let c = self.child.as_mut().expect("running backend");
-        while c.try_wait().unwrap().is_none() {
-            assert!(t.elapsed() < Duration::from_secs(60), "backend did not die at its failpoint");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        self.child = None;
     }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.kill();
+        self.kill_all();
     }
 }
 
@@ -156,18 +180,24 @@ fn kvm_blk_backend_sigkill_at_random_moments_loses_nothing() {
     b.start(None);
     let vm = vm_on(&d, &b, 2);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..6 {
+    for i in 0..6 {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(20 + rng % 200));
-        b.kill();
-        b.start(None);
+        if i == 3 {
+            // Once with no spare left: a cold start of a new backend.
+            b.kill_all();
+            b.start(None);
+        } else {
+            b.kill();
+        }
         progress(&vm, "I/O after the backend was killed");
     }
     let ev = judge(vm, &b);
     assert_eq!(count(&ev, "backend-lost"), 6, "{ev:?}");
     assert_eq!(count(&ev, "backend-reconnected"), 6, "{ev:?}");
+    assert_eq!(count(&b.events(), "backend-takeover"), 5, "{:?}", b.events());
 }
 
 #[test]
@@ -178,13 +208,14 @@ fn kvm_blk_backend_killed_at_each_failpoint_loses_nothing() {
     b.start(None);
     let vm = vm_on(&d, &b, 2);
     for point in ["vhost.request", "vhost.completed", "vhost.inflight"] {
-        // Arm the point a few requests in, so requests are in flight.
-        b.kill();
+        // A backend armed from its start dies on the first request it takes;
+        // its spare (unarmed) takes over.
+        b.kill_all();
         b.start(Some(&format!("{point}=kill*1")));
-        b.wait_exit();
+        let pid = b.primary();
+        b.taken_over(pid);
         let fired = b.events().iter().filter(|e| e["event"] == "failpoint-fired" && e["point"] == point).count();
         assert_eq!(fired, 1, "{point} fired: {:?}", b.events());
-        b.start(None);
         progress(&vm, "I/O after the backend died at its failpoint");
     }
     let ev = judge(vm, &b);
@@ -208,11 +239,50 @@ fn kvm_blk_backend_hung_with_sigstop_is_replaced() {
     progress(&vm, "I/O before the hang");
     b.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(300));
-    // What a supervisor does with a hung backend: kill it, start another.
+    // What a supervisor does with a hung backend: kill it; the spare serves.
     b.kill();
-    b.start(None);
     progress(&vm, "I/O after the hung backend was replaced");
     judge(vm, &b);
+}
+
+/// A planned upgrade: a new binary is installed over the old one's path and
+/// SIGUSR2 makes the backend finish what it took, close its connection and
+/// exec the new file with the listening socket kept.
+#[test]
+fn kvm_blk_backend_upgrades_to_another_binary_mid_io() {
+    use std::os::unix::fs::MetadataExt;
+    require_kvm();
+    let d = tmpdir("vu-blk-upgrade");
+    let mut b = Backend::new(&d);
+    let bin = d.join("bin/staunch");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(&b.bin, &bin).unwrap();
+    b.bin = bin.clone();
+    b.start(None);
+    let vm = vm_on(&d, &b, 2);
+    for round in 0..2 {
+        progress(&vm, "I/O before the upgrade");
+        let staged = d.join(format!("bin/staunch.new{round}"));
+        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &staged).unwrap();
+        std::fs::rename(&staged, &bin).unwrap();
+        let ino = std::fs::metadata(&bin).unwrap().ino();
+        let pid = b.primary();
+        let seen = count(&b.events(), "backend-ready");
+        b.signal(libc::SIGUSR2);
+        let t = Instant::now();
+        while count(&b.events(), "backend-ready") == seen {
+            assert!(t.elapsed() < Duration::from_secs(30), "no upgraded image: {:?}", b.events());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let last = b.events().into_iter().rfind(|e| e["event"] == "backend-ready").unwrap();
+        assert_eq!((last["pid"].as_u64(), last["upgraded"].as_bool()), (Some(pid), Some(true)), "{last}");
+        let exe = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino();
+        assert_eq!(exe, ino, "the backend runs the new file");
+        progress(&vm, "I/O after the upgrade");
+    }
+    let ev = judge(vm, &b);
+    assert_eq!(count(&ev, "backend-reconnected"), 2, "{ev:?}");
+    assert_eq!(count(&b.events(), "backend-upgrade"), 2);
 }
 
 #[test]
@@ -235,7 +305,6 @@ fn kvm_vmm_crash_and_upgrade_while_attached_to_the_backend() {
     progress(&vm, "I/O after the VMM crashed");
     // And the backend dies once more under the recovered VMM.
     b.kill();
-    b.start(None);
     progress(&vm, "I/O after the backend was killed under the new VMM");
     judge(vm, &b);
     // Every VMM generation handed the backends the same inflight region:
@@ -305,6 +374,7 @@ fn blk_backend_survives_malformed_messages() {
         let _ = s.read_to_end(&mut sink);
     }
     assert!(b.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the backend died");
+    assert_eq!(count(&b.events(), "backend-takeover"), 0, "{:?}", b.events());
     // The next frontend is served: GET_FEATURES is answered.
     let mut s = UnixStream::connect(&b.sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -1,0 +1,225 @@
+//! A backend's process life: a spare that takes over when it dies, and an
+//! upgrade in place.
+//!
+//! - **Spare.** The backend keeps a second process of itself ready: it
+//!   holds the same listening socket and has its device open, and waits on
+//!   a pidfd of the serving process. When that one dies (SIGKILL, a crash,
+//!   an OOM kill) the spare accepts at once; the frontend's reconnect lands
+//!   in the socket's backlog and is answered within a fraction of a
+//!   millisecond, and the spare starts a spare of its own. The inflight
+//!   region the frontend hands over says what was in flight.
+//! - **Upgrade.** SIGUSR2 makes the serving process finish what it has
+//!   taken from the rings, close its connection and exec the binary now
+//!   installed at the path it was started from (a package upgrade replaces
+//!   that file), keeping the listening socket: the frontend reconnects into
+//!   the backlog and the new image serves it.
+
+use crate::backend::{self, Device, Options};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    #[error("{what}: {err}")]
+    Io { what: &'static str, err: std::io::Error },
+    #[error("exec {path}: {err}")]
+    Exec { path: String, err: std::io::Error },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
+    move |err| ProcessError::Io { what, err }
+}
+
+/// How this process came to serve.
+pub struct Role {
+    /// A listening socket inherited from a predecessor (upgrade) or the
+    /// process a spare stands in for.
+    pub listen_fd: Option<RawFd>,
+    /// Serve only once this process has died (a spare).
+    pub spare_of: Option<u32>,
+    /// Keep a spare (off for the spare's own spare-less tests and peers).
+    pub spare: bool,
+    /// This image's command line after the subcommand's own role flags,
+    /// reused for spares and upgrades.
+    pub args: Vec<String>,
+    /// The subcommand (`blk`).
+    pub command: &'static str,
+}
+
+static UPGRADE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_usr2(_: libc::c_int) {
+    let fd = UPGRADE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: write(2) is async-signal-safe; 8 bytes to an eventfd.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<std::fs::File> {
+    // SAFETY: a plain syscall; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as RawFd) })
+}
+
+/// Block until process `pid` has exited (immediately if it is gone).
+fn wait_exit(pid: u32) {
+    let Ok(pfd) = pidfd_open(pid) else { return };
+    loop {
+        let mut p = libc::pollfd { fd: pfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, -1) } > 0 {
+            return;
+        }
+    }
+}
+
+fn clear_cloexec(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The binary to start spares and upgrades from: the path this image was
+/// started from (so an upgrade picks up a new file installed there).
+fn own_path() -> PathBuf {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| if p.components().count() > 1 { std::fs::canonicalize(&p).ok() } else { None })
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
+}
+
+fn role_args(role: &Role, fd: RawFd, spare_of: Option<u32>) -> Vec<String> {
+    let mut a = vec![role.command.to_string()];
+    a.extend(role.args.iter().cloned());
+    a.push("--listen-fd".into());
+    a.push(fd.to_string());
+    if let Some(p) = spare_of {
+        a.push("--spare-of".into());
+        a.push(p.to_string());
+    }
+    a
+}
+
+/// Keep a spare of this process running until told to stop.
+fn keep_spare(bin: PathBuf, args: Vec<String>, fd: RawFd, events: Option<PathBuf>, stop: Arc<EventFd>) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(&args).env_remove("STAUNCH_FAILPOINTS").stdin(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe fcntl between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || clear_cloexec(fd));
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "spare backend did not start");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let pid = child.id();
+        // Wait for the spare's exit or our stop, whichever comes first.
+        let Ok(pfd) = pidfd_open(pid) else { return };
+        let mut fds = [
+            libc::pollfd { fd: pfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        loop {
+            // SAFETY: two valid pollfd entries.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } > 0 {
+                break;
+            }
+        }
+        if fds[1].revents != 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        let status = child.wait().ok().and_then(|s| s.code());
+        staunch_events::emit(
+            events.as_deref(),
+            "spare-lost",
+            serde_json::json!({"pid": pid, "status": status, "restart_in_ms": backoff.as_millis() as u64}),
+        );
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Serve `device` on `socket` for the rest of the process's life, as
+/// `role` says: bind (or inherit) the socket, wait as a spare if one,
+/// keep a spare, and exec the upgraded binary on SIGUSR2.
+pub fn run(
+    socket: &Path,
+    device: Arc<dyn Device>,
+    opts: Options,
+    role: Role,
+) -> Result<std::convert::Infallible, ProcessError> {
+    let listener = match role.listen_fd {
+        // SAFETY: the predecessor or the primary passed this listening
+        // socket across exec and named its number; we take it over once.
+        Some(fd) => unsafe { UnixListener::from_raw_fd(fd) },
+        None => backend::bind(socket)?,
+    };
+    let ev = opts.events.as_deref();
+    let name = device.name();
+    if let Some(pid) = role.spare_of {
+        staunch_events::emit(ev, "spare-ready", serde_json::json!({"component": name, "of": pid}));
+        let t = std::time::Instant::now();
+        wait_exit(pid);
+        staunch_events::emit(
+            ev,
+            "backend-takeover",
+            serde_json::json!({"component": name, "from": pid, "woke_us": t.elapsed().as_micros() as u64}),
+        );
+    } else {
+        staunch_events::emit(
+            ev,
+            "backend-ready",
+            serde_json::json!({"component": name, "socket": socket, "upgraded": role.listen_fd.is_some()}),
+        );
+    }
+    let upgrade = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?;
+    UPGRADE_FD.store(upgrade.as_raw_fd(), Ordering::Relaxed);
+    // SAFETY: installing a handler that only writes to an eventfd.
+    unsafe { libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t) };
+    let fd = listener.as_raw_fd();
+    let bin = own_path();
+    let stop_spare = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?);
+    let spare = role.spare.then(|| {
+        let (b, a, e, s) =
+            (bin.clone(), role_args(&role, fd, Some(std::process::id())), opts.events.clone(), stop_spare.clone());
+        std::thread::Builder::new().name("spare".into()).spawn(move || keep_spare(b, a, fd, e, s))
+    });
+    backend::serve_until(&listener, device, &opts, &upgrade);
+    // Upgrade: the spare goes first (it would take over when we exec).
+    let _ = stop_spare.write(1);
+    if let Some(Ok(t)) = spare {
+        let _ = t.join();
+    }
+    staunch_events::emit(ev, "backend-upgrade", serde_json::json!({"component": name, "binary": bin}));
+    clear_cloexec(fd).map_err(io("listening socket"))?;
+    let fd = listener.into_raw_fd();
+    let err = std::process::Command::new(&bin).args(role_args(&role, fd, None)).env_remove("STAUNCH_FAILPOINTS").exec();
+    Err(ProcessError::Exec { path: bin.display().to_string(), err })
+}
