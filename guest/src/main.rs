@@ -27,6 +27,7 @@ enum Work {
     BlkVerify,
     Exits,
     BlkBench,
+    BlkRand,
     Spin,
     Echo,
     Reset,
@@ -140,6 +141,7 @@ fn parse_config() -> Result<Config, &'static str> {
                     "blk-verify" => Work::BlkVerify,
                     "exits" => Work::Exits,
                     "blk-bench" => Work::BlkBench,
+                    "blk-rand" => Work::BlkRand,
                     "spin" => Work::Spin,
                     "echo" => Work::Echo,
                     "reset" => Work::Reset,
@@ -257,6 +259,7 @@ extern "C" fn user_main(cpu: u64) -> ! {
         Work::Console => console(&c),
         Work::Exits => exits(&c),
         Work::BlkBench => blk_bench(&c),
+        Work::BlkRand => blk_rand(&c),
         Work::Spin => spin(&c),
         Work::Echo => echo(),
         Work::Reset => {
@@ -709,6 +712,74 @@ fn blk_bench(c: &Config) -> u8 {
             }
         }
         say!("blkbench {}-end n={} cycles={} errors={}", name, c.iters, io::rdtsc() - t, errors);
+    }
+    if errors == 0 {
+        exit_code::OK
+    } else {
+        exit_code::MISMATCH
+    }
+}
+
+/// Random 4 KiB reads, then writes, `staunch.qd` of them in flight, over
+/// `staunch.blocks` blocks: a request rate like fio's randread/randwrite.
+/// Each phase also reports the longest single request it saw.
+fn blk_rand(c: &Config) -> u8 {
+    let Some(mut blk) = open_blk() else {
+        return exit_code::NO_DEVICE;
+    };
+    let blocks = c.blocks.min(blk.capacity / SECTORS_PER_BLOCK).max(1);
+    let depth = (c.qd as usize).clamp(1, blk.slots().min(virtio::MAX_SLOTS));
+    let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next_lba = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % blocks
+    };
+    let mut errors = 0u64;
+    for (name, kind) in [("read", virtio::T_IN), ("write", virtio::T_OUT)] {
+        say!("blkrand {}-begin n={} qd={}", name, c.iters, depth);
+        let t = io::rdtsc();
+        let mut started = [0u64; virtio::MAX_SLOTS];
+        let (mut issued, mut done, mut worst) = (0u64, 0u64, 0u64);
+        for slot in 0..depth {
+            if issued == c.iters {
+                break;
+            }
+            let b = slot_buf(slot, false);
+            blk.submit(slot, kind, next_lba() * SECTORS_PER_BLOCK, Some((b as u64, BLOCK_SIZE as u32)));
+            started[slot] = io::rdtsc();
+            issued += 1;
+        }
+        blk.kick();
+        while done < issued {
+            let Some(u) = blk.poll() else {
+                core::hint::spin_loop();
+                continue;
+            };
+            let slot = u.id as usize / virtio::STRIDE;
+            if slot >= depth || blk.status(slot) != 0 {
+                errors += 1;
+            }
+            let slot = slot.min(depth - 1);
+            worst = worst.max(io::rdtsc().saturating_sub(started[slot]));
+            done += 1;
+            if issued < c.iters {
+                let b = slot_buf(slot, false);
+                blk.submit(slot, kind, next_lba() * SECTORS_PER_BLOCK, Some((b as u64, BLOCK_SIZE as u32)));
+                started[slot] = io::rdtsc();
+                issued += 1;
+                blk.kick();
+            }
+        }
+        say!(
+            "blkrand {}-end n={} cycles={} errors={} maxio_us={}",
+            name,
+            done,
+            io::rdtsc() - t,
+            errors,
+            clock::cycles_to_us(worst)
+        );
     }
     if errors == 0 {
         exit_code::OK

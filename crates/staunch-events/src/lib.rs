@@ -18,6 +18,8 @@ pub fn emit(file: Option<&Path>, kind: &str, mut fields: Value) {
     if let Some(p) = file
         && let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p)
     {
-        let _ = writeln!(f, "{line}");
+        // One write of the whole line: processes sharing the file (a
+        // backend and its spare) never interleave inside a line.
+        let _ = f.write_all(format!("{line}\n").as_bytes());
     }
 }

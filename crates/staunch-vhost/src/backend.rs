@@ -139,6 +139,8 @@ impl Session {
             mem,
             inflight,
             handler,
+            events: opts.events.clone(),
+            component: device.name(),
         };
         let (worker, rec): (Worker, Option<Recovery>) =
             Worker::start(setup).map_err(|_| op("queue worker could not start"))?;

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod blk;
 pub mod chain;
+pub mod control;
 pub mod frontend;
 pub mod inflight;
 pub mod memory;

@@ -52,6 +52,12 @@ pub struct Role {
     pub args: Vec<String>,
     /// The subcommand (`blk`).
     pub command: &'static str,
+    /// The control socket (ping, failpoints), served by whichever process
+    /// serves the device.
+    pub control: Option<PathBuf>,
+    /// A queue worker busy for longer than this is hung: the process ends
+    /// and its spare takes over.
+    pub hang_limit: Duration,
 }
 
 static UPGRADE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -175,6 +181,17 @@ pub fn run(
     opts: Options,
     role: Role,
 ) -> Result<std::convert::Infallible, ProcessError> {
+    // A panic a queue worker contains gets one line and no backtrace:
+    // symbolizing one would stall the guest's I/O for hundreds of ms.
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if staunch_fault::in_contained_region() {
+            tracing::warn!("contained panic: {info}");
+            eprintln!("staunch: contained panic: {info}");
+        } else {
+            prev(info);
+        }
+    }));
     let listener = match role.listen_fd {
         // SAFETY: the predecessor or the primary passed this listening
         // socket across exec and named its number; we take it over once.
@@ -199,6 +216,10 @@ pub fn run(
             serde_json::json!({"component": name, "socket": socket, "upgraded": role.listen_fd.is_some()}),
         );
     }
+    if let Some(c) = &role.control {
+        crate::control::serve(c).map_err(|e| ProcessError::Io { what: "control socket", err: std::io::Error::other(e) })?;
+    }
+    crate::control::start_watchdog(role.hang_limit, opts.events.clone(), name);
     let upgrade = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?;
     UPGRADE_FD.store(upgrade.as_raw_fd(), Ordering::Relaxed);
     // SAFETY: installing a handler that only writes to an eventfd.

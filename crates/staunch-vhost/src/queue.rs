@@ -37,6 +37,8 @@ pub(crate) struct WorkerSetup {
     pub mem: Memory,
     pub inflight: Option<Arc<Region>>,
     pub handler: Box<dyn QueueHandler>,
+    pub events: Option<std::path::PathBuf>,
+    pub component: &'static str,
 }
 
 pub(crate) struct Worker {
@@ -82,12 +84,20 @@ impl Worker {
             call: s.call.map(crate::backend::eventfd),
             resubmit,
             counter,
+            events: s.events,
+            component: s.component,
+            busy: Arc::default(),
         };
         let kick = crate::backend::eventfd(s.kick);
+        let busy = Arc::new(crate::control::Busy::default());
+        crate::control::watch(s.index, &busy);
+        st.busy = busy.clone();
         let thread = std::thread::Builder::new().name(format!("vq{}", s.index)).spawn(move || {
             // Serve once at start: requests may be waiting (resubmissions, or
             // kicks that went to a backend that died before reading them).
+            busy.enter();
             st.pass();
+            busy.leave();
             loop {
                 let mut fds = [
                     libc::pollfd { fd: kick.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -103,7 +113,9 @@ impl Worker {
                 }
                 if fds[0].revents & libc::POLLIN != 0 {
                     let _ = kick.read();
+                    busy.enter();
                     st.pass();
+                    busy.leave();
                 } else if fds[0].revents != 0 {
                     // Not an eventfd we can wait on: stop serving this queue.
                     break;
@@ -137,6 +149,10 @@ struct State {
     call: Option<EventFd>,
     resubmit: VecDeque<u16>,
     counter: u64,
+    events: Option<std::path::PathBuf>,
+    component: &'static str,
+    /// Refreshed at every request: the watchdog sees one that never ends.
+    busy: Arc<crate::control::Busy>,
 }
 
 impl State {
@@ -144,7 +160,10 @@ impl State {
     fn pass(&mut self) {
         let mut used = false;
         loop {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve_one()));
+            let r = {
+                let _contained = staunch_fault::ContainedRegion::enter();
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve_one()))
+            };
             match r {
                 Ok(Ok(true)) => used = true,
                 Ok(Ok(false)) => break,
@@ -169,6 +188,7 @@ impl State {
     }
 
     fn microreset(&mut self) {
+        let t = std::time::Instant::now();
         let guest_used: u16 = self.mem.mem.read_obj(GuestAddress(self.q.used_ring() + 2)).unwrap_or(0);
         if let Some(qi) = self.inflight.as_ref().and_then(|r| r.queue(self.index)) {
             let rec = qi.recover(u16::from_le(guest_used));
@@ -176,12 +196,19 @@ impl State {
             self.q.set_next_avail(rec.next_avail);
             self.resubmit = rec.resubmit.into_iter().collect();
             self.counter = qi.next_counter();
-            tracing::warn!(queue = self.index, resubmit = self.resubmit.len(), "queue worker microreset");
         }
+        staunch_events::emit(
+            self.events.as_deref(),
+            "microreset",
+            serde_json::json!({"component": self.component, "queue": self.index, "rung": 1,
+                               "fault": "panic in the device model", "resubmit": self.resubmit.len(),
+                               "recovery_us": t.elapsed().as_secs_f64() * 1e6, "outcome": "recovered"}),
+        );
     }
 
     /// Serve one request; Ok(false) when there is nothing to serve.
     fn serve_one(&mut self) -> Result<bool, Stop> {
+        self.busy.enter();
         let mem = &self.mem.mem;
         let qi = self.inflight.as_ref().and_then(|r| r.queue(self.index));
         let head = match self.resubmit.pop_front() {

@@ -18,8 +18,9 @@ pub struct BenchArgs {
     /// main: boot, exits and virtio-blk vs QEMU; recovery: microreset,
     /// crash re-exec, warm upgrade, snapshot/restore, cold reboot;
     /// overhead: the main benchmarks with the resilience machinery on and off;
-    /// store: the config store vs a single-node etcd.
-    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store"])]
+    /// store: the config store vs a single-node etcd; blk: vhost-user block
+    /// backends (staunch blk, qemu-storage-daemon) under Staunch and QEMU.
+    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store", "blk"])]
     which: String,
     /// Exits per PIO / MMIO benchmark.
     #[arg(long, default_value_t = 20_000)]
@@ -67,7 +68,7 @@ impl Drop for Ctx {
 }
 
 /// QEMU unpacked by scripts/qemu.sh finds its libraries beside it.
-fn qemu_command(q: &Path) -> Command {
+pub(crate) fn qemu_command(q: &Path) -> Command {
     let mut c = Command::new(q);
     if let Some(usr) = q.parent().and_then(|p| p.parent()) {
         let root = usr.parent().unwrap_or(usr);
@@ -77,6 +78,20 @@ fn qemu_command(q: &Path) -> Command {
         }
     }
     c
+}
+
+/// QEMU's microvm with the test guest, as comparable to Staunch's VM as it
+/// gets (1 vCPU, 256 MiB, virtio-mmio, the guest's exit port); no serial yet.
+pub(crate) fn qemu_microvm(q: &Path, kernel: &Path, cmdline: &str) -> Result<Command> {
+    let root = q.parent().and_then(|p| p.parent()).context("QEMU path")?;
+    let mut c = qemu_command(q);
+    c.arg("-L").arg(root.join("share/qemu")).arg("-L").arg(root.join("share/seabios"));
+    c.args(["-bios", "qboot.rom", "-M", "microvm,rtc=off,pic=off,isa-serial=on,acpi=off"]);
+    c.args(["-accel", "kvm", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"]);
+    c.args(["-nographic", "-display", "none"]);
+    c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-global", "virtio-mmio.force-legacy=false"]);
+    c.arg("-kernel").arg(kernel).arg("-append").arg(cmdline);
+    Ok(c)
 }
 
 fn default_qemu() -> Option<PathBuf> {
@@ -101,14 +116,8 @@ impl Ctx {
             }
             Vmm::Qemu => {
                 let q = self.qemu.as_ref().context("no QEMU")?;
-                let root = q.parent().and_then(|p| p.parent()).context("QEMU path")?;
-                let mut c = qemu_command(q);
-                c.arg("-L").arg(root.join("share/qemu")).arg("-L").arg(root.join("share/seabios"));
-                c.args(["-bios", "qboot.rom", "-M", "microvm,rtc=off,pic=off,isa-serial=on,acpi=off"]);
-                c.args(["-accel", "kvm", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"]);
-                c.args(["-nographic", "-display", "none", "-serial", "stdio"]);
-                c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-global", "virtio-mmio.force-legacy=false"]);
-                c.arg("-kernel").arg(&self.kernel).arg("-append").arg(cmdline);
+                let mut c = qemu_microvm(q, &self.kernel, cmdline)?;
+                c.args(["-serial", "stdio"]);
                 if let Some(d) = disk {
                     c.arg("-drive").arg(format!("id=d0,file={},format=raw,if=none,cache=writeback", d.display()));
                     c.args(["-device", "virtio-blk-device,drive=d0"]);
@@ -371,6 +380,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         }
         "overhead" => return overhead(a, &machine),
         "store" => return crate::bench_store::run(a.quick, &machine),
+        "blk" => return crate::bench_blk::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
         _ => {}
     }
     let (a, ctx) = prepare(a, true)?;

@@ -1,5 +1,13 @@
-//! `staunch campaign vmm`: inject random real faults into running VMMs and
+//! `staunch campaign vmm|blk`: inject random real faults into running VMMs
+//! (`vmm`) or into the `staunch blk` backend serving their disk (`blk`), and
 //! judge each by the guest's own evidence.
+//!
+//! For `blk`, the faults are the backend's failpoints (armed over its
+//! control socket) with every catchable action, fatal signals and SIGKILL
+//! sent to the serving process, and hangs (SIGSTOP, then SIGKILL after
+//! 300 ms, as a supervisor would): each is recovered by the backend's spare
+//! taking over and the inflight region, or inside the backend (a panic in a
+//! queue worker; a hang its watchdog catches).
 //!
 //! Each VM runs the test guest's `blk-verify` (sequence-numbered, checksummed
 //! block writes read back and verified) on 2 vCPUs. Faults are injected one
@@ -27,8 +35,8 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct CampaignArgs {
-    /// What to attack (only `vmm` so far).
-    #[arg(value_parser = ["vmm"])]
+    /// What to attack: the VMM, or the vhost-user block backend.
+    #[arg(value_parser = ["vmm", "blk"])]
     target: String,
     /// Number of injections.
     #[arg(long, default_value_t = 100)]
@@ -55,6 +63,11 @@ enum Fault {
     Failpoint(&'static str, staunch_fault::Action),
     Signal(i32),
     Kill,
+    /// Faults of the block backend's serving process.
+    BackendFailpoint(&'static str, staunch_fault::Action),
+    BackendSignal(i32),
+    BackendKill,
+    BackendHang,
 }
 
 impl Fault {
@@ -63,11 +76,15 @@ impl Fault {
             Fault::Failpoint(_, a) => format!("failpoint {}", a.name()),
             Fault::Signal(s) => format!("signal {}", sig_name(*s)),
             Fault::Kill => "SIGKILL (uncatchable)".into(),
+            Fault::BackendFailpoint(_, a) => format!("backend failpoint {}", a.name()),
+            Fault::BackendSignal(s) => format!("backend signal {}", sig_name(*s)),
+            Fault::BackendKill => "backend SIGKILL".into(),
+            Fault::BackendHang => "backend SIGSTOP, killed after 300 ms".into(),
         }
     }
     fn describe(&self) -> String {
         match self {
-            Fault::Failpoint(p, a) => format!("{p}={}", a.name()),
+            Fault::Failpoint(p, a) | Fault::BackendFailpoint(p, a) => format!("{p}={}", a.name()),
             other => other.class(),
         }
     }
@@ -89,6 +106,22 @@ const SIGNALS: [i32; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGF
 /// Points whose `corrupt` has nothing to corrupt: left out rather than
 /// counted as recoveries from a fault that did nothing.
 const NO_CORRUPT: [&str; 3] = ["vcpu.loop", "api.request", "api.reply"];
+
+/// The block backend's failpoints with every action (none has a field to
+/// corrupt), fatal signals, SIGKILL and a hang of its serving process.
+fn backend_catalog() -> Vec<Fault> {
+    use staunch_fault::Action;
+    let mut v = Vec::new();
+    for p in staunch_fault::BACKEND {
+        for a in Action::ALL.into_iter().filter(|a| *a != Action::Corrupt) {
+            v.push(Fault::BackendFailpoint(p.name, a));
+        }
+    }
+    v.extend(SIGNALS.into_iter().map(Fault::BackendSignal));
+    v.push(Fault::BackendKill);
+    v.push(Fault::BackendHang);
+    v
+}
 
 /// Every VMM failpoint with every catchable action, the fatal signals, and
 /// SIGKILL.
@@ -150,10 +183,12 @@ const EVERY: u64 = 200;
 const SLACK: u64 = EVERY + 64;
 const REPORT: &str = "STAUNCH blk written=";
 
-fn start_vm(dir: &Path, baseline: bool) -> Result<ChildVm> {
-    let cmdline = format!("staunch.work=blk-verify staunch.writes=0 staunch.blocks={BLOCKS} staunch.report={EVERY}");
+fn start_vm(dir: &Path, baseline: bool, backend: bool) -> Result<ChildVm> {
+    let cmdline = format!(
+        "staunch.work=blk-verify staunch.writes=0 staunch.blocks={BLOCKS} staunch.report={EVERY} staunch.qd=4"
+    );
     let env: &[(&str, &str)] = if baseline { &[("STAUNCH_NO_RECOVERY", "1")] } else { &[] };
-    ChildVm::start(dir, &Spec { vcpus: 2, mem_mib: 256, cmdline: &cmdline, disk_mib: 8, env })
+    ChildVm::start(dir, &Spec { vcpus: 2, mem_mib: 256, cmdline: &cmdline, disk_mib: 8, env, backend })
 }
 
 /// The guest's counters as its reports show them.
@@ -206,13 +241,14 @@ fn judge(before: &Seen, lines: &[String]) -> Option<(Outcome, String)> {
     None
 }
 
-/// The largest `maxgap_us` the guest reported on the lines after `from`, in ms.
-fn guest_pause(lines: &[String], from: usize) -> Option<f64> {
+/// The largest `key` (`maxgap_us`: the guest's longest pause; `maxio_us`:
+/// its longest request) the guest reported on the lines after `from`, in ms.
+fn guest_pause(lines: &[String], from: usize, key: &str) -> Option<f64> {
     lines
         .iter()
         .filter(|l| l.starts_with(REPORT))
         .skip(from)
-        .filter_map(|l| proto::field(l, "maxgap_us")?.parse::<f64>().ok())
+        .filter_map(|l| proto::field(l, key)?.parse::<f64>().ok())
         .reduce(f64::max)
         .map(|us| us / 1000.0)
 }
@@ -277,6 +313,7 @@ fn vmm_pause(events: &[Value]) -> Option<f64> {
             Some("microreset") => e["recovery_us"].as_f64().map(|u| u / 1000.0),
             Some("hang-detected") => e["stuck_ms"].as_f64(),
             Some("resumed") => e["guest_pause_ms"].as_f64(),
+            Some("backend-reconnected") => e["outage_us"].as_f64().map(|u| u / 1000.0),
             _ => None,
         };
         if let Some(ms) = ms {
@@ -294,6 +331,7 @@ fn components(events: &[Value]) -> Vec<String> {
         .filter_map(|e| match e["event"].as_str()? {
             "microreset" | "hang-detected" => e["component"].as_str().map(String::from),
             "resumed" => Some("vmm process".into()),
+            "backend-takeover" => Some("blk spare takeover".into()),
             _ => None,
         })
         .collect();
@@ -337,6 +375,27 @@ fn inject(v: &ChildVm, fault: &Fault, rng: &mut Rng) -> bool {
             // SAFETY: kill(2) of the VMM we started (or its successor).
             unsafe { libc::kill(v.vmm_pid() as i32, libc::SIGKILL) == 0 }
         }
+        Fault::BackendFailpoint(p, act) => {
+            let Some(b) = &v.blk else { return false };
+            b.control(&format!("failpoint {p}={}", act.name())).is_ok_and(|r| r == "ok")
+        }
+        Fault::BackendSignal(_) | Fault::BackendKill | Fault::BackendHang => {
+            let Some(pid) = v.blk.as_ref().and_then(|b| b.serving()) else { return false };
+            let sig = match fault {
+                Fault::BackendSignal(s) => *s,
+                Fault::BackendKill => libc::SIGKILL,
+                _ => libc::SIGSTOP,
+            };
+            // SAFETY: kill(2) of the backend process we started (or its spare).
+            let sent = unsafe { libc::kill(pid as i32, sig) == 0 };
+            if sent && sig == libc::SIGSTOP {
+                // What a supervisor does with a hung backend.
+                std::thread::sleep(Duration::from_millis(300));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            sent
+        }
     }
 }
 
@@ -355,7 +414,8 @@ fn death(vm: &mut ChildVm) -> String {
 
 pub fn run(a: CampaignArgs) -> Result<i32> {
     let mut rng = Rng(a.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let cat = catalog();
+    let backend = a.target == "blk";
+    let cat = if backend { backend_catalog() } else { catalog() };
     let base = crate::guestrun::cache_dir().join(format!("campaign-{}", std::process::id()));
     let mut rows: Vec<Row> = Vec::new();
     let mut vm: Option<ChildVm> = None;
@@ -373,12 +433,13 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
             if let Some(old) = vm.take() {
                 console_bad += close_and_judge(old, &mut rows, first_row, false);
             }
-            vm = Some(start_vm(&base.join(format!("vm{i}")), a.baseline).context("starting a campaign VM")?);
+            vm = Some(start_vm(&base.join(format!("vm{i}")), a.baseline, backend).context("starting a campaign VM")?);
             (in_vm, first_row) = (0, rows.len());
         }
         let v = vm.as_mut().expect("vm");
         let fault = cat[(rng.next() % cat.len() as u64) as usize].clone();
         let seen_events = v.events().len();
+        let seen_blk = v.blk.as_ref().map_or(0, |b| b.events().len());
         let lines = v.lines();
         let before = seen(&lines);
         let delivered = inject(v, &fault, &mut rng);
@@ -389,9 +450,18 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
                 let _ = v.request(&ApiRequest::Failpoint { spec: format!("{p}=off") });
             }
         }
-        let events: Vec<Value> = v.events().into_iter().skip(seen_events).collect();
+        if let (Fault::BackendFailpoint(p, _), Some(b)) = (&fault, &v.blk) {
+            // The serving process may be a spare that never had it armed.
+            let _ = b.control(&format!("failpoint {p}=off"));
+        }
+        let mut events: Vec<Value> = v.events().into_iter().skip(seen_events).collect();
+        if let Some(b) = &v.blk {
+            events.extend(b.events().into_iter().skip(seen_blk));
+        }
         let fired = match &fault {
-            Fault::Failpoint(p, _) => events.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == *p),
+            Fault::Failpoint(p, _) | Fault::BackendFailpoint(p, _) => {
+                events.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == *p)
+            }
             _ => delivered,
         };
         let lines = v.lines();
@@ -412,7 +482,7 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
             (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how })
         };
         let row = Row {
-            guest_ms: guest_pause(&lines, before.reports),
+            guest_ms: guest_pause(&lines, before.reports, if backend { "maxio_us" } else { "maxgap_us" }),
             vmm_ms: vmm_pause(&events),
             components: components(&events),
             fault: fault.clone(),
@@ -450,8 +520,9 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
     classes.dedup();
     println!();
     println!(
-        "| fault{} | injections | not fired | recovered | hurt | guest lost | data mismatch | guest pause p50 ms | p99 | max | VMM-reported p50 ms |",
-        if a.baseline { " (recovery off)" } else { "" }
+        "| fault{} | injections | not fired | recovered | hurt | guest lost | data mismatch | {} p50 ms | p99 | max | VMM-reported p50 ms |",
+        if a.baseline { " (recovery off)" } else { "" },
+        if a.target == "blk" { "guest's longest I/O" } else { "guest pause" }
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let line = |name: &str, rs: Vec<&Row>| {
@@ -482,8 +553,8 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
     println!();
     println!("| failpoint | component(s) hit | injections | fired | recovered |");
     println!("|---|---|---:|---:|---:|");
-    for p in staunch_fault::ALL {
-        let rs: Vec<&Row> = rows.iter().filter(|r| matches!(r.fault, Fault::Failpoint(n, _) if n == p.name)).collect();
+    for p in staunch_fault::ALL.iter().chain(staunch_fault::BACKEND) {
+        let rs: Vec<&Row> = rows.iter().filter(|r| matches!(r.fault, Fault::Failpoint(n, _) | Fault::BackendFailpoint(n, _) if n == p.name)).collect();
         if rs.is_empty() {
             continue;
         }
@@ -513,7 +584,11 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
         rows.len() - catchable.len(),
         started.elapsed().as_secs_f64()
     );
-    println!("pauses: the guest's own clock (maxgap_us: its longest gap between two loop iterations); the VMM-reported column is the VMM's figure about itself");
+    if a.target == "blk" {
+        println!("I/O stalls: the guest's own clock (maxio_us: its longest block request, submit to completion, around the fault); the VMM-reported column is the VMM's own figure (backend outage, from hang-up to reconnected)");
+    } else {
+        println!("pauses: the guest's own clock (maxgap_us: its longest gap between two loop iterations); the VMM-reported column is the VMM's figure about itself");
+    }
     let unrecovered: Vec<String> = rows
         .iter()
         .filter(|r| !matches!(r.outcome, Outcome::Recovered | Outcome::NotFired) && !matches!(r.fault, Fault::Kill))
@@ -561,8 +636,8 @@ mod tests {
     #[test]
     fn the_guest_pause_is_the_guest_clock_or_nothing() {
         let l = lines(&format!("{BOOT}STAUNCH blk written=400 verified=400 mismatches=0 errors=0 maxgap_us=2500\nSTAUNCH blk written=600 verified=600 mismatches=0 errors=0 maxgap_us=40\n"));
-        assert_eq!(guest_pause(&l, 1), Some(2.5));
-        assert_eq!(guest_pause(&lines(BOOT), 0), None);
+        assert_eq!(guest_pause(&l, 1, "maxgap_us"), Some(2.5));
+        assert_eq!(guest_pause(&lines(BOOT), 0, "maxgap_us"), None);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct ChildVm {
     pub log: PathBuf,
     pub events: PathBuf,
     pub disk: PathBuf,
+    /// The disk's vhost-user backend, if it is served by `staunch blk`.
+    pub blk: Option<crate::childblk::ChildBlk>,
 }
 
 pub struct Spec<'a> {
@@ -24,6 +26,8 @@ pub struct Spec<'a> {
     pub cmdline: &'a str,
     pub disk_mib: u64,
     pub env: &'a [(&'a str, &'a str)],
+    /// Serve the disk from a `staunch blk` backend instead of the VMM.
+    pub backend: bool,
 }
 
 impl ChildVm {
@@ -39,9 +43,16 @@ impl ChildVm {
         c.args(["vmm", "run", "--vcpus", &spec.vcpus.to_string(), "--mem", &spec.mem_mib.to_string(), "--kernel"]);
         c.arg(&kernel).arg("--api-socket").arg(&sock).arg("--events").arg(&events);
         c.arg("--serial").arg(format!("file:{}", log.display())).arg("--cmdline").arg(spec.cmdline);
+        let mut blk = None;
         if spec.disk_mib > 0 {
             std::fs::write(&disk, vec![0u8; (spec.disk_mib << 20) as usize])?;
-            c.arg("--disk").arg(&disk);
+            if spec.backend {
+                let b = crate::childblk::ChildBlk::start(dir, &disk)?;
+                c.arg("--disk").arg(format!("vhost-user={}", b.sock.display()));
+                blk = Some(b);
+            } else {
+                c.arg("--disk").arg(&disk);
+            }
         }
         c.env_remove("STAUNCH_FAILPOINTS");
         for (k, v) in spec.env {
@@ -49,7 +60,7 @@ impl ChildVm {
         }
         let stderr = std::fs::File::create(dir.join("stderr.log"))?;
         let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn()?;
-        let vm = ChildVm { child, dir: dir.to_path_buf(), sock, log, events, disk };
+        let vm = ChildVm { child, dir: dir.to_path_buf(), sock, log, events, disk, blk };
         if !vm.progress("STAUNCH ", 0, 1, Duration::from_secs(30)) {
             anyhow::bail!("the VM did not start reporting");
         }
@@ -177,6 +188,9 @@ impl ChildVm {
     pub fn kill(&mut self) {
         staunch_vmm::handover::kill_family(self.child.id());
         let _ = self.child.wait();
+        if let Some(b) = self.blk.as_mut() {
+            b.kill();
+        }
     }
 }
 

@@ -46,7 +46,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         a.writes
     );
     let mut vm =
-        ChildVm::start(&dir, &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[] })?;
+        ChildVm::start(&dir, &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[], backend: false })?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!("   VMM pid {}, guest log {}", vm.child.id(), vm.log.display());
     let mut shown = Shown(0);

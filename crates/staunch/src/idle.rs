@@ -68,6 +68,7 @@ pub fn kind(comm: &str, argv: &[String]) -> Option<&'static str> {
         match argv.get(1).map(String::as_str) {
             Some("vmm") => return Some("Staunch VMM (or its spare, successor or keeper)"),
             Some("store") => return Some("Staunch config store"),
+            Some("blk") => return Some("Staunch blk backend (or its spare)"),
             Some("bench") => return Some("another Staunch benchmark"),
             Some("demo") => return Some("Staunch demo"),
             Some("campaign") => return Some("Staunch fault campaign"),

@@ -5,9 +5,11 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod bench_blk;
 mod bench_recovery;
 mod bench_store;
 mod campaign;
+mod childblk;
 mod childvm;
 mod demo;
 mod guestrun;
@@ -145,6 +147,13 @@ struct BlkArgs {
     /// Keep a spare process ready to take over if this one dies.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     spare: String,
+    /// A control socket: `ping`, `failpoint SPEC` (one line each).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// A queue worker busy this long is hung: the process ends and its
+    /// spare takes over.
+    #[arg(long, default_value_t = 3000)]
+    hang_ms: u64,
     /// A listening socket inherited across exec (upgrade, spare).
     #[arg(long, hide = true)]
     listen_fd: Option<i32>,
@@ -163,12 +172,18 @@ fn blk(a: BlkArgs) -> Result<i32> {
         args.extend(["--events".into(), e.display().to_string()]);
     }
     args.extend(["--queues".into(), a.queues.to_string(), "--spare".into(), a.spare.clone()]);
+    args.extend(["--hang-ms".into(), a.hang_ms.to_string()]);
+    if let Some(c) = &a.control {
+        args.extend(["--control".into(), c.display().to_string()]);
+    }
     let role = staunch_vhost::process::Role {
         listen_fd: a.listen_fd,
         spare_of: a.spare_of,
         spare: a.spare == "on",
         args,
         command: "blk",
+        control: a.control.clone(),
+        hang_limit: std::time::Duration::from_millis(a.hang_ms.max(100)),
     };
     let opts = staunch_vhost::backend::Options { events: a.events };
     match staunch_vhost::process::run(&a.socket, std::sync::Arc::new(dev), opts, role)? {}
