@@ -10,6 +10,7 @@
 //! times: `staunch blk`'s spare takes over; qemu-storage-daemon, which has
 //! none, is started again at once. Every setup runs alone.
 
+use crate::childblk::ChildBlk;
 use crate::idle::Machine;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -43,16 +44,11 @@ struct Peers {
     qsd: Option<PathBuf>,
 }
 
-/// A backend process (and, for `staunch blk`, its spare) for one run.
-struct Backend {
-    child: Child,
-    sock: PathBuf,
-    events: PathBuf,
-    qsd: Option<(PathBuf, PathBuf)>,
-}
-
-fn read_events(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+/// A backend for one run: `staunch blk` (with its spare) or
+/// qemu-storage-daemon.
+enum Backend {
+    Staunch(ChildBlk),
+    Qsd { child: Child, qsd: PathBuf, disk: PathBuf, sock: PathBuf },
 }
 
 fn wait_until(what: &str, within: Duration, f: impl Fn() -> bool) -> Result<()> {
@@ -72,63 +68,53 @@ fn qsd_command(qsd: &Path, disk: &Path, sock: &Path) -> Command {
         .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", disk.display()))
         .args(["--blockdev", "driver=raw,node-name=disk0,file=file0", "--export"])
         .arg(format!("type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,writable=on", sock.display()));
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     c
 }
 
 impl Backend {
+    /// Start the backend of `setup` (none for the in-process disk); its
+    /// socket is `dir/blk.sock`.
     fn start(setup: Setup, dir: &Path, disk: &Path, peers: &Peers) -> Result<Option<Backend>> {
-        let sock = dir.join("blk.sock");
-        let events = dir.join("blk-events.jsonl");
-        let _ = std::fs::remove_file(&sock);
-        let (child, qsd) = match setup {
-            Setup::StaunchLocal => return Ok(None),
-            Setup::StaunchVu | Setup::QemuVu => {
-                let mut c = Command::new(std::env::current_exe()?);
-                c.arg("blk").arg("--socket").arg(&sock).arg("--disk").arg(disk).arg("--events").arg(&events);
-                (c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?, None)
-            }
+        Ok(match setup {
+            Setup::StaunchLocal => None,
+            Setup::StaunchVu | Setup::QemuVu => Some(Backend::Staunch(ChildBlk::start(dir, disk)?)),
             Setup::QemuQsd => {
-                let q = peers.qsd.as_ref().context("no qemu-storage-daemon")?;
-                let c = qsd_command(q, disk, &sock).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-                (c, Some((q.clone(), disk.to_path_buf())))
+                let qsd = peers.qsd.clone().context("no qemu-storage-daemon")?;
+                let sock = dir.join("blk.sock");
+                let child = qsd_command(&qsd, disk, &sock).spawn()?;
+                wait_until("qemu-storage-daemon's socket", Duration::from_secs(20), || sock.exists())?;
+                Some(Backend::Qsd { child, qsd, disk: disk.to_path_buf(), sock })
             }
-        };
-        let b = Backend { child, sock, events, qsd };
-        if b.qsd.is_none() {
-            let pid = b.child.id() as u64;
-            wait_until("the backend's spare", Duration::from_secs(20), || {
-                read_events(&b.events).iter().any(|e| e["event"] == "spare-ready" && e["of"] == pid)
-            })?;
-        } else {
-            wait_until("qemu-storage-daemon's socket", Duration::from_secs(20), || b.sock.exists())?;
-        }
-        Ok(Some(b))
+        })
     }
 
     /// SIGKILL the serving process; `staunch blk`'s spare takes over,
     /// qemu-storage-daemon is started again at once.
     fn kill(&mut self) -> Result<()> {
-        match &self.qsd {
-            None => {
-                let ev = read_events(&self.events);
-                let e = ev.iter().rev().find(|e| e["event"] == "backend-ready" || e["event"] == "backend-takeover");
-                let pid = e.context("no serving backend")?["pid"].as_u64().context("pid")?;
+        match self {
+            Backend::Staunch(b) => {
+                let pid = b.serving().context("no serving backend")?;
                 // SAFETY: kill(2) of a process this benchmark started.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                wait_until("the spare's takeover", Duration::from_secs(20), || {
-                    let ev = read_events(&self.events);
-                    let took = ev.iter().find(|e| e["event"] == "backend-takeover" && e["from"] == pid);
-                    took.is_some_and(|t| ev.iter().any(|e| e["event"] == "spare-ready" && e["of"] == t["pid"]))
-                })
+                b.wait_replaced(pid, Duration::from_secs(20))
             }
-            Some((q, disk)) => {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                let _ = std::fs::remove_file(&self.sock);
-                self.child =
-                    qsd_command(q, disk, &self.sock).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-                wait_until("qemu-storage-daemon's socket", Duration::from_secs(20), || self.sock.exists())
+            Backend::Qsd { child, qsd, disk, sock } => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(&*sock);
+                *child = qsd_command(qsd, disk, sock).spawn()?;
+                wait_until("qemu-storage-daemon's socket", Duration::from_secs(20), || sock.exists())
             }
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Backend::Qsd { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
@@ -141,7 +127,7 @@ fn vmm(setup: Setup, peers: &Peers, kernel: &Path, cmdline: &str, disk: &Path, s
         c.arg("-serial").arg(format!("file:{}", log.display()));
         c.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"]);
         c.arg("-chardev").arg(format!("socket,id=c0,path={},reconnect-ms=10", sock.display()));
-        c.args(["-device", "vhost-user-blk-device,chardev=c0"]);
+        c.args(["-device", "vhost-user-blk,chardev=c0"]);
         c
     } else {
         let mut c = Command::new(std::env::current_exe()?);
@@ -240,13 +226,6 @@ fn one_round(setup: Setup, peers: &Peers, kernel: &Path, dir: &Path, quick: bool
     }
     drop(backend);
     Ok(())
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        staunch_vmm::handover::kill_family(self.child.id());
-        let _ = self.child.wait();
-    }
 }
 
 fn median(v: &[f64]) -> Option<f64> {

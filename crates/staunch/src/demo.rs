@@ -1,7 +1,9 @@
-//! `staunch demo`: boot the test guest with a disk, show it working, then
-//! hurt the VMM while the guest runs: a panic in a device model (microreset),
-//! a SIGSEGV (crash re-exec), a warm upgrade (re-exec on purpose). The guest
-//! keeps writing and verifying blocks through all of it; at the end the host
+//! `staunch demo`: boot the test guest with a disk served by `staunch blk`
+//! (a vhost-user backend in its own process), show it working, then hurt
+//! the stack while the guest runs: a panic in a device model (microreset),
+//! a SIGSEGV (crash re-exec), a warm upgrade (re-exec on purpose), and a
+//! SIGKILL of the block backend (its spare takes over). The guest keeps
+//! writing and verifying blocks through all of it; at the end the host
 //! checks every block on the disk.
 
 use crate::childvm::{ChildVm, Spec};
@@ -39,16 +41,24 @@ impl Shown {
 
 pub fn run(a: DemoArgs) -> Result<i32> {
     let t0 = Instant::now();
-    println!("== Staunch demo: the test guest on KVM, {} vCPUs, a 16 MiB virtio-blk disk", a.vcpus);
+    println!(
+        "== Staunch demo: the test guest on KVM, {} vCPUs, a 16 MiB virtio-blk disk served by `staunch blk` (vhost-user)",
+        a.vcpus
+    );
     let dir = cache_dir().join("demo");
     let cmdline = format!(
-        "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report={REPORT_EVERY}",
+        "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report={REPORT_EVERY} staunch.qd=4",
         a.writes
     );
     let mut vm =
-        ChildVm::start(&dir, &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[], backend: false })?;
+        ChildVm::start(&dir, &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[], backend: true })?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1e3;
-    println!("   VMM pid {}, guest log {}", vm.child.id(), vm.log.display());
+    println!(
+        "   VMM pid {}, block backend pid {} (and a spare), guest log {}",
+        vm.child.id(),
+        vm.blk.as_ref().and_then(|b| b.serving()).unwrap_or(0),
+        vm.log.display()
+    );
     let mut shown = Shown(0);
     let wait_reports = |vm: &ChildVm, shown: &mut Shown, n: usize| -> Result<()> {
         let from = vm.reports(REPORT).len();
@@ -86,10 +96,11 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     quiet.sort_by(f64::total_cmp);
     let quiet = quiet.get(quiet.len() / 2).copied();
     let mut pauses = Vec::new();
-    let faults: [(&str, &str, &str); 3] = [
+    let faults: [(&str, &str, &str); 4] = [
         ("a panic in the UART model", "serial.write=panic", "microreset"),
         ("a SIGSEGV in the VMM", "pio.write=segv", "resumed"),
         ("a warm upgrade", "", "resumed"),
+        ("a SIGKILL of the block backend", "", "backend-reconnected"),
     ];
     for (what, spec, kind) in faults {
         let seen = vm.events().len();
@@ -98,7 +109,13 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             "   >> injecting {what}{}",
             if spec.is_empty() { String::new() } else { format!(" (failpoint {spec})") }
         );
-        if spec.is_empty() {
+        if kind == "backend-reconnected" {
+            let pid = vm.blk.as_ref().and_then(|b| b.serving()).unwrap_or(0);
+            // SAFETY: kill(2) of the backend process this demo started.
+            if pid == 0 || unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
+                bail!("no block backend to kill");
+            }
+        } else if spec.is_empty() {
             vm.request(&ApiRequest::Upgrade { binary: None })?;
         } else {
             vm.arm(spec)?;
@@ -106,6 +123,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         let Some(ev) = vm.wait_event(kind, seen, Duration::from_secs(30)) else { bail!("no recovery after {what}") };
         let (vmm_ms, how) = match kind {
             "microreset" => (ev["recovery_us"].as_f64().unwrap_or(0.0) / 1e3, "microreset of the device, same process"),
+            "backend-reconnected" => (
+                ev["outage_us"].as_f64().unwrap_or(0.0) / 1e3,
+                "the backend's spare took the socket over; the VMM reconnected and handed it the inflight region",
+            ),
             _ => (
                 ev["guest_pause_ms"].as_f64().unwrap_or(0.0),
                 match (spec.is_empty(), ev["mode"] == "standby") {
@@ -118,16 +139,18 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         wait_reports(&vm, &mut shown, 2)?;
         // The guest's own clock: its longest gap between two iterations on
         // the lines since the fault.
+        // For the backend, what the guest sees is a slow request, not a pause.
+        let key = if kind == "backend-reconnected" { "maxio_us" } else { "maxgap_us" };
         let guest_ms = vm
             .reports(REPORT)
             .iter()
             .skip(from)
-            .filter_map(|l| proto::field(l, "maxgap_us")?.parse::<f64>().ok())
+            .filter_map(|l| proto::field(l, key)?.parse::<f64>().ok())
             .reduce(f64::max)
             .map(|us| us / 1e3);
+        let seen_as = if key == "maxio_us" { "its longest I/O took" } else { "guest paused" };
         println!(
-            "   << recovered: {how} (generation {}); guest paused {} by its own clock; VMM-reported {vmm_ms:.2} ms",
-            ev["generation"].as_u64().unwrap_or(0),
+            "   << recovered: {how}; {seen_as} {} by its own clock; VMM-reported {vmm_ms:.2} ms",
             guest_ms.map(|m| format!("{m:.2} ms")).unwrap_or("? (not reported)".into()),
         );
         pauses.push((what, guest_ms, vmm_ms));
@@ -160,7 +183,8 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     }
     for (what, g, v) in &pauses {
         let g = g.map(|m| format!("{m:.2} ms")).unwrap_or("?".into());
-        println!("   guest pause, {what:<26}: {g} (guest clock); VMM-reported {v:.2} ms");
+        let label = if what.contains("backend") { "longest guest I/O" } else { "guest pause" };
+        println!("   {label}, {what:<30}: {g} (guest clock); VMM-reported {v:.2} ms");
     }
     println!(
         "   guest work                : {} blocks written, {} verified, {} mismatches, {} errors",
@@ -182,7 +206,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     println!(
         "== {}",
         if ok {
-            "OK: the guest survived a device panic, a VMM crash and an upgrade with its data intact"
+            "OK: the guest survived a device panic, a VMM crash, an upgrade and a block backend kill with its data intact"
         } else {
             "FAILED"
         }
