@@ -423,6 +423,13 @@ pub fn serve_until(listener: &UnixListener, device: Arc<dyn Device>, opts: &Opti
     }
 }
 
+/// Serve one frontend on `stream` until it hangs up or sends something
+/// malformed (a fresh session; its rings are stopped at the end).
+pub fn serve_one_connection(stream: UnixStream, device: Arc<dyn Device>, opts: &Options) {
+    let session = Arc::new(Mutex::new(Session::new(device.clone(), opts.clone())));
+    serve_connection(stream, session, device, opts);
+}
+
 /// Serve one frontend until it hangs up or sends something malformed.
 fn serve_connection(stream: UnixStream, session: Arc<Mutex<Session>>, device: Arc<dyn Device>, opts: &Options) {
     let mut handler = BackendReqHandler::from_stream(stream, session.clone());

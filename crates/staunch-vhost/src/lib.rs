@@ -8,6 +8,8 @@ pub mod blk;
 pub mod chain;
 pub mod control;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod inflight;
 pub mod memory;
 pub mod process;

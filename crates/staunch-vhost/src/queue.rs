@@ -46,9 +46,11 @@ pub(crate) struct Worker {
     thread: JoinHandle<u16>,
 }
 
-impl Worker {
-    /// Start serving; returns what the inflight region said to resubmit.
-    pub fn start(s: WorkerSetup) -> std::io::Result<(Worker, Option<Recovery>)> {
+impl State {
+    /// The worker's state over a configured ring: where to continue, from
+    /// the inflight region if there is one (what it says to resubmit is
+    /// returned too), else from the frontend's base.
+    fn new(s: WorkerSetup) -> std::io::Result<(State, File, Option<Recovery>)> {
         let mut q = Queue::new(s.size).map_err(|e| std::io::Error::other(e.to_string()))?;
         q.set_desc_table_address(Some(s.desc.0 as u32), Some((s.desc.0 >> 32) as u32));
         q.set_avail_ring_address(Some(s.avail.0 as u32), Some((s.avail.0 >> 32) as u32));
@@ -73,9 +75,7 @@ impl Worker {
                 q.set_next_avail(s.base);
             }
         }
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let stop2 = stop.try_clone()?;
-        let mut st = State {
+        let st = State {
             index: s.index,
             q,
             mem: s.mem,
@@ -88,11 +88,30 @@ impl Worker {
             component: s.component,
             busy: Arc::default(),
         };
-        let kick = crate::backend::eventfd(s.kick);
+        Ok((st, s.kick, rec))
+    }
+}
+
+/// Serve what the ring holds once, on this thread; the avail position
+/// reached (for the fuzz targets and tests).
+pub(crate) fn serve_once(s: WorkerSetup) -> std::io::Result<u16> {
+    let (mut st, _, _) = State::new(s)?;
+    st.pass();
+    Ok(st.q.next_avail())
+}
+
+impl Worker {
+    /// Start serving; returns what the inflight region said to resubmit.
+    pub fn start(s: WorkerSetup) -> std::io::Result<(Worker, Option<Recovery>)> {
+        let (mut st, kick, rec) = State::new(s)?;
+        let index = st.index;
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop2 = stop.try_clone()?;
+        let kick = crate::backend::eventfd(kick);
         let busy = Arc::new(crate::control::Busy::default());
-        crate::control::watch(s.index, &busy);
+        crate::control::watch(index, &busy);
         st.busy = busy.clone();
-        let thread = std::thread::Builder::new().name(format!("vq{}", s.index)).spawn(move || {
+        let thread = std::thread::Builder::new().name(format!("vq{index}")).spawn(move || {
             // Serve once at start: requests may be waiting (resubmissions, or
             // kicks that went to a backend that died before reading them).
             busy.enter();
