@@ -57,7 +57,6 @@ fn answer(s: UnixStream) -> std::io::Result<()> {
     (&s).write_all(format!("{reply}\n").as_bytes())
 }
 
-
 /// When a worker's current request began (CLOCK_MONOTONIC ns; 0 when idle).
 #[derive(Default)]
 pub struct Busy(AtomicU64);

@@ -217,7 +217,8 @@ pub fn run(
         );
     }
     if let Some(c) = &role.control {
-        crate::control::serve(c).map_err(|e| ProcessError::Io { what: "control socket", err: std::io::Error::other(e) })?;
+        crate::control::serve(c)
+            .map_err(|e| ProcessError::Io { what: "control socket", err: std::io::Error::other(e) })?;
     }
     crate::control::start_watchdog(role.hang_limit, opts.events.clone(), name);
     let upgrade = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?;

@@ -12,7 +12,7 @@
 
 use crate::childblk::ChildBlk;
 use crate::idle::Machine;
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,7 +67,10 @@ fn qsd_command(qsd: &Path, disk: &Path, sock: &Path) -> Command {
     c.arg("--blockdev")
         .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", disk.display()))
         .args(["--blockdev", "driver=raw,node-name=disk0,file=file0", "--export"])
-        .arg(format!("type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,writable=on", sock.display()));
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,writable=on",
+            sock.display()
+        ));
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     c
 }
@@ -120,7 +123,15 @@ impl Drop for Backend {
 }
 
 /// The VMM of `setup` running the test guest with `cmdline`, serial to `log`.
-fn vmm(setup: Setup, peers: &Peers, kernel: &Path, cmdline: &str, disk: &Path, sock: &Path, log: &Path) -> Result<Child> {
+fn vmm(
+    setup: Setup,
+    peers: &Peers,
+    kernel: &Path,
+    cmdline: &str,
+    disk: &Path,
+    sock: &Path,
+    log: &Path,
+) -> Result<Child> {
     let mut c = if setup.qemu() {
         let q = peers.qemu.as_ref().context("no QEMU")?;
         let mut c = crate::bench::qemu_microvm(q, kernel, cmdline)?;
@@ -156,7 +167,8 @@ fn finish(mut child: Child, log: &Path, within: Duration) -> Result<Vec<String>>
         std::thread::sleep(Duration::from_millis(5));
     }
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<String> = text.lines().filter_map(|l| l.find("STAUNCH ").map(|i| l[i..].trim_end().to_string())).collect();
+    let lines: Vec<String> =
+        text.lines().filter_map(|l| l.find("STAUNCH ").map(|i| l[i..].trim_end().to_string())).collect();
     if !lines.iter().any(|l| l.starts_with("STAUNCH done code=0")) {
         bail!("the guest did not finish cleanly: {:?}", lines.iter().rev().take(3).collect::<Vec<_>>());
     }
@@ -169,7 +181,8 @@ fn field(line: &str, key: &str) -> Option<u64> {
 
 /// Requests per second of a `blk-rand` phase, by the guest's clock.
 fn rate(lines: &[String], phase: &str) -> Result<f64> {
-    let khz = lines.iter().find(|l| l.starts_with("STAUNCH ready")).and_then(|l| field(l, "tsc_khz")).context("tsc_khz")?;
+    let khz =
+        lines.iter().find(|l| l.starts_with("STAUNCH ready")).and_then(|l| field(l, "tsc_khz")).context("tsc_khz")?;
     let end = lines.iter().find(|l| l.starts_with(&format!("STAUNCH blkrand {phase}-end"))).context("phase end")?;
     if field(end, "errors") != Some(0) {
         bail!("I/O errors in the guest: {end}");
@@ -203,7 +216,9 @@ fn one_round(setup: Setup, peers: &Peers, kernel: &Path, dir: &Path, quick: bool
     }
     if let Some(b) = backend.as_mut() {
         let writes = if quick { 6_000 } else { 40_000 };
-        let cmdline = format!("staunch.work=blk-verify staunch.writes={writes} staunch.blocks=256 staunch.qd=4 staunch.report=500");
+        let cmdline = format!(
+            "staunch.work=blk-verify staunch.writes={writes} staunch.blocks=256 staunch.qd=4 staunch.report=500"
+        );
         let _ = std::fs::remove_file(&log);
         let child = vmm(setup, peers, kernel, &cmdline, &disk, &sock, &log)?;
         wait_until("the guest's first report", Duration::from_secs(60), || {
@@ -218,8 +233,12 @@ fn one_round(setup: Setup, peers: &Peers, kernel: &Path, dir: &Path, quick: bool
         if field(last, "errors") != Some(0) || field(last, "mismatches") != Some(0) {
             bail!("the guest saw errors or mismatches: {last}");
         }
-        let mut io: Vec<f64> =
-            lines.iter().filter(|l| l.contains("blk written=")).filter_map(|l| field(l, "maxio_us")).map(|v| v as f64 / 1e3).collect();
+        let mut io: Vec<f64> = lines
+            .iter()
+            .filter(|l| l.contains("blk written="))
+            .filter_map(|l| field(l, "maxio_us"))
+            .map(|v| v as f64 / 1e3)
+            .collect();
         io.sort_by(f64::total_cmp);
         row.values[4].push(*io.last().context("maxio")?);
         row.values[5].push(io[io.len() / 2]);
@@ -236,10 +255,7 @@ fn median(v: &[f64]) -> Option<f64> {
 
 pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>, machine: &Machine) -> Result<i32> {
     let kernel = crate::guestrun::test_guest()?;
-    let qsd = qemu
-        .as_ref()
-        .and_then(|q| q.parent().map(|d| d.join("qemu-storage-daemon")))
-        .filter(|p| p.exists());
+    let qsd = qemu.as_ref().and_then(|q| q.parent().map(|d| d.join("qemu-storage-daemon"))).filter(|p| p.exists());
     let peers = Peers { qemu, qsd };
     let mut setups = vec![Setup::StaunchVu, Setup::StaunchLocal];
     match &peers.qemu {
@@ -251,8 +267,7 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>, machine: &Machine)
         _ => eprintln!("peer: qemu-storage-daemon not found (run scripts/qemu.sh): row (d) left out"),
     }
     let dir = std::env::temp_dir().join(format!("staunch-bench-blk-{}", std::process::id()));
-    let mut rows: Vec<Row> =
-        setups.iter().map(|s| Row { setup: *s, values: Default::default(), failed: 0 }).collect();
+    let mut rows: Vec<Row> = setups.iter().map(|s| Row { setup: *s, values: Default::default(), failed: 0 }).collect();
     let rounds = if quick { 1 } else { rounds };
     for round in 0..rounds {
         for row in rows.iter_mut() {

@@ -184,9 +184,8 @@ const SLACK: u64 = EVERY + 64;
 const REPORT: &str = "STAUNCH blk written=";
 
 fn start_vm(dir: &Path, baseline: bool, backend: bool) -> Result<ChildVm> {
-    let cmdline = format!(
-        "staunch.work=blk-verify staunch.writes=0 staunch.blocks={BLOCKS} staunch.report={EVERY} staunch.qd=4"
-    );
+    let cmdline =
+        format!("staunch.work=blk-verify staunch.writes=0 staunch.blocks={BLOCKS} staunch.report={EVERY} staunch.qd=4");
     let env: &[(&str, &str)] = if baseline { &[("STAUNCH_NO_RECOVERY", "1")] } else { &[] };
     ChildVm::start(dir, &Spec { vcpus: 2, mem_mib: 256, cmdline: &cmdline, disk_mib: 8, env, backend })
 }
@@ -554,7 +553,10 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
     println!("| failpoint | component(s) hit | injections | fired | recovered |");
     println!("|---|---|---:|---:|---:|");
     for p in staunch_fault::ALL.iter().chain(staunch_fault::BACKEND) {
-        let rs: Vec<&Row> = rows.iter().filter(|r| matches!(r.fault, Fault::Failpoint(n, _) | Fault::BackendFailpoint(n, _) if n == p.name)).collect();
+        let rs: Vec<&Row> = rows
+            .iter()
+            .filter(|r| matches!(r.fault, Fault::Failpoint(n, _) | Fault::BackendFailpoint(n, _) if n == p.name))
+            .collect();
         if rs.is_empty() {
             continue;
         }

@@ -2,7 +2,7 @@
 //! with an events file and a control socket: how the campaign, the demo and
 //! the block benchmark drive a backend they kill.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;

@@ -50,8 +50,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         "staunch.work=blk-verify staunch.writes={} staunch.blocks={REGION_BLOCKS} staunch.report={REPORT_EVERY} staunch.qd=4",
         a.writes
     );
-    let mut vm =
-        ChildVm::start(&dir, &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[], backend: true })?;
+    let mut vm = ChildVm::start(
+        &dir,
+        &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[], backend: true },
+    )?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!(
         "   VMM pid {}, block backend pid {} (and a spare), guest log {}",
