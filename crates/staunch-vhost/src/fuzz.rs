@@ -135,8 +135,8 @@ mod tests {
             let mut mem = vec![0u8; 0x3000];
             for i in 0..64 {
                 let at = i * 16;
-                let addr = if rng.next() % 4 == 0 { rng.next() } else { 0x4000 + (rng.next() % 0xf0000) };
-                let len = if rng.next() % 4 == 0 { rng.next() as u32 } else { [16u32, 4096, 1, 512][i % 4] };
+                let addr = if rng.next().is_multiple_of(4) { rng.next() } else { 0x4000 + (rng.next() % 0xf0000) };
+                let len = if rng.next().is_multiple_of(4) { rng.next() as u32 } else { [16u32, 4096, 1, 512][i % 4] };
                 let flags = (rng.next() % 8) as u16;
                 let next = (rng.next() % 80) as u16;
                 mem[at..at + 8].copy_from_slice(&addr.to_le_bytes());
@@ -174,13 +174,13 @@ mod tests {
                     _ => (rng.next() % 300) as usize,
                 };
                 let body = rng.bytes(n);
-                let size = if rng.next() % 8 == 0 { rng.next() as u32 } else { body.len() as u32 };
+                let size = if rng.next().is_multiple_of(8) { rng.next() as u32 } else { body.len() as u32 };
                 d.extend(code.to_le_bytes());
                 d.extend(1u32.to_le_bytes());
                 d.extend(size.to_le_bytes());
                 d.extend(body);
             }
-            if round % 10 == 0 {
+            if round.is_multiple_of(10) {
                 d.extend(rng.bytes(64));
             }
             vhost_messages(&d);
