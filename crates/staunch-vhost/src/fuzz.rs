@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn random_messages_never_panic() {
         let mut rng = Rng(0x0bad_cafe_f00d_0001);
-        for round in 0..200 {
+        for round in 0..200u32 {
             let mut d = Vec::new();
             for _ in 0..(rng.next() % 8) {
                 let code = (rng.next() % 48) as u32;
