@@ -34,6 +34,9 @@ pub fn thaw() {
     FROZEN.store(false, Ordering::SeqCst);
 }
 
+/// The longest a backend may take to answer a set-up message.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Largest ring the inflight region is sized for (the transport's maximum).
 pub const QUEUE_MAX: u16 = 256;
 const CONFIG_LEN: u32 = 0x3c;
@@ -198,8 +201,18 @@ impl Link {
         (LinkRecord { version: LINK_RECORD_VERSION, features, config, inflight: geometry }, file)
     }
 
-    pub fn reconnects(&self) -> u64 {
-        self.lock().reconnects
+    /// Backend outages so far; None while a connection is being set up.
+    pub fn reconnects(&self) -> Option<u64> {
+        self.state.try_lock().ok().map(|s| s.reconnects)
+    }
+
+    /// None while a connection is being set up (the state is busy).
+    pub fn connected(&self) -> Option<bool> {
+        self.state.try_lock().ok().map(|s| s.conn.is_some())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The driver set DRIVER_OK: hand the rings to the backend.
@@ -241,6 +254,10 @@ impl Link {
     fn establish(&self, st: &mut State) -> Result<(), FrontendError> {
         let p = &self.path;
         let sock = UnixStream::connect(p).map_err(|e| fail(p, e))?;
+        // A backend that accepted but does not answer (stopped, hung) must
+        // not hold the link, and the vCPU waiting on it, for good: a reply
+        // that takes this long fails the attempt, which is retried.
+        sock.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| fail(p, e))?;
         let mut f = Frontend::from_stream(sock, self.queues as u64);
         f.set_owner().map_err(|e| fail(p, e))?;
         let features = f.get_features().map_err(|e| fail(p, e))?;

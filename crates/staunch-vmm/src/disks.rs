@@ -107,3 +107,17 @@ pub(crate) fn handover(slots: &[DiskSlot]) -> Result<(Vec<std::fs::File>, Vec<Li
     }
     Ok((files, links))
 }
+
+/// Each vhost-user disk's link, for `status`: its socket, whether a backend
+/// is connected now, and how many times one was lost.
+pub(crate) fn status(slots: &[DiskSlot]) -> serde_json::Value {
+    slots
+        .iter()
+        .filter_map(|s| match s {
+            DiskSlot::Link(l) => Some(serde_json::json!({
+                "socket": l.path(), "connected": l.connected(), "reconnects": l.reconnects(),
+            })),
+            DiskSlot::File(_) => None,
+        })
+        .collect()
+}

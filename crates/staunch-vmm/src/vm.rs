@@ -1246,6 +1246,7 @@ impl RunningVm {
                 "upgrade_failures": self.upgrade_failures,
                 "spare": self.core.spare.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.pid()),
                 "last_upgrade_error": self.last_upgrade_error,
+                "vhost_user": disks::status(&self.core.disk_files),
             })),
             ApiRequest::Reboot {} => ApiResponse::ok(json!({"rebooting": true})),
             ApiRequest::Snapshot { path } => match self.snapshot(&path) {

@@ -168,6 +168,10 @@ fn kvm_blk_backend_serves_the_guest() {
     let mut b = Backend::new(&d);
     b.start(None);
     let vm = vm_on(&d, &b, 2);
+    // The VMM reports its link to the backend.
+    let st = vm.ctl(&["status"]);
+    assert!(st.stdout.contains("\"connected\":true"), "{}", st.stdout);
+    assert!(st.stdout.contains("blk.sock"), "{}", st.stdout);
     let ev = judge(vm, &b);
     assert_eq!(count(&ev, "backend-lost"), 0);
 }
