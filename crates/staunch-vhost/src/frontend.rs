@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -265,16 +265,15 @@ impl Link {
             return Err(fail(p, "backend does not offer vhost-user protocol features"));
         }
         let offered = f.get_protocol_features().map_err(|e| fail(p, e))?;
+        // No REPLY_ACK: the set-up messages are sent back to back, not one
+        // round trip each (on a busy host each costs a scheduling delay of
+        // the backend, and a reconnect sends a dozen). A backend that
+        // refuses one closes the connection, which is retried.
         let want = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ;
         let protocol = offered & want;
         f.set_protocol_features(protocol).map_err(|e| fail(p, e))?;
-        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // Every set-up message is acknowledged: a refusal is seen at once.
-            f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
             let n = f.get_queue_num().map_err(|e| fail(p, e))?;
             if n < self.queues as u64 {
