@@ -2,9 +2,16 @@
 # Fetch the guest assets in assets/manifest into $STAUNCH_CACHE (idempotent).
 # Packages come from Debian's archive with `apt-get download` and are unpacked
 # with dpkg-deb -x: nothing is installed on the host.
-#   scripts/assets.sh [linux]
+#   scripts/assets.sh [linux|busybox]
+#   scripts/assets.sh --deb KIND   # print the path of KIND's verified .deb
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+deb_only=0
+if [[ "${1:-}" == --deb ]]; then
+    deb_only=1
+    shift
+    [[ -n "${1:-}" ]] || die "usage: assets.sh --deb KIND"
+fi
 want="${1:-all}"
 debs="$STAUNCH_CACHE/debs"
 mkdir -p "$debs"
@@ -36,6 +43,10 @@ fetch_deb() { # package version sha256 -> prints path of the verified .deb
 while read -r kind name pkg ver sum; do
     [[ -z "$kind" || "$kind" == \#* ]] && continue
     [[ "$want" != all && "$want" != "$kind" ]] && continue
+    if ((deb_only)); then
+        fetch_deb "$pkg" "$ver" "$sum"
+        exit 0
+    fi
     case "$kind" in
     linux)
         out="$STAUNCH_CACHE/linux"
@@ -54,6 +65,23 @@ while read -r kind name pkg ver sum; do
         echo "$pkg $ver" >"$out/.version"
         say "Linux kernel ready: $out/vmlinuz ($pkg $ver)"
         ;;
+    busybox)
+        # The static busybox of the Linux guest's initramfs (scripts/initramfs.sh).
+        out="$STAUNCH_CACHE/busybox"
+        if [[ -x "$out/busybox" && -f "$out/.version" && "$(cat "$out/.version")" == "$pkg $ver" ]]; then
+            continue
+        fi
+        deb="$(fetch_deb "$pkg" "$ver" "$sum")"
+        tmp="$(mktemp -d)"
+        dpkg-deb -x "$deb" "$tmp"
+        mkdir -p "$out"
+        cp "$tmp/bin/busybox" "$out/busybox"
+        rm -rf "$tmp"
+        echo "$pkg $ver" >"$out/.version"
+        say "busybox ready: $out/busybox ($pkg $ver)"
+        ;;
     *) die "unknown asset kind $kind in assets/manifest" ;;
     esac
 done <"$ROOT/assets/manifest"
+((deb_only)) && die "no $want in assets/manifest"
+true

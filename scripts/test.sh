@@ -7,6 +7,7 @@ source "$(dirname "$0")/lib.sh"
 bash "$ROOT/scripts/setup.sh"
 bash "$ROOT/scripts/assets.sh"
 bash "$ROOT/scripts/qemu.sh" >/dev/null
+bash "$ROOT/scripts/initramfs.sh" >/dev/null
 bash "$ROOT/scripts/etcd.sh" >/dev/null
 cd "$ROOT"
 export STAUNCH_LINUX_KERNEL="${STAUNCH_LINUX_KERNEL:-$STAUNCH_CACHE/linux/vmlinuz}"
