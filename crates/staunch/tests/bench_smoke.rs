@@ -93,3 +93,35 @@ fn bench_refuses_a_busy_machine() {
     assert!(head.contains("MEASURED ON A BUSY MACHINE"), "{head}");
     assert!(busy.stderr.contains("WARNING"), "{}", busy.stderr);
 }
+
+#[test]
+fn kvm_blk_bench_quick_prints_table() {
+    require_kvm();
+    let r = run(staunch().args(["bench", "blk", "--quick", "--allow-busy"]), None, Duration::from_secs(600));
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    let mut rows = vec!["Staunch + staunch blk", "Staunch, in-process virtio-blk"];
+    // With QEMU and qemu-storage-daemon fetched (scripts/test.sh does),
+    // their rows are there too.
+    if !r.stderr.contains("QEMU not found") {
+        rows.push("QEMU + staunch blk");
+    }
+    if !r.stderr.contains("qemu-storage-daemon not found") {
+        rows.push("QEMU + qemu-storage-daemon");
+    }
+    for row in rows {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {row} |")))
+            .unwrap_or_else(|| panic!("no row {row}:\n{}", r.stdout));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        for c in &cells[2..6] {
+            let rate: f64 = c.split_whitespace().next().unwrap().parse().unwrap_or_else(|_| panic!("{line}"));
+            assert!(rate > 0.0, "{line}");
+        }
+        assert_eq!(cells[8], "1 / 0", "rounds: {line}");
+        if !row.contains("in-process") {
+            assert!(cells[6].parse::<f64>().is_ok(), "a restart stall: {line}");
+        }
+    }
+}

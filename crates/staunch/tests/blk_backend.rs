@@ -319,6 +319,26 @@ fn kvm_vmm_crash_and_upgrade_while_attached_to_the_backend() {
     assert!(inodes.iter().all(|i| *i == inodes[0]), "{inodes:?}");
 }
 
+/// The short version of `staunch campaign blk` (its long runs are a
+/// separate command): random backend faults, judged by the guest and the
+/// host's check of the disk.
+#[test]
+fn kvm_short_blk_campaign() {
+    require_kvm();
+    let r = run(
+        staunch().args(["campaign", "blk", "--runs", "12", "--seed", "11", "--per-vm", "6"]),
+        None,
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    // "recovered X/Y (...) of fired catchable faults": every one that fired.
+    let tally = r.stdout.split("recovered ").nth(1).and_then(|t| t.split_whitespace().next()).expect("tally");
+    let (x, y) = tally.split_once('/').expect("X/Y");
+    assert_eq!(x, y, "{}", r.stdout);
+    assert!(y.parse::<u32>().unwrap() >= 10, "{}", r.stdout);
+    assert!(r.stdout.contains("data mismatches: 0"), "{}", r.stdout);
+}
+
 #[test]
 fn blk_backend_refuses_bad_disks_and_a_socket_in_use() {
     let d = tmpdir("vu-blk-bad");
