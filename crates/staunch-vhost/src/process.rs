@@ -125,7 +125,14 @@ fn role_args(role: &Role, fd: RawFd, spare_of: Option<u32>) -> Vec<String> {
 }
 
 /// Keep a spare of this process running until told to stop.
-fn keep_spare(bin: PathBuf, args: Vec<String>, fd: RawFd, events: Option<PathBuf>, stop: Arc<EventFd>) {
+fn keep_spare(
+    bin: PathBuf,
+    args: Vec<String>,
+    fd: RawFd,
+    events: Option<PathBuf>,
+    stop: Arc<EventFd>,
+    first: std::sync::mpsc::Sender<()>,
+) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let mut cmd = std::process::Command::new(&bin);
@@ -144,6 +151,9 @@ fn keep_spare(bin: PathBuf, args: Vec<String>, fd: RawFd, events: Option<PathBuf
             }
         };
         let pid = child.id();
+        // From here a death of ours is covered: the spare takes over even
+        // if it has not reached its wait yet (its pidfd_open then fails).
+        let _ = first.send(());
         // Wait for the spare's exit or our stop, whichever comes first.
         let Ok(pfd) = pidfd_open(pid) else { return };
         let mut fds = [
@@ -228,11 +238,17 @@ pub fn run(
     let fd = listener.as_raw_fd();
     let bin = own_path();
     let stop_spare = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?);
+    let (spawned, first) = std::sync::mpsc::channel();
     let spare = role.spare.then(|| {
         let (b, a, e, s) =
             (bin.clone(), role_args(&role, fd, Some(std::process::id())), opts.events.clone(), stop_spare.clone());
-        std::thread::Builder::new().name("spare".into()).spawn(move || keep_spare(b, a, fd, e, s))
+        std::thread::Builder::new().name("spare".into()).spawn(move || keep_spare(b, a, fd, e, s, spawned))
     });
+    if role.spare {
+        // Serve only once a spare exists: a death right after start is
+        // then covered too.
+        let _ = first.recv_timeout(Duration::from_secs(2));
+    }
     backend::serve_until(&listener, device, &opts, &upgrade);
     // Upgrade: the spare goes first (it would take over when we exec).
     let _ = stop_spare.write(1);
