@@ -11,6 +11,12 @@ pub fn emit(file: Option<&Path>, kind: &str, mut fields: Value) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         m.insert("time_ms".into(), json!(now.as_millis() as u64));
         m.insert("pid".into(), json!(std::process::id()));
+        // CLOCK_MONOTONIC, comparable across processes: a recovery's
+        // timeline from the events of every component involved.
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec we pass.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        m.insert("mono_us".into(), json!(ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000));
     }
     let line = fields.to_string();
     tracing::info!(target: "staunch::event", "{line}");

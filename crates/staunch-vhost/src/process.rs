@@ -132,8 +132,13 @@ fn keep_spare(
     events: Option<PathBuf>,
     stop: Arc<EventFd>,
     first: std::sync::mpsc::Sender<()>,
+    spare_of_gone: bool,
 ) {
     let mut backoff = Duration::from_millis(10);
+    if spare_of_gone {
+        // Leave the cores to the frontend's reconnect for a moment.
+        std::thread::sleep(Duration::from_millis(20));
+    }
     loop {
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(&args).env_remove("STAUNCH_FAILPOINTS").stdin(std::process::Stdio::null());
@@ -239,14 +244,17 @@ pub fn run(
     let bin = own_path();
     let stop_spare = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?);
     let (spawned, first) = std::sync::mpsc::channel();
+    let took_over = role.spare_of.is_some();
     let spare = role.spare.then(|| {
         let (b, a, e, s) =
             (bin.clone(), role_args(&role, fd, Some(std::process::id())), opts.events.clone(), stop_spare.clone());
-        std::thread::Builder::new().name("spare".into()).spawn(move || keep_spare(b, a, fd, e, s, spawned))
+        std::thread::Builder::new().name("spare".into()).spawn(move || keep_spare(b, a, fd, e, s, spawned, took_over))
     });
-    if role.spare {
-        // Serve only once a spare exists: a death right after start is
-        // then covered too.
+    if role.spare && role.spare_of.is_none() {
+        // A fresh backend serves only once a spare exists: a death right
+        // after start is then covered too. A spare that just took over
+        // serves at once (a frontend is waiting) and starts its own spare
+        // meanwhile.
         let _ = first.recv_timeout(Duration::from_secs(2));
     }
     backend::serve_until(&listener, device, &opts, &upgrade);
