@@ -210,7 +210,11 @@ fn one_round(setup: Setup, peers: &Peers, kernel: &Path, dir: &Path, quick: bool
     let log = dir.join("serial.log");
     for (i, qd) in [1u64, 16].into_iter().enumerate() {
         let cmdline = format!("staunch.work=blk-rand staunch.blocks=16384 staunch.iters={iters} staunch.qd={qd}");
-        let lines = finish(vmm(setup, peers, kernel, &cmdline, &disk, &sock, &log)?, &log, Duration::from_secs(300))?;
+        let lines = finish(
+            vmm(setup, peers, kernel, &cmdline, &disk, &sock, &log)?,
+            &log,
+            Duration::from_secs(if quick { 90 } else { 300 }),
+        )?;
         row.values[2 * i].push(rate(&lines, "read")?);
         row.values[2 * i + 1].push(rate(&lines, "write")?);
     }
@@ -228,7 +232,7 @@ fn one_round(setup: Setup, peers: &Peers, kernel: &Path, dir: &Path, quick: bool
             std::thread::sleep(Duration::from_millis(if quick { 100 } else { 400 }));
             b.kill()?;
         }
-        let lines = finish(child, &log, Duration::from_secs(300))?;
+        let lines = finish(child, &log, Duration::from_secs(if quick { 90 } else { 300 }))?;
         let last = lines.iter().rfind(|l| l.contains("final=1")).context("final report")?;
         if field(last, "errors") != Some(0) || field(last, "mismatches") != Some(0) {
             bail!("the guest saw errors or mismatches: {last}");

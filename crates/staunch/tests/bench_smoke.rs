@@ -119,6 +119,12 @@ fn kvm_blk_bench_quick_prints_table() {
             let rate: f64 = c.split_whitespace().next().unwrap().parse().unwrap_or_else(|_| panic!("{line}"));
             assert!(rate > 0.0, "{line}");
         }
+        if row.contains("qemu-storage-daemon") {
+            // The peer's own failures are reported in its row, not ours to
+            // assert (after a restart of qemu-storage-daemon QEMU's guest
+            // sometimes never finishes: its round is counted as failed).
+            continue;
+        }
         assert_eq!(cells[8], "1 / 0", "rounds: {line}");
         if !row.contains("in-process") {
             assert!(cells[6].parse::<f64>().is_ok(), "a restart stall: {line}");
