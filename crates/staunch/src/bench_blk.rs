@@ -10,7 +10,7 @@
 //! times: `staunch blk`'s spare takes over; qemu-storage-daemon, which has
 //! none, is started again at once. Every setup runs alone.
 
-use crate::childblk::ChildBlk;
+use crate::childblk::{wait_for, ChildBlk};
 use crate::idle::Machine;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -51,17 +51,6 @@ enum Backend {
     Qsd { child: Child, qsd: PathBuf, disk: PathBuf, sock: PathBuf },
 }
 
-fn wait_until(what: &str, within: Duration, f: impl Fn() -> bool) -> Result<()> {
-    let t = Instant::now();
-    while !f() {
-        if t.elapsed() > within {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
-}
-
 fn qsd_command(qsd: &Path, disk: &Path, sock: &Path) -> Command {
     let mut c = crate::bench::qemu_command(qsd);
     c.arg("--blockdev")
@@ -86,7 +75,7 @@ impl Backend {
                 let qsd = peers.qsd.clone().context("no qemu-storage-daemon")?;
                 let sock = dir.join("blk.sock");
                 let child = qsd_command(&qsd, disk, &sock).spawn()?;
-                wait_until("qemu-storage-daemon's socket", Duration::from_secs(20), || sock.exists())?;
+                wait_for("qemu-storage-daemon's socket", Duration::from_secs(20), || sock.exists())?;
                 Some(Backend::Qsd { child, qsd, disk: disk.to_path_buf(), sock })
             }
         })
@@ -107,7 +96,7 @@ impl Backend {
                 let _ = child.wait();
                 let _ = std::fs::remove_file(&*sock);
                 *child = qsd_command(qsd, disk, sock).spawn()?;
-                wait_until("qemu-storage-daemon's socket", Duration::from_secs(20), || sock.exists())
+                wait_for("qemu-storage-daemon's socket", Duration::from_secs(20), || sock.exists())
             }
         }
     }
@@ -225,7 +214,7 @@ fn one_round(setup: Setup, peers: &Peers, kernel: &Path, dir: &Path, quick: bool
         );
         let _ = std::fs::remove_file(&log);
         let child = vmm(setup, peers, kernel, &cmdline, &disk, &sock, &log)?;
-        wait_until("the guest's first report", Duration::from_secs(60), || {
+        wait_for("the guest's first report", Duration::from_secs(60), || {
             std::fs::read_to_string(&log).unwrap_or_default().contains("blk written=")
         })?;
         for _ in 0..3 {

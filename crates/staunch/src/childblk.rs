@@ -18,7 +18,7 @@ pub struct ChildBlk {
     pub events: PathBuf,
 }
 
-fn wait_for(what: &str, within: Duration, f: impl Fn() -> bool) -> Result<()> {
+pub fn wait_for(what: &str, within: Duration, f: impl Fn() -> bool) -> Result<()> {
     let t = Instant::now();
     while !f() {
         if t.elapsed() > within {

@@ -9,127 +9,10 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const WRITES: u64 = 30_000;
 const BLOCKS: u64 = 256;
-
-struct Backend {
-    bin: PathBuf,
-    sock: PathBuf,
-    disk: PathBuf,
-    events: PathBuf,
-    log: PathBuf,
-    /// The process `start` spawned: the group leader of the backend and
-    /// every spare it starts (each spare takes over when its primary dies).
-    child: Option<Child>,
-}
-
-impl Backend {
-    fn new(dir: &Path) -> Backend {
-        let disk = dir.join("disk.img");
-        std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
-        Backend {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_staunch")),
-            sock: dir.join("blk.sock"),
-            disk,
-            events: dir.join("blk-events.jsonl"),
-            log: dir.join("blk.log"),
-            child: None,
-        }
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn wait_event(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t = Instant::now();
-        loop {
-            if let Some(e) = self.events().into_iter().find(&f) {
-                return e;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "no {what}: {:?}", self.events());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Start a backend (failpoints armed in it, not in its spares), wait
-    /// until it listens; its pid.
-    fn start(&mut self, failpoints: Option<&str>) -> u64 {
-        use std::os::unix::process::CommandExt;
-        let mut c = std::process::Command::new(&self.bin);
-        c.arg("blk").arg("--socket").arg(&self.sock).arg("--disk").arg(&self.disk);
-        c.arg("--events").arg(&self.events).arg("--control").arg(self.sock.with_extension("ctl"));
-        if let Some(f) = failpoints {
-            c.env("STAUNCH_FAILPOINTS", f);
-        }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = c.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        let pid = child.id() as u64;
-        self.child = Some(child);
-        self.wait_event("backend-ready", |e| e["event"] == "backend-ready" && e["pid"] == pid);
-        self.wait_event("its spare", |e| e["event"] == "spare-ready" && e["of"] == pid);
-        pid
-    }
-
-    /// One request on the serving process's control socket.
-    fn control(&self, line: &str) -> String {
-        use std::io::{BufRead, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(self.sock.with_extension("ctl")).unwrap();
-        s.write_all(format!("{line}\n").as_bytes()).unwrap();
-        let mut reply = String::new();
-        std::io::BufReader::new(s).read_line(&mut reply).unwrap();
-        reply.trim().to_string()
-    }
-
-    /// The process serving now.
-    fn primary(&self) -> u64 {
-        let ev = self.events();
-        let e = ev.iter().rev().find(|e| e["event"] == "backend-ready" || e["event"] == "backend-takeover");
-        e.expect("a running backend")["pid"].as_u64().unwrap()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on a process of the backend's group.
-        unsafe { libc::kill(self.primary() as i32, sig) };
-    }
-
-    /// Wait for the spare to take over from `pid` (and to start its own).
-    fn taken_over(&self, pid: u64) -> u64 {
-        let e = self.wait_event("takeover", |e| e["event"] == "backend-takeover" && e["from"] == pid);
-        let new = e["pid"].as_u64().unwrap();
-        self.wait_event("the new spare", |e| e["event"] == "spare-ready" && e["of"] == new);
-        new
-    }
-
-    /// SIGKILL the serving process; its spare takes over.
-    fn kill(&mut self) {
-        let pid = self.primary();
-        self.signal(libc::SIGKILL);
-        self.taken_over(pid);
-    }
-
-    /// SIGKILL the backend and every spare: nothing listens any more.
-    fn kill_all(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: killpg(2) on the group the backend was started in.
-            unsafe { libc::killpg(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill_all();
-    }
-}
 
 fn vm_on(dir: &Path, b: &Backend, vcpus: u8) -> Vm {
     let spec = PathBuf::from(format!("vhost-user={}", b.sock.display()));
@@ -273,34 +156,17 @@ fn kvm_blk_backend_hung_with_sigstop_is_replaced() {
 /// exec the new file with the listening socket kept.
 #[test]
 fn kvm_blk_backend_upgrades_to_another_binary_mid_io() {
-    use std::os::unix::fs::MetadataExt;
     require_kvm();
     let d = tmpdir("vu-blk-upgrade");
     let mut b = Backend::new(&d);
-    let bin = d.join("bin/staunch");
-    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    std::fs::copy(&b.bin, &bin).unwrap();
-    b.bin = bin.clone();
+    b.run_from_copy(&d);
     let _ = b.start(None);
     let vm = vm_on(&d, &b, 2);
-    for round in 0..2 {
+    for _ in 0..2 {
         progress(&vm, "I/O before the upgrade");
-        let staged = d.join(format!("bin/staunch.new{round}"));
-        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &staged).unwrap();
-        std::fs::rename(&staged, &bin).unwrap();
-        let ino = std::fs::metadata(&bin).unwrap().ino();
         let pid = b.primary();
-        let seen = count(&b.events(), "backend-ready");
-        b.signal(libc::SIGUSR2);
-        let t = Instant::now();
-        while count(&b.events(), "backend-ready") == seen {
-            assert!(t.elapsed() < Duration::from_secs(30), "no upgraded image: {:?}", b.events());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let last = b.events().into_iter().rfind(|e| e["event"] == "backend-ready").unwrap();
-        assert_eq!((last["pid"].as_u64(), last["upgraded"].as_bool()), (Some(pid), Some(true)), "{last}");
-        let exe = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino();
-        assert_eq!(exe, ino, "the backend runs the new file");
+        b.upgrade();
+        assert_eq!(b.primary(), pid, "an upgrade in place keeps the pid");
         progress(&vm, "I/O after the upgrade");
     }
     let ev = judge(vm, &b);

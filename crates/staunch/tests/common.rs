@@ -1,6 +1,7 @@
 //! Helpers for tests that run the real `staunch` binary.
 #![allow(dead_code)]
 
+use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -186,5 +187,158 @@ impl Drop for Vm {
     fn drop(&mut self) {
         staunch_vmm::handover::kill_family(self.child.id());
         let _ = self.child.wait();
+    }
+}
+
+/// `staunch blk` started by a test, in its own process group with the
+/// spares it starts, an events file and a control socket.
+pub struct Backend {
+    pub bin: PathBuf,
+    pub sock: PathBuf,
+    pub disk: PathBuf,
+    pub events: PathBuf,
+    pub log: PathBuf,
+    /// The process `start` spawned: the group leader of the backend and
+    /// every spare it starts (each spare takes over when its primary dies).
+    pub child: Option<Child>,
+}
+
+impl Backend {
+    pub fn new(dir: &Path) -> Backend {
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+        Backend {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_staunch")),
+            sock: dir.join("blk.sock"),
+            disk,
+            events: dir.join("blk-events.jsonl"),
+            log: dir.join("blk.log"),
+            child: None,
+        }
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn wait_event(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(&f) {
+                return e;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no {what}: {:?}", self.events());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Start a backend (failpoints armed in it, not in its spares), wait
+    /// until it listens; its pid.
+    pub fn start(&mut self, failpoints: Option<&str>) -> u64 {
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new(&self.bin);
+        c.arg("blk").arg("--socket").arg(&self.sock).arg("--disk").arg(&self.disk);
+        c.arg("--events").arg(&self.events).arg("--control").arg(self.sock.with_extension("ctl"));
+        if let Some(f) = failpoints {
+            c.env("STAUNCH_FAILPOINTS", f);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = c.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let pid = child.id() as u64;
+        self.child = Some(child);
+        self.wait_event("backend-ready", |e| e["event"] == "backend-ready" && e["pid"] == pid);
+        self.wait_event("its spare", |e| e["event"] == "spare-ready" && e["of"] == pid);
+        pid
+    }
+
+    /// One request on the serving process's control socket.
+    pub fn control(&self, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.sock.with_extension("ctl")).unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        std::io::BufReader::new(s).read_line(&mut reply).unwrap();
+        reply.trim().to_string()
+    }
+
+    pub fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
+        self.events().iter().filter(|e| f(e)).count()
+    }
+
+    /// Install a new binary over the backend's path (`bin`, which must be
+    /// a copy of its own) and SIGUSR2 the serving process: it execs the new
+    /// file, keeping its socket, and starts a spare of its own.
+    pub fn upgrade(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let staged = self.bin.with_file_name("staunch.new");
+        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &staged).unwrap();
+        std::fs::rename(&staged, &self.bin).unwrap();
+        let pid = self.primary();
+        let upgraded = |e: &Value| e["event"] == "backend-ready" && e["pid"] == pid && e["upgraded"] == true;
+        let spares = |e: &Value| e["event"] == "spare-ready" && e["of"] == pid;
+        let (before, spares_before) = (self.count(upgraded), self.count(spares));
+        self.signal(libc::SIGUSR2);
+        let t = Instant::now();
+        while self.count(upgraded) == before || self.count(spares) == spares_before {
+            assert!(t.elapsed() < Duration::from_secs(30), "no upgraded backend with a spare: {:?}", self.events());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let exe = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino();
+        assert_eq!(exe, std::fs::metadata(&self.bin).unwrap().ino(), "the backend runs the new file");
+    }
+
+    /// Run the backend from a copy of the binary in `dir/bin` (so it can be
+    /// upgraded in place).
+    pub fn run_from_copy(&mut self, dir: &Path) {
+        let bin = dir.join("bin/staunch");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::copy(&self.bin, &bin).unwrap();
+        self.bin = bin;
+    }
+
+    /// The process serving now.
+    pub fn primary(&self) -> u64 {
+        let ev = self.events();
+        let e = ev.iter().rev().find(|e| e["event"] == "backend-ready" || e["event"] == "backend-takeover");
+        e.expect("a running backend")["pid"].as_u64().unwrap()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a process of the backend's group.
+        unsafe { libc::kill(self.primary() as i32, sig) };
+    }
+
+    /// Wait for the spare to take over from `pid` (and to start its own).
+    pub fn taken_over(&self, pid: u64) -> u64 {
+        let e = self.wait_event("takeover", |e| e["event"] == "backend-takeover" && e["from"] == pid);
+        let new = e["pid"].as_u64().unwrap();
+        self.wait_event("the new spare", |e| e["event"] == "spare-ready" && e["of"] == new);
+        new
+    }
+
+    /// SIGKILL the serving process; its spare takes over.
+    pub fn kill(&mut self) {
+        let pid = self.primary();
+        self.signal(libc::SIGKILL);
+        self.taken_over(pid);
+    }
+
+    /// SIGKILL the backend and every spare: nothing listens any more.
+    pub fn kill_all(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: killpg(2) on the group the backend was started in.
+            unsafe { libc::killpg(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill_all();
     }
 }

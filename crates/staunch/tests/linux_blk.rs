@@ -10,9 +10,6 @@
 
 mod common;
 use common::*;
-use serde_json::Value;
-use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,9 +33,9 @@ struct Assets {
     initramfs: PathBuf,
 }
 
-/// The assets, or None (the test is skipped, loudly) when one is missing
-/// outside CI. In CI a missing asset fails the test.
-fn assets() -> Option<Assets> {
+/// The assets (scripts/test.sh fetches and builds them): a missing one
+/// fails the test, as in tests/linux.rs; it is never passed by skipping.
+fn assets() -> Assets {
     let c = cache();
     let a = Assets {
         qemu: c.join("qemu/root/usr/bin/qemu-system-x86_64"),
@@ -46,128 +43,11 @@ fn assets() -> Option<Assets> {
         initramfs: c.join("initramfs/initramfs.cpio.gz"),
     };
     let missing: Vec<_> = [&a.qemu, &a.kernel, &a.initramfs].into_iter().filter(|p| !p.exists()).collect();
-    if missing.is_empty() {
-        return Some(a);
-    }
-    let msg = format!(
+    assert!(
+        missing.is_empty(),
         "missing {missing:?}: run scripts/qemu.sh, scripts/assets.sh and scripts/initramfs.sh (scripts/test.sh does)"
     );
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
-    // Straight to stderr: the test harness captures eprintln!.
-    let bar = "#".repeat(64);
-    let _ = writeln!(std::io::stderr(), "{bar}\n#  SKIPPING linux_blk (not passed): {msg}\n{bar}");
-    None
-}
-
-/// `staunch blk` in its own process group, run from a copy of the binary
-/// (so it can be upgraded in place).
-struct Backend {
-    bin: PathBuf,
-    sock: PathBuf,
-    disk: PathBuf,
-    events: PathBuf,
-    child: Child,
-}
-
-impl Backend {
-    fn start(dir: &Path) -> Backend {
-        let bin = dir.join("bin/staunch");
-        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &bin).unwrap();
-        let (sock, disk, events) = (dir.join("blk.sock"), dir.join("disk.img"), dir.join("blk-events.jsonl"));
-        std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
-        let log = std::fs::File::create(dir.join("blk.log")).unwrap();
-        let child = Command::new(&bin)
-            .arg("blk")
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--disk")
-            .arg(&disk)
-            .arg("--events")
-            .arg(&events)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let b = Backend { bin, sock, disk, events, child };
-        let pid = b.child.id() as u64;
-        b.wait_event("backend-ready", |e| e["event"] == "backend-ready" && e["pid"] == pid);
-        b.wait_event("its spare", |e| e["event"] == "spare-ready" && e["of"] == pid);
-        b
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
-        self.events().iter().filter(|e| f(e)).count()
-    }
-
-    fn wait_event(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t = Instant::now();
-        loop {
-            if let Some(e) = self.events().into_iter().find(&f) {
-                return e;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "no {what}: {:?}", self.events());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// The process serving now.
-    fn primary(&self) -> u64 {
-        let ev = self.events();
-        let e = ev.iter().rev().find(|e| e["event"] == "backend-ready" || e["event"] == "backend-takeover");
-        e.expect("a running backend")["pid"].as_u64().unwrap()
-    }
-
-    /// SIGKILL the serving process and wait for its spare to take over
-    /// (and to start a spare of its own).
-    fn kill(&self) {
-        let pid = self.primary();
-        // SAFETY: kill(2) on the serving process of the backend we started.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        let e = self.wait_event("takeover", |e| e["event"] == "backend-takeover" && e["from"] == pid);
-        let new = e["pid"].as_u64().unwrap();
-        self.wait_event("the new spare", |e| e["event"] == "spare-ready" && e["of"] == new);
-    }
-
-    /// Install a new binary over the backend's path and SIGUSR2 the serving
-    /// process: it execs the new file, keeping its socket.
-    fn upgrade(&self) {
-        let staged = self.bin.with_file_name("staunch.new");
-        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &staged).unwrap();
-        std::fs::rename(&staged, &self.bin).unwrap();
-        let pid = self.primary();
-        let upgraded = |e: &Value| e["event"] == "backend-ready" && e["pid"] == pid && e["upgraded"] == true;
-        let spares = |e: &Value| e["event"] == "spare-ready" && e["of"] == pid;
-        let (before, spares_before) = (self.count(upgraded), self.count(spares));
-        // SAFETY: kill(2) on the serving process of the backend we started.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR2) }, 0);
-        // The new image says it is ready, then starts a spare of its own.
-        let t = Instant::now();
-        while self.count(upgraded) == before || self.count(spares) == spares_before {
-            assert!(t.elapsed() < Duration::from_secs(30), "no upgraded backend with a spare: {:?}", self.events());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let exe = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino();
-        assert_eq!(exe, std::fs::metadata(&self.bin).unwrap().ino(), "the backend runs the new file");
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        // SAFETY: killpg(2) on the group the backend was started in.
-        unsafe { libc::killpg(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
+    a
 }
 
 /// QEMU, its console in a file. On each backend disconnect (a SIGKILL or an
@@ -241,10 +121,13 @@ impl Drop for Qemu {
 
 #[test]
 fn linux_over_staunch_blk_survives_kills_and_an_upgrade() {
-    let Some(a) = assets() else { return };
+    let a = assets();
     let d = tmpdir("linux-blk");
     let t0 = Instant::now();
-    let b = Backend::start(&d);
+    // Run from a copy of the binary, so it can be upgraded in place.
+    let mut b = Backend::new(&d);
+    b.run_from_copy(&d);
+    let _ = b.start(None);
     let mut q = Qemu::start(&d, &a, &b.sock);
     q.wait_for("the guest's first report", Duration::from_secs(180), |l| l.contains("STAUNCH blk written="));
     let boot = t0.elapsed();
