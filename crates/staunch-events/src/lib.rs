@@ -29,3 +29,9 @@ pub fn emit(file: Option<&Path>, kind: &str, mut fields: Value) {
         let _ = f.write_all(format!("{line}\n").as_bytes());
     }
 }
+
+/// The events in a file written by [`emit`] (a line that does not parse,
+/// such as one being written, is left out).
+pub fn read(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}

@@ -166,11 +166,7 @@ impl LiveVm {
     }
 
     fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        staunch_events::read(&self.events)
     }
 
     /// The events after the first `seen`, up to the first `kind`.

@@ -48,11 +48,7 @@ impl ChildBlk {
     }
 
     pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        staunch_events::read(&self.events)
     }
 
     /// The process serving now (the first, or the spare that took over last).

@@ -107,11 +107,7 @@ impl ChildVm {
     }
 
     pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        staunch_events::read(&self.events)
     }
 
     /// Wait for an event of `kind` after the first `seen` events.

@@ -218,11 +218,7 @@ impl Backend {
     }
 
     pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        staunch_events::read(&self.events)
     }
 
     pub fn wait_event(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
