@@ -156,6 +156,7 @@ points! {
     VHOST_REQUEST = "vhost.request": "a backend took a request from the ring and marked it in flight, before serving it";
     VHOST_COMPLETED = "vhost.completed": "a backend served a request (the disk written), its used entry not yet published";
     VHOST_INFLIGHT = "vhost.inflight": "a backend published a used entry, its inflight entry not yet cleared";
+    VHOST_MESSAGE = "vhost.message": "a backend handled a control message and replied, its spare not yet told";
 }
 
 pub fn find(name: &str) -> Option<&'static Point> {

@@ -6,6 +6,7 @@
 //! reconnects); queue workers are stopped before the next connection is
 //! accepted, so two frontends never drive the same rings.
 
+use crate::handoff::{self, InflightSnap, MemRegion, MemSnap, Sink};
 use crate::inflight::{Recovery, Region};
 use crate::memory::Memory;
 use crate::queue::{Worker, WorkerSetup};
@@ -19,6 +20,9 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError, Result as VhostR
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+mod resume;
+pub(crate) use resume::Standby;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const MAX_QUEUES: usize = 16;
@@ -55,6 +59,9 @@ pub trait QueueHandler: Send {
 #[derive(Clone, Default)]
 pub struct Options {
     pub events: Option<PathBuf>,
+    /// The spare's channel: a snapshot after every control message, so a
+    /// death of this process is no hang-up (`handoff`).
+    pub handoff: Option<Arc<Sink>>,
 }
 
 #[derive(Default)]
@@ -72,7 +79,7 @@ struct Vring {
 }
 
 /// One frontend connection's negotiated state.
-struct Session {
+pub(crate) struct Session {
     device: Arc<dyn Device>,
     opts: Options,
     acked: u64,
@@ -81,6 +88,10 @@ struct Session {
     mem: Option<Memory>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<Region>>,
+    /// What the memory table and the inflight region were made from, for
+    /// the spare's snapshot.
+    mem_src: Option<(MemSnap, Vec<File>)>,
+    inflight_src: Option<InflightSnap>,
 }
 
 fn op(what: &'static str) -> VhostError {
@@ -90,7 +101,18 @@ fn op(what: &'static str) -> VhostError {
 impl Session {
     fn new(device: Arc<dyn Device>, opts: Options) -> Session {
         let vrings = (0..device.queues().min(MAX_QUEUES)).map(|_| Vring::default()).collect();
-        Session { device, opts, acked: 0, protocol: 0, owner: false, mem: None, vrings, inflight: None }
+        Session {
+            device,
+            opts,
+            acked: 0,
+            protocol: 0,
+            owner: false,
+            mem: None,
+            vrings,
+            inflight: None,
+            mem_src: None,
+            inflight_src: None,
+        }
     }
 
     fn vring(&mut self, index: u32) -> VhostResult<&mut Vring> {
@@ -190,10 +212,22 @@ impl VhostUserBackendReqHandlerMut for Session {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let dups =
+            files.iter().map(|f| f.try_clone()).collect::<Result<Vec<_>, _>>().map_err(VhostError::SocketError)?;
         let mem = Memory::map(ctx, files).map_err(|e| {
             tracing::warn!(error = %e, "memory table refused");
             VhostError::InvalidParam
         })?;
+        let regions = ctx
+            .iter()
+            .map(|r| MemRegion {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                user: r.user_addr,
+                offset: r.mmap_offset,
+            })
+            .collect();
+        self.mem_src = Some((MemSnap { id: handoff::fresh_id(), regions }, dups));
         // Running queues keep their old mapping until restarted on the new one.
         let running: Vec<usize> = (0..self.vrings.len()).filter(|&i| self.vrings[i].worker.is_some()).collect();
         for &i in &running {
@@ -303,6 +337,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         let r = Region::create(queues, size).map_err(|_| VhostError::InvalidParam)?;
         let file = r.file().try_clone().map_err(VhostError::SocketError)?;
         let reply = VhostUserInflight::new(r.size(), 0, queues, size);
+        self.inflight_src =
+            Some(InflightSnap { id: handoff::fresh_id(), size: r.size(), offset: 0, queues, queue_size: size });
         self.inflight = Some(Arc::new(r));
         Ok((reply, file))
     }
@@ -310,6 +346,13 @@ impl VhostUserBackendReqHandlerMut for Session {
         use std::os::unix::fs::MetadataExt;
         // Which region this is (the same one across restarts, on either side).
         let inode = file.metadata().map(|m| m.ino()).unwrap_or(0);
+        let src = InflightSnap {
+            id: handoff::fresh_id(),
+            size: msg.mmap_size,
+            offset: msg.mmap_offset,
+            queues: msg.num_queues,
+            queue_size: msg.queue_size,
+        };
         let r = Region::map(file, msg.mmap_size, msg.mmap_offset, msg.num_queues, msg.queue_size).map_err(|e| {
             tracing::warn!(error = %e, "inflight region refused");
             VhostError::InvalidParam
@@ -320,6 +363,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             serde_json::json!({"component": self.device.name(), "inode": inode, "size": r.size(),
                                "queues": r.queues(), "queue_size": r.queue_size()}),
         );
+        self.inflight_src = Some(src);
         self.inflight = Some(Arc::new(r));
         Ok(())
     }
@@ -379,6 +423,17 @@ type Connection = (UnixStream, Arc<Mutex<Session>>, std::thread::JoinHandle<()>)
 /// a process that hangs) supersedes the one before, whose rings are stopped
 /// before the new one can start any.
 pub fn serve_until(listener: &UnixListener, device: Arc<dyn Device>, opts: &Options, stop: &EventFd) {
+    serve_from(listener, device, opts, stop, None)
+}
+
+/// [`serve_until`], starting with a connection a spare resumed.
+pub(crate) fn serve_from(
+    listener: &UnixListener,
+    device: Arc<dyn Device>,
+    opts: &Options,
+    stop: &EventFd,
+    resumed: Option<(UnixStream, Session)>,
+) {
     use std::os::fd::AsRawFd;
     let mut current: Option<Connection> = None;
     let end = |c: &mut Option<Connection>| {
@@ -389,6 +444,24 @@ pub fn serve_until(listener: &UnixListener, device: Arc<dyn Device>, opts: &Opti
             let _ = thread.join();
         }
     };
+    let start = |stream: UnixStream, session: Session, resumed: bool| -> Option<Connection> {
+        let keep = stream.try_clone().ok()?;
+        let session = Arc::new(Mutex::new(session));
+        let (s, d, o) = (session.clone(), device.clone(), opts.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vhost-conn".into())
+            .spawn(move || serve_connection(stream, s, d, &o, resumed));
+        match spawned {
+            Ok(t) => Some((keep, session, t)),
+            Err(e) => {
+                tracing::warn!(error = %e, "connection thread");
+                None
+            }
+        }
+    };
+    if let Some((stream, session)) = resumed {
+        current = start(stream, session, true);
+    }
     loop {
         let mut fds = [
             libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -411,15 +484,7 @@ pub fn serve_until(listener: &UnixListener, device: Arc<dyn Device>, opts: &Opti
             }
         };
         end(&mut current);
-        let Ok(keep) = stream.try_clone() else { continue };
-        let session = Arc::new(Mutex::new(Session::new(device.clone(), opts.clone())));
-        let (s, d, o) = (session.clone(), device.clone(), opts.clone());
-        let spawned =
-            std::thread::Builder::new().name("vhost-conn".into()).spawn(move || serve_connection(stream, s, d, &o));
-        match spawned {
-            Ok(t) => current = Some((keep, session, t)),
-            Err(e) => tracing::warn!(error = %e, "connection thread"),
-        }
+        current = start(stream, Session::new(device.clone(), opts.clone()), false);
     }
 }
 
@@ -427,20 +492,77 @@ pub fn serve_until(listener: &UnixListener, device: Arc<dyn Device>, opts: &Opti
 /// malformed (a fresh session; its rings are stopped at the end).
 pub fn serve_one_connection(stream: UnixStream, device: Arc<dyn Device>, opts: &Options) {
     let session = Arc::new(Mutex::new(Session::new(device.clone(), opts.clone())));
-    serve_connection(stream, session, device, opts);
+    serve_connection(stream, session, device, opts, false);
+}
+
+/// Block until `stream` has something to read (a message or a hang-up).
+fn readable(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; EINTR just returns early.
+    unsafe { libc::poll(&mut p, 1, -1) };
+}
+
+/// Tell the spare about the session as it is now.
+fn tell_spare(sink: &Sink, session: &Mutex<Session>, conn: &UnixStream) {
+    match session.lock().unwrap_or_else(|p| p.into_inner()).snapshot(conn) {
+        Ok((snap, files)) => sink.state(snap, files),
+        // Without a snapshot the spare's last one is stale: it must not
+        // resume from it, so the message stays marked as in progress.
+        Err(e) => tracing::warn!(error = %e, "session snapshot"),
+    }
 }
 
 /// Serve one frontend until it hangs up or sends something malformed.
-fn serve_connection(stream: UnixStream, session: Arc<Mutex<Session>>, device: Arc<dyn Device>, opts: &Options) {
-    let mut handler = BackendReqHandler::from_stream(stream, session.clone());
-    staunch_events::emit(opts.events.as_deref(), "frontend-connected", serde_json::json!({"component": device.name()}));
+/// With a spare, every control message is bracketed for it: `begin`
+/// before a byte of it is read, the session's snapshot after its reply.
+fn serve_connection(
+    stream: UnixStream,
+    session: Arc<Mutex<Session>>,
+    device: Arc<dyn Device>,
+    opts: &Options,
+    resumed: bool,
+) {
+    let conn = stream.try_clone().ok();
+    let sink = opts.handoff.as_deref().zip(conn.as_ref());
+    let mut handler = if resumed {
+        match resume::handler(stream, &session) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "resumed connection");
+                session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+                return;
+            }
+        }
+    } else {
+        BackendReqHandler::from_stream(stream, session.clone())
+    };
+    let event = if resumed { "connection-resumed" } else { "frontend-connected" };
+    staunch_events::emit(opts.events.as_deref(), event, serde_json::json!({"component": device.name()}));
+    if let Some((sink, conn)) = sink {
+        tell_spare(sink, &session, conn);
+    }
     let why = loop {
+        if let Some((sink, conn)) = sink {
+            readable(conn);
+            sink.begin();
+        }
         if let Err(e) = handler.handle_request() {
             break e;
+        }
+        if let Some((sink, conn)) = sink {
+            // An injected error is a death or a hang here; "error" leaves
+            // the message marked in progress, as a death would.
+            if staunch_fault::hit(&staunch_fault::VHOST_MESSAGE).is_ok() {
+                tell_spare(sink, &session, conn);
+            }
         }
     };
     let hangup = matches!(why, VhostError::Disconnected | VhostError::PartialMessage | VhostError::SocketBroken(_));
     session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+    if let Some((sink, _)) = sink {
+        sink.idle();
+    }
     staunch_events::emit(
         opts.events.as_deref(),
         "frontend-disconnected",

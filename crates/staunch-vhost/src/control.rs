@@ -87,20 +87,27 @@ struct Watch {
 
 static WATCH: OnceLock<Watch> = OnceLock::new();
 
-/// Watch a worker's passes from now on.
+fn workers() -> &'static Watch {
+    WATCH.get_or_init(|| Watch { workers: Mutex::new(Vec::new()) })
+}
+
+/// Watch a worker's passes from now on (also one started before the
+/// watchdog: a spare resumes its rings first).
 pub fn watch(queue: usize, busy: &Arc<Busy>) {
-    if let Some(w) = WATCH.get() {
-        let mut v = w.workers.lock().unwrap_or_else(|p| p.into_inner());
-        v.retain(|(_, b)| b.strong_count() > 0);
-        v.push((queue, Arc::downgrade(busy)));
-    }
+    let mut v = workers().workers.lock().unwrap_or_else(|p| p.into_inner());
+    v.retain(|(_, b)| b.strong_count() > 0);
+    v.push((queue, Arc::downgrade(busy)));
 }
 
 /// Start the watchdog: a pass busy for longer than `limit` ends the process.
 pub fn start_watchdog(limit: Duration, events: Option<PathBuf>, component: &'static str) {
-    if WATCH.set(Watch { workers: Mutex::new(Vec::new()) }).is_err() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let mut first = false;
+    STARTED.call_once(|| first = true);
+    if !first {
         return;
     }
+    workers();
     let _ = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
         loop {
             std::thread::sleep(limit / 8);

@@ -10,6 +10,7 @@ pub mod control;
 pub mod frontend;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod handoff;
 pub mod inflight;
 pub mod memory;
 pub mod process;

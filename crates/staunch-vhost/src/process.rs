@@ -14,7 +14,8 @@
 //!   that file), keeping the listening socket: the frontend reconnects into
 //!   the backlog and the new image serves it.
 
-use crate::backend::{self, Device, Options};
+use crate::backend::{self, Device, Options, Standby};
+use crate::handoff;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -45,6 +46,9 @@ pub struct Role {
     pub listen_fd: Option<RawFd>,
     /// Serve only once this process has died (a spare).
     pub spare_of: Option<u32>,
+    /// A spare's end of the channel its serving process describes its
+    /// connection on (`handoff`).
+    pub handoff_fd: Option<RawFd>,
     /// Keep a spare (off for the spare's own spare-less tests and peers).
     pub spare: bool,
     /// This image's command line after the subcommand's own role flags,
@@ -125,11 +129,13 @@ fn role_args(role: &Role, fd: RawFd, spare_of: Option<u32>) -> Vec<String> {
 }
 
 /// Keep a spare of this process running until told to stop.
+#[allow(clippy::too_many_arguments)]
 fn keep_spare(
     bin: PathBuf,
     args: Vec<String>,
     fd: RawFd,
     events: Option<PathBuf>,
+    sink: Option<Arc<handoff::Sink>>,
     stop: Arc<EventFd>,
     first: std::sync::mpsc::Sender<()>,
     spare_of_gone: bool,
@@ -142,9 +148,24 @@ fn keep_spare(
     loop {
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(&args).env_remove("STAUNCH_FAILPOINTS").stdin(std::process::Stdio::null());
+        // The spare's channel: ours stays close-on-exec, its end is passed.
+        let chan = match sink.as_ref().map(|_| handoff::pair()).transpose() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "handoff channel");
+                None
+            }
+        };
+        let theirs = chan.as_ref().map(|(_, t)| t.as_raw_fd());
+        if let Some(t) = theirs {
+            cmd.args(["--handoff-fd".to_string(), t.to_string()]);
+        }
         // SAFETY: only async-signal-safe fcntl between fork and exec.
         unsafe {
-            cmd.pre_exec(move || clear_cloexec(fd));
+            cmd.pre_exec(move || {
+                clear_cloexec(fd)?;
+                theirs.map_or(Ok(()), clear_cloexec)
+            });
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -156,6 +177,10 @@ fn keep_spare(
             }
         };
         let pid = child.id();
+        if let (Some(sink), Some((ours, theirs))) = (&sink, chan) {
+            drop(theirs);
+            sink.attach(ours);
+        }
         // From here a death of ours is covered: the spare takes over even
         // if it has not reached its wait yet (its pidfd_open then fails).
         let _ = first.send(());
@@ -193,7 +218,7 @@ fn keep_spare(
 pub fn run(
     socket: &Path,
     device: Arc<dyn Device>,
-    opts: Options,
+    mut opts: Options,
     role: Role,
 ) -> Result<std::convert::Infallible, ProcessError> {
     // A panic a queue worker contains gets one line and no backtrace:
@@ -215,14 +240,47 @@ pub fn run(
     };
     let ev = opts.events.as_deref();
     let name = device.name();
+    let mut resumed = None;
     if let Some(pid) = role.spare_of {
+        // SAFETY: our keeper passed this channel end across exec and named
+        // its number; we take it over once.
+        let chan = role.handoff_fd.map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        let (d, o) = (device.clone(), opts.clone());
+        let listening = chan.map(|c| {
+            std::thread::spawn(move || {
+                let mut standby = Standby::new(d, o);
+                let heard = handoff::listen(c, |s, f| standby.apply(s, f));
+                (standby, heard)
+            })
+        });
         staunch_events::emit(ev, "spare-ready", serde_json::json!({"component": name, "of": pid}));
         let t = std::time::Instant::now();
         wait_exit(pid);
+        let woke = t.elapsed();
+        let (connection, why) = match listening.map(|l| l.join()) {
+            None => ("none", None),
+            Some(Err(_)) => ("dropped", Some("the handoff listener panicked".to_string())),
+            Some(Ok((_, h))) if h.busy => ("dropped", Some("it died handling a control message".into())),
+            Some(Ok((_, h))) if h.state.is_none() => ("none", None),
+            Some(Ok((standby, h))) => {
+                let (snap, files) = h.state.expect("checked above");
+                match standby.resume(snap, files) {
+                    Ok(r) => {
+                        resumed = Some(r);
+                        ("kept", None)
+                    }
+                    Err(e) => ("dropped", Some(e)),
+                }
+            }
+        };
+        // A dropped connection was closed with the standby: the frontend
+        // sees the hang-up and reconnects into our listening socket.
         staunch_events::emit(
             ev,
             "backend-takeover",
-            serde_json::json!({"component": name, "from": pid, "woke_us": t.elapsed().as_micros() as u64}),
+            serde_json::json!({"component": name, "from": pid, "woke_us": woke.as_micros() as u64,
+                               "connection": connection, "why": why,
+                               "resumed_us": (t.elapsed() - woke).as_micros() as u64}),
         );
     } else {
         staunch_events::emit(
@@ -245,10 +303,14 @@ pub fn run(
     let stop_spare = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?);
     let (spawned, first) = std::sync::mpsc::channel();
     let took_over = role.spare_of.is_some();
+    let sink = role.spare.then(|| Arc::new(handoff::Sink::default()));
+    opts.handoff = sink.clone();
     let spare = role.spare.then(|| {
         let (b, a, e, s) =
             (bin.clone(), role_args(&role, fd, Some(std::process::id())), opts.events.clone(), stop_spare.clone());
-        std::thread::Builder::new().name("spare".into()).spawn(move || keep_spare(b, a, fd, e, s, spawned, took_over))
+        std::thread::Builder::new()
+            .name("spare".into())
+            .spawn(move || keep_spare(b, a, fd, e, sink, s, spawned, took_over))
     });
     if role.spare && role.spare_of.is_none() {
         // A fresh backend serves only once a spare exists: a death right
@@ -257,7 +319,7 @@ pub fn run(
         // meanwhile.
         let _ = first.recv_timeout(Duration::from_secs(2));
     }
-    backend::serve_until(&listener, device, &opts, &upgrade);
+    backend::serve_from(&listener, device, &opts, &upgrade, resumed);
     // Upgrade: the spare goes first (it would take over when we exec).
     let _ = stop_spare.write(1);
     if let Some(Ok(t)) = spare {

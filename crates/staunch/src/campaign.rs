@@ -112,7 +112,9 @@ const NO_CORRUPT: [&str; 3] = ["vcpu.loop", "api.request", "api.reply"];
 fn backend_catalog() -> Vec<Fault> {
     use staunch_fault::Action;
     let mut v = Vec::new();
-    for p in staunch_fault::BACKEND {
+    // vhost.message fires only on a control message, which a running
+    // guest's frontend never sends: it is tested at set-up (blk_backend).
+    for p in staunch_fault::BACKEND.iter().filter(|p| p.name != "vhost.message") {
         for a in Action::ALL.into_iter().filter(|a| *a != Action::Corrupt) {
             v.push(Fault::BackendFailpoint(p.name, a));
         }

@@ -8,7 +8,7 @@
 
 use crate::childvm::{ChildVm, Spec};
 use crate::guestrun::cache_dir;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use staunch_testguest::proto;
 use staunch_vmm::api::ApiRequest;
 use std::time::{Duration, Instant};
@@ -102,7 +102,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         ("a panic in the UART model", "serial.write=panic", "microreset"),
         ("a SIGSEGV in the VMM", "pio.write=segv", "resumed"),
         ("a warm upgrade", "", "resumed"),
-        ("a SIGKILL of the block backend", "", "backend-reconnected"),
+        ("a SIGKILL of the block backend", "", "backend-takeover"),
     ];
     for (what, spec, kind) in faults {
         let seen = vm.events().len();
@@ -111,8 +111,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             "   >> injecting {what}{}",
             if spec.is_empty() { String::new() } else { format!(" (failpoint {spec})") }
         );
-        if kind == "backend-reconnected" {
+        let mut killed = 0;
+        if kind == "backend-takeover" {
             let pid = vm.blk.as_ref().and_then(|b| b.serving()).unwrap_or(0);
+            killed = pid;
             // SAFETY: kill(2) of the backend process this demo started.
             if pid == 0 || unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
                 bail!("no block backend to kill");
@@ -122,12 +124,24 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         } else {
             vm.arm(spec)?;
         }
-        let Some(ev) = vm.wait_event(kind, seen, Duration::from_secs(30)) else { bail!("no recovery after {what}") };
+        let ev = if kind == "backend-takeover" {
+            let b = vm.blk.as_ref().context("no block backend")?;
+            crate::childblk::wait_for("the spare's takeover", Duration::from_secs(30), || {
+                b.events().iter().any(|e| e["event"] == kind && e["from"] == killed)
+            })?;
+            b.events().into_iter().find(|e| e["event"] == kind && e["from"] == killed).context("takeover")?
+        } else {
+            vm.wait_event(kind, seen, Duration::from_secs(30)).with_context(|| format!("no recovery after {what}"))?
+        };
         let (vmm_ms, how) = match kind {
             "microreset" => (ev["recovery_us"].as_f64().unwrap_or(0.0) / 1e3, "microreset of the device, same process"),
-            "backend-reconnected" => (
-                ev["outage_us"].as_f64().unwrap_or(0.0) / 1e3,
-                "the backend's spare took the socket over; the VMM reconnected and handed it the inflight region",
+            "backend-takeover" => (
+                ev["resumed_us"].as_f64().unwrap_or(0.0) / 1e3,
+                if ev["connection"] == "kept" {
+                    "the backend's spare kept the connection and resumed the rings from the inflight region; the VMM saw nothing"
+                } else {
+                    "the backend's spare took the socket over; the VMM reconnected and handed it the inflight region"
+                },
             ),
             _ => (
                 ev["guest_pause_ms"].as_f64().unwrap_or(0.0),
@@ -142,7 +156,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         // The guest's own clock: its longest gap between two iterations on
         // the lines since the fault.
         // For the backend, what the guest sees is a slow request, not a pause.
-        let key = if kind == "backend-reconnected" { "maxio_us" } else { "maxgap_us" };
+        let key = if kind == "backend-takeover" { "maxio_us" } else { "maxgap_us" };
         let guest_ms = vm
             .reports(REPORT)
             .iter()
@@ -151,8 +165,9 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             .reduce(f64::max)
             .map(|us| us / 1e3);
         let seen_as = if key == "maxio_us" { "its longest I/O took" } else { "guest paused" };
+        let by = if kind == "backend-takeover" { "backend-reported (death to rings running)" } else { "VMM-reported" };
         println!(
-            "   << recovered: {how}; {seen_as} {} by its own clock; VMM-reported {vmm_ms:.2} ms",
+            "   << recovered: {how}; {seen_as} {} by its own clock; {by} {vmm_ms:.2} ms",
             guest_ms.map(|m| format!("{m:.2} ms")).unwrap_or("? (not reported)".into()),
         );
         pauses.push((what, guest_ms, vmm_ms));
@@ -185,8 +200,9 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     }
     for (what, g, v) in &pauses {
         let g = g.map(|m| format!("{m:.2} ms")).unwrap_or("?".into());
-        let label = if what.contains("backend") { "longest guest I/O" } else { "guest pause" };
-        println!("   {label}, {what:<30}: {g} (guest clock); VMM-reported {v:.2} ms");
+        let (label, by) =
+            if what.contains("backend") { ("longest guest I/O", "backend") } else { ("guest pause", "VMM") };
+        println!("   {label}, {what:<30}: {g} (guest clock); {by}-reported {v:.2} ms");
     }
     println!(
         "   guest work                : {} blocks written, {} verified, {} mismatches, {} errors",

@@ -160,6 +160,9 @@ struct BlkArgs {
     /// Serve only once this process has died (a spare).
     #[arg(long, hide = true)]
     spare_of: Option<u32>,
+    /// The spare's end of its serving process's handoff channel.
+    #[arg(long, hide = true)]
+    handoff_fd: Option<i32>,
 }
 
 fn blk(a: BlkArgs) -> Result<i32> {
@@ -179,13 +182,14 @@ fn blk(a: BlkArgs) -> Result<i32> {
     let role = staunch_vhost::process::Role {
         listen_fd: a.listen_fd,
         spare_of: a.spare_of,
+        handoff_fd: a.handoff_fd,
         spare: a.spare == "on",
         args,
         command: "blk",
         control: a.control.clone(),
         hang_limit: std::time::Duration::from_millis(a.hang_ms.max(100)),
     };
-    let opts = staunch_vhost::backend::Options { events: a.events };
+    let opts = staunch_vhost::backend::Options { events: a.events, ..Default::default() };
     match staunch_vhost::process::run(&a.socket, std::sync::Arc::new(dev), opts, role)? {}
 }
 

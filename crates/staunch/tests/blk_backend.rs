@@ -93,9 +93,14 @@ fn kvm_blk_backend_sigkill_at_random_moments_loses_nothing() {
         progress(&vm, "I/O after the backend was killed");
     }
     let ev = judge(vm, &b);
-    assert_eq!(count(&ev, "backend-lost"), 6, "{ev:?}");
-    assert_eq!(count(&ev, "backend-reconnected"), 6, "{ev:?}");
-    assert_eq!(count(&b.events(), "backend-takeover"), 5, "{:?}", b.events());
+    // A spare keeps the connection: the VMM saw a hang-up only when no
+    // spare was left.
+    assert_eq!(count(&ev, "backend-lost"), 1, "{ev:?}");
+    assert_eq!(count(&ev, "backend-reconnected"), 1, "{ev:?}");
+    let be = b.events();
+    let kept = be.iter().filter(|e| e["event"] == "backend-takeover" && e["connection"] == "kept").count();
+    assert_eq!(count(&be, "backend-takeover"), 5, "{be:?}");
+    assert_eq!(kept, 5, "{be:?}");
 }
 
 #[test]
@@ -105,15 +110,15 @@ fn kvm_blk_backend_killed_at_each_failpoint_loses_nothing() {
     let mut b = Backend::new(&d);
     let _ = b.start(None);
     let vm = vm_on(&d, &b, 2);
-    for (i, point) in ["vhost.request", "vhost.completed", "vhost.inflight"].into_iter().enumerate() {
-        // Armed over the control socket (or, once, from the environment of
-        // a fresh backend): it dies on the next request it takes, and its
-        // spare (never armed) takes over.
+    let points = ["vhost.message", "vhost.request", "vhost.completed", "vhost.inflight"];
+    for (i, point) in points.into_iter().enumerate() {
+        // Armed from the environment of a fresh backend (it dies after the
+        // first control message of the VMM's reconnect, before telling its
+        // spare), then over the control socket (it dies on the next
+        // request it takes). The spare is never armed.
         let pid = if i == 0 {
             b.kill_all();
-            let pid = b.start(Some(&format!("{point}=kill*1")));
-            // It may have died already (then its spare was ready first).
-            pid
+            b.start(Some(&format!("{point}=kill*1")))
         } else {
             let pid = b.primary();
             assert_eq!(b.control(&format!("failpoint {point}=kill")), "ok");
@@ -125,14 +130,20 @@ fn kvm_blk_backend_killed_at_each_failpoint_loses_nothing() {
         progress(&vm, "I/O after the backend died at its failpoint");
     }
     let ev = judge(vm, &b);
-    assert!(count(&ev, "backend-reconnected") >= 4, "{ev:?}");
+    let be = b.events();
+    let conn: Vec<String> = be
+        .iter()
+        .filter(|e| e["event"] == "backend-takeover")
+        .map(|e| e["connection"].as_str().unwrap_or("?").to_string())
+        .collect();
+    // Death in a control message: the stream's position is unknown, so the
+    // spare let the connection go and the VMM reconnected (kill_all, then
+    // that). Death on the data path: the connection was kept.
+    assert_eq!(conn, ["dropped", "kept", "kept", "kept"], "{be:?}");
+    assert!(count(&ev, "backend-reconnected") >= 1, "{ev:?}");
     // Dying after publishing a completion but before clearing it is caught
     // by the inflight region's used index (the last batch is fixed up).
-    assert!(
-        b.events().iter().any(|e| e["event"] == "inflight-resubmit" && e["fixed_last_batch"] == true),
-        "{:?}",
-        b.events()
-    );
+    assert!(be.iter().any(|e| e["event"] == "inflight-resubmit" && e["fixed_last_batch"] == true), "{be:?}");
 }
 
 #[test]
@@ -170,7 +181,7 @@ fn kvm_blk_backend_upgrades_to_another_binary_mid_io() {
         progress(&vm, "I/O after the upgrade");
     }
     let ev = judge(vm, &b);
-    assert_eq!(count(&ev, "backend-reconnected"), 2, "{ev:?}");
+    assert!(count(&ev, "backend-reconnected") >= 1, "{ev:?}");
     assert_eq!(count(&b.events(), "backend-upgrade"), 2);
 }
 
@@ -196,11 +207,14 @@ fn kvm_vmm_crash_and_upgrade_while_attached_to_the_backend() {
     b.kill();
     progress(&vm, "I/O after the backend was killed under the new VMM");
     judge(vm, &b);
-    // Every VMM generation handed the backends the same inflight region:
-    // it travels with the VM's record.
+    // Every VMM generation (first, upgraded, crash successor) handed the
+    // backend the same inflight region: it travels with the VM's record.
+    // The last kill kept the connection (no new handover).
+    let be = b.events();
     let inodes: Vec<u64> =
-        b.events().iter().filter(|e| e["event"] == "inflight-region").map(|e| e["inode"].as_u64().unwrap()).collect();
-    assert!(inodes.len() >= 4, "{:?}", b.events());
+        be.iter().filter(|e| e["event"] == "inflight-region").map(|e| e["inode"].as_u64().unwrap()).collect();
+    assert!(inodes.len() >= 3, "{be:?}");
+    assert!(be.iter().any(|e| e["event"] == "backend-takeover" && e["connection"] == "kept"), "{be:?}");
     assert!(inodes.iter().all(|i| *i == inodes[0]), "{inodes:?}");
 }
 
