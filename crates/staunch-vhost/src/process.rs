@@ -3,11 +3,13 @@
 //!
 //! - **Spare.** The backend keeps a second process of itself ready: it
 //!   holds the same listening socket and has its device open, and waits on
-//!   a pidfd of the serving process. When that one dies (SIGKILL, a crash,
-//!   an OOM kill) the spare accepts at once; the frontend's reconnect lands
-//!   in the socket's backlog and is answered within a fraction of a
-//!   millisecond, and the spare starts a spare of its own. The inflight
-//!   region the frontend hands over says what was in flight.
+//!   a pidfd of the serving process, hearing its session's snapshots
+//!   (`handoff`). When that one dies (SIGKILL, a crash, an OOM kill) the
+//!   spare resumes the connection it holds a duplicate of, the rings from
+//!   the inflight region, and starts a spare of its own; the frontend sees
+//!   no hang-up. Where it cannot (a death inside a control message), it
+//!   lets the connection go and accepts the frontend's reconnect from the
+//!   socket's backlog.
 //! - **Upgrade.** SIGUSR2 makes the serving process finish what it has
 //!   taken from the rings, close its connection and exec the binary now
 //!   installed at the path it was started from (a package upgrade replaces

@@ -19,8 +19,9 @@ pub struct BenchArgs {
     /// crash re-exec, warm upgrade, snapshot/restore, cold reboot;
     /// overhead: the main benchmarks with the resilience machinery on and off;
     /// store: the config store vs a single-node etcd; blk: vhost-user block
-    /// backends (staunch blk, qemu-storage-daemon) under Staunch and QEMU.
-    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store", "blk"])]
+    /// backends (staunch blk, qemu-storage-daemon) under Staunch and QEMU;
+    /// io: the I/O engines a block backend could use, on this host's disk.
+    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store", "blk", "io"])]
     which: String,
     /// Exits per PIO / MMIO benchmark.
     #[arg(long, default_value_t = 20_000)]
@@ -381,6 +382,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         "overhead" => return overhead(a, &machine),
         "store" => return crate::bench_store::run(a.quick, &machine),
         "blk" => return crate::bench_blk::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
+        "io" => return crate::bench_io::run(a.quick, a.rounds, &machine),
         _ => {}
     }
     let (a, ctx) = prepare(a, true)?;

@@ -6,6 +6,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod bench_blk;
+mod bench_io;
 mod bench_recovery;
 mod bench_store;
 mod campaign;
