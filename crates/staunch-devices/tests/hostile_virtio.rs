@@ -2,7 +2,7 @@
 //! every malformed request gets an error status or a device reset, never a
 //! panic, a hang or an access outside guest memory.
 
-use staunch_devices::virtio::blk::{Block, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_IN, T_OUT};
+use staunch_devices::virtio::blk::{Block, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
 use staunch_devices::virtio::mmio::MmioTransport;
 use staunch_devices::{BusDevice, Interrupt};
 use std::sync::Arc;
@@ -153,9 +153,78 @@ fn malformed_requests_get_error_status() {
     assert_eq!(used, rig.avail);
 }
 
+/// One discard / write-zeroes segment at DATA + 16 * i.
+fn segment(rig: &Rig, i: u64, sector: u64, sectors: u32, flags: u32) {
+    let at = GuestAddress(DATA + 16 * i);
+    rig.mem.write_obj(sector, at).unwrap();
+    rig.mem.write_obj(sectors, at.unchecked_add(8)).unwrap();
+    rig.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+}
+
+fn fill_and_read(rig: &mut Rig, sector: u64, byte: u8) -> Vec<u8> {
+    rig.mem.write_slice(&[byte; 4096], GuestAddress(DATA + 0x1000)).unwrap();
+    assert_eq!(rig.request(T_OUT, sector, Some((DATA + 0x1000, 4096, false))), (rig.avail, S_OK));
+    read(rig, sector)
+}
+
+fn read(rig: &mut Rig, sector: u64) -> Vec<u8> {
+    assert_eq!(rig.request(T_IN, sector, Some((DATA + 0x1000, 4096, true))).1, S_OK);
+    let mut back = vec![0u8; 4096];
+    rig.mem.read_slice(&mut back, GuestAddress(DATA + 0x1000)).unwrap();
+    back
+}
+
+#[test]
+fn discard_and_write_zeroes_leave_zeros_and_refuse_bad_segments() {
+    let mut rig = Rig::new("discard", false);
+    // Discard: the range reads as zeros, its neighbour keeps its data.
+    assert_eq!(fill_and_read(&mut rig, 8, 0xab), vec![0xab; 4096]);
+    assert_eq!(fill_and_read(&mut rig, 16, 0xcd), vec![0xcd; 4096]);
+    segment(&rig, 0, 8, 8, 0);
+    assert_eq!(rig.request(T_DISCARD, 0, Some((DATA, 16, false))).1, S_OK);
+    assert_eq!(read(&mut rig, 8), vec![0; 4096]);
+    assert_eq!(read(&mut rig, 16), vec![0xcd; 4096]);
+    // Write-zeroes, in place and with unmap allowed; two segments at once.
+    fill_and_read(&mut rig, 8, 0x11);
+    fill_and_read(&mut rig, 24, 0x22);
+    segment(&rig, 0, 8, 8, 0);
+    segment(&rig, 1, 24, 8, 1);
+    assert_eq!(rig.request(T_WRITE_ZEROES, 0, Some((DATA, 32, false))).1, S_OK);
+    assert_eq!(read(&mut rig, 8), vec![0; 4096]);
+    assert_eq!(read(&mut rig, 24), vec![0; 4096]);
+    assert_eq!(read(&mut rig, 16), vec![0xcd; 4096]);
+    // Served twice (a resubmission after a restart): the same result.
+    assert_eq!(rig.request(T_WRITE_ZEROES, 0, Some((DATA, 32, false))).1, S_OK);
+    assert_eq!(read(&mut rig, 24), vec![0; 4096]);
+
+    // Hostile segments fail the whole request and change nothing.
+    fill_and_read(&mut rig, 16, 0x33);
+    let bad: [(&str, u32, u64, u32, u32, u32, bool, u8); 6] = [
+        ("discard with the unmap flag", T_DISCARD, 16, 8, 1, 16, false, S_UNSUPP),
+        ("unknown flag bits", T_WRITE_ZEROES, 16, 8, 4, 16, false, S_UNSUPP),
+        ("past the end of the disk", T_DISCARD, 120, 16, 0, 16, false, S_IOERR),
+        ("a sector count that wraps", T_DISCARD, u64::MAX - 2, 8, 0, 16, false, S_IOERR),
+        ("a segment buffer that is not whole segments", T_DISCARD, 16, 8, 0, 10, false, S_IOERR),
+        ("a device-writable segment buffer", T_DISCARD, 16, 8, 0, 16, true, S_IOERR),
+    ];
+    for (what, kind, sector, n, flags, len, dev_writes, want) in bad {
+        segment(&rig, 0, sector, n, flags);
+        assert_eq!(rig.request(kind, 0, Some((DATA, len, dev_writes))).1, want, "{what}");
+        assert_eq!(read(&mut rig, 16), vec![0x33; 4096], "{what} changed the disk");
+    }
+    // A second segment past the end: the first one is not done either.
+    segment(&rig, 0, 16, 8, 0);
+    segment(&rig, 1, 1 << 40, 8, 0);
+    assert_eq!(rig.request(T_DISCARD, 0, Some((DATA, 32, false))).1, S_IOERR);
+    assert_eq!(read(&mut rig, 16), vec![0x33; 4096]);
+}
+
 #[test]
 fn read_only_disk_refuses_writes() {
     let mut rig = Rig::new("ro", true);
+    segment(&rig, 0, 0, 8, 0);
+    assert_eq!(rig.request(T_DISCARD, 0, Some((DATA, 16, false))).1, S_IOERR, "discard on a read-only disk");
+    assert_eq!(rig.request(T_WRITE_ZEROES, 0, Some((DATA, 16, false))).1, S_IOERR, "write-zeroes on a read-only disk");
     assert_eq!(rig.request(T_OUT, 0, Some((DATA, 512, false))).1, S_IOERR);
     assert_eq!(rig.request(T_IN, 0, Some((DATA, 512, true))).1, S_OK);
 }

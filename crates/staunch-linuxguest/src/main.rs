@@ -19,6 +19,7 @@
 use staunch_guestproto::{check_block, exit_code, fill_block, lba_for, BLOCK_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
@@ -191,13 +192,64 @@ fn run(c: &Config) -> u8 {
             s.spawn(move || worker(t, c, disk, n, meet));
         }
     });
+    let trimmed = trim(c, &disk);
     if n.mismatches.load(Relaxed) > 0 {
         exit_code::MISMATCH
-    } else if n.errors.load(Relaxed) > 0 || n.verified.load(Relaxed) != c.writes {
+    } else if n.errors.load(Relaxed) > 0 || n.verified.load(Relaxed) != c.writes || !trimmed {
         exit_code::FAULT
     } else {
         exit_code::OK
     }
+}
+
+/// After the run: discard the 16 blocks after the verified region and
+/// zero out the 16 after those (the host's check covers only `blocks`),
+/// through the kernel's BLKDISCARD and BLKZEROOUT, which send the device
+/// VIRTIO_BLK_T_DISCARD and T_WRITE_ZEROES when it offers them; all 32 must
+/// read back as zeros (this device punches or zeroes the range). One line:
+/// `STAUNCH blk trim discard_max_bytes=D write_zeroes_max_bytes=Z zeroed=1 errors=E`.
+fn trim(c: &Config, disk: &File) -> bool {
+    const BLKDISCARD: libc::c_ulong = 0x1277;
+    const BLKZEROOUT: libc::c_ulong = 0x127f;
+    const SPAN: u64 = 16 * BLOCK_SIZE as u64;
+    let name = c.dev.rsplit('/').next().unwrap_or("vda");
+    let queue = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/block/{name}/queue/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let base = c.blocks * BLOCK_SIZE as u64;
+    let mut errors = 0;
+    let mut b = Box::new(Block([0x5a; BLOCK_SIZE]));
+    for i in 0..2 * SPAN / BLOCK_SIZE as u64 {
+        if disk.write_at(&b.0, base + i * BLOCK_SIZE as u64).map_or(true, |n| n != BLOCK_SIZE) {
+            errors += 1;
+        }
+    }
+    for (req, at) in [(BLKDISCARD, base), (BLKZEROOUT, base + SPAN)] {
+        let range: [u64; 2] = [at, SPAN];
+        // SAFETY: both ioctls read a u64[2] (start, length) we own.
+        if unsafe { libc::ioctl(disk.as_raw_fd(), req, range.as_ptr()) } != 0 {
+            line(&format!("STAUNCH blk error ioctl {req:#x}: {}", std::io::Error::last_os_error()));
+            errors += 1;
+        }
+    }
+    let mut zeroed = true;
+    for i in 0..2 * SPAN / BLOCK_SIZE as u64 {
+        b.0.fill(0xff);
+        if disk.read_at(&mut b.0, base + i * BLOCK_SIZE as u64).map_or(true, |n| n != BLOCK_SIZE) {
+            errors += 1;
+        }
+        zeroed &= b.0.iter().all(|&x| x == 0);
+    }
+    line(&format!(
+        "STAUNCH blk trim discard_max_bytes={} write_zeroes_max_bytes={} zeroed={} errors={errors}",
+        queue("discard_max_bytes"),
+        queue("write_zeroes_max_bytes"),
+        zeroed as u8
+    ));
+    errors == 0 && zeroed
 }
 
 fn main() {

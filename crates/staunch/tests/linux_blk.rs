@@ -170,6 +170,13 @@ fn linux_over_staunch_blk_survives_kills_and_an_upgrade() {
     assert_eq!(field(last, "verified"), WRITES, "{last}");
     assert_eq!(field(last, "mismatches"), 0, "{last}");
     assert_eq!(field(last, "errors"), 0, "{last}");
+    // Discard and write-zeroes reached the device (the kernel saw them
+    // offered) and left zeros.
+    let trim = log.lines().find(|l| l.contains("STAUNCH blk trim")).expect("the trim line");
+    assert!(field(trim, "discard_max_bytes") > 0, "{trim}");
+    assert!(field(trim, "write_zeroes_max_bytes") > 0, "{trim}");
+    assert_eq!(field(trim, "zeroed"), 1, "{trim}");
+    assert_eq!(field(trim, "errors"), 0, "{trim}");
     for bad in ["I/O error", "blk_update_request", "Buffer I/O error", "STAUNCH blk error", "STAUNCH blk mismatch"] {
         assert!(!log.contains(bad), "the console has {bad:?}:\n{log}");
     }
@@ -184,6 +191,10 @@ fn linux_over_staunch_blk_survives_kills_and_an_upgrade() {
     let upgrades = ev.iter().filter(|e| e["event"] == "backend-ready" && e["upgraded"] == true).count();
     assert_eq!(upgrades, 1, "{ev:?}");
     check_disk(&b.disk, WRITES, BLOCKS);
+    // And the host sees the trimmed blocks as zeros in the image.
+    let img = std::fs::read(&b.disk).unwrap();
+    let at = BLOCKS as usize * 4096;
+    assert!(img[at..at + 32 * 4096].iter().all(|&x| x == 0), "the discarded/zeroed blocks hold data");
     // Passed: the directory (a disk and two copies of the binary) goes.
     drop((q, b));
     let _ = std::fs::remove_dir_all(&d);

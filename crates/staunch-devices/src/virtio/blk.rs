@@ -9,16 +9,26 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT, desc::split::Descriptor};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 pub const SECTOR: u64 = 512;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+/// Sectors per discard or write-zeroes segment, and segments per request.
+pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
+pub const MAX_RANGE_SEGS: u32 = 16;
+/// write-zeroes flag: the range may be deallocated (reads stay zero).
+const WZ_UNMAP: u32 = 1;
 
 pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
@@ -185,6 +195,13 @@ impl Block {
                 self.file.sync_data().map_err(|_| S_IOERR)?;
                 Ok(0)
             }
+            T_DISCARD | T_WRITE_ZEROES => {
+                if self.read_only {
+                    return Err(S_IOERR);
+                }
+                self.ranges(kind, data, mem)?;
+                Ok(0)
+            }
             T_GET_ID => {
                 let d = data.first().filter(|d| d.is_write_only()).ok_or(S_IOERR)?;
                 let n = (d.len() as usize).min(ID_LEN);
@@ -193,6 +210,69 @@ impl Block {
             }
             _ => Err(S_UNSUPP),
         }
+    }
+
+    /// Discard or write-zeroes: segments of (sector, sectors, flags), read
+    /// from device-readable buffers. Both are idempotent (a resubmission
+    /// after a backend restart leaves the same bytes): a discard punches a
+    /// hole (it reads as zeros afterwards, as Linux's discard-zeroes
+    /// expects nothing more), write-zeroes zeroes the range in place, or
+    /// punches it when the guest allows unmapping.
+    fn ranges(&self, kind: u32, data: &[Descriptor], mem: &GuestMemoryMmap) -> Result<(), u8> {
+        if data.iter().any(|d| d.is_write_only()) {
+            return Err(S_IOERR);
+        }
+        let total: u64 = data.iter().map(|d| d.len() as u64).sum();
+        if total == 0 || !total.is_multiple_of(16) || total / 16 > MAX_RANGE_SEGS as u64 {
+            return Err(S_IOERR);
+        }
+        // Check every segment before touching the disk: a bad one fails
+        // the request without half of it done.
+        let mut segs = Vec::new();
+        for d in data {
+            for i in 0..d.len() as u64 / 16 {
+                let raw: [u8; 16] = mem.read_obj(d.addr().unchecked_add(16 * i)).map_err(|_| S_IOERR)?;
+                let sector = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+                let n = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
+                let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
+                let allowed = if kind == T_WRITE_ZEROES { WZ_UNMAP } else { 0 };
+                if flags & !allowed != 0 {
+                    return Err(S_UNSUPP);
+                }
+                let end = sector.checked_add(n as u64).ok_or(S_IOERR)?;
+                if n > MAX_RANGE_SECTORS || end > self.capacity {
+                    return Err(S_IOERR);
+                }
+                segs.push((sector * SECTOR, n as u64 * SECTOR, flags & WZ_UNMAP != 0));
+            }
+        }
+        for (off, len, unmap) in segs {
+            if len == 0 {
+                continue;
+            }
+            let punch = kind == T_DISCARD || unmap;
+            let mode =
+                libc::FALLOC_FL_KEEP_SIZE | if punch { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
+            // SAFETY: fallocate on our own file descriptor; no memory involved.
+            let r = unsafe { libc::fallocate64(self.file.as_raw_fd(), mode, off as i64, len as i64) };
+            if r != 0 {
+                // A filesystem without the mode: write zeros instead.
+                self.zero(off, len)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero(&self, mut off: u64, len: u64) -> Result<(), u8> {
+        use std::os::unix::fs::FileExt;
+        let zeros = vec![0u8; 64 << 10];
+        let end = off + len;
+        while off < end {
+            let n = (end - off).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], off).map_err(|_| S_IOERR)?;
+            off += n as u64;
+        }
+        Ok(())
     }
 
     fn transfer(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: usize, off: u64, write: bool) -> Result<(), u8> {
@@ -231,7 +311,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        F_FLUSH | if self.read_only { F_RO } else { 0 }
+        F_FLUSH | if self.read_only { F_RO } else { F_DISCARD | F_WRITE_ZEROES }
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -241,6 +321,16 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut cfg = [0u8; 0x40];
         cfg[..8].copy_from_slice(&self.capacity.to_le_bytes());
+        if !self.read_only {
+            // virtio_blk_config: max_discard_sectors, max_discard_seg,
+            // discard_sector_alignment (4 KiB), max_write_zeroes_sectors,
+            // max_write_zeroes_seg, write_zeroes_may_unmap.
+            let fields = [(0x24, MAX_RANGE_SECTORS), (0x28, MAX_RANGE_SEGS), (0x2c, 8), (0x30, MAX_RANGE_SECTORS)];
+            for (at, v) in fields.into_iter().chain([(0x34, MAX_RANGE_SEGS)]) {
+                cfg[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            cfg[0x38] = 1;
+        }
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
         }
