@@ -199,7 +199,9 @@ fn discard_and_write_zeroes_leave_zeros_and_refuse_bad_segments() {
 
     // Hostile segments fail the whole request and change nothing.
     fill_and_read(&mut rig, 16, 0x33);
-    let bad: [(&str, u32, u64, u32, u32, u32, bool, u8); 6] = [
+    // (what, kind, sector, sectors, flags, buffer length, device-writable, status)
+    type Bad = (&'static str, u32, u64, u32, u32, u32, bool, u8);
+    let bad: [Bad; 6] = [
         ("discard with the unmap flag", T_DISCARD, 16, 8, 1, 16, false, S_UNSUPP),
         ("unknown flag bits", T_WRITE_ZEROES, 16, 8, 4, 16, false, S_UNSUPP),
         ("past the end of the disk", T_DISCARD, 120, 16, 0, 16, false, S_IOERR),
