@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the initramfs of the real-Linux end-to-end tests (Debian's kernel
-# under QEMU, disk served by `staunch blk`) into
+# under QEMU, disk served by `staunch blk`, network by `staunch net`) into
 # $STAUNCH_CACHE/initramfs/initramfs.cpio.gz: Debian's static busybox, the
 # kernel's virtio modules (from the cached linux-image .deb), the guest
 # program staunch-linux-blk built statically, and an /init that loads the
@@ -31,8 +31,9 @@ elif readelf -l "$prog" | grep -q INTERP; then
 fi
 
 # The modules in load order (modules.dep is not shipped): virtio-pci needs
-# the first four, virtio-blk virtio and virtio_ring.
-mods=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+# the first four, virtio-blk virtio and virtio_ring, virtio-net failover and
+# net_failover.
+mods=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net)
 
 key="$( (basename "$kdeb" && printf '%s\n' "${mods[@]}" && cat "$bb" "$prog" "$0") | sha256sum | cut -d' ' -f1)"
 if [[ -s "$img" && -f "$out/.inputs" && "$(cat "$out/.inputs")" == "$key" ]]; then
@@ -65,6 +66,20 @@ exec </dev/console >/dev/console 2>&1
 for m in ${mods[*]}; do
     insmod /lib/modules/\$m.ko || echo "STAUNCH init: insmod \$m failed"
 done
+# staunch.net=ADDR/LEN: the network test. eth0 gets the address, a TCP
+# echo service listens on port 7 (busybox nc, one cat per connection), and
+# the guest stays up until the test ends it.
+net=""
+for a in \$(cat /proc/cmdline); do
+    case "\$a" in staunch.net=*) net="\${a#staunch.net=}" ;; esac
+done
+if [ -n "\$net" ]; then
+    ip link set lo up
+    ip link set eth0 up && ip addr add "\$net" dev eth0 || echo "STAUNCH net error: no eth0"
+    nc -ll -p 7 -e cat &
+    echo "STAUNCH net up addr=\$net"
+    while true; do sleep 3600; done
+fi
 i=0
 while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do
     sleep 0.1

@@ -10,6 +10,8 @@ need_pkgs=()
 command -v cc >/dev/null || need_pkgs+=(gcc)
 # Debian's real XenStore clients: the config store's conformance tests.
 command -v xenstore-read >/dev/null || need_pkgs+=(xenstore-utils)
+# ip(8): the network tests' namespaces, bridges and taps.
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 if ((${#need_pkgs[@]})); then
     [[ "$(id -u)" == 0 ]] || die "need root to install: ${need_pkgs[*]}"
     say "installing ${need_pkgs[*]}"

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::*;
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut};
+use vhost::vhost_user::{Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -44,8 +44,13 @@ pub trait Device: Send + Sync + 'static {
     fn config(&self) -> Vec<u8>;
     fn queues(&self) -> usize;
     fn queue_size(&self) -> u16;
-    /// A handler for one queue (each queue worker owns one).
-    fn handler(&self) -> Result<Box<dyn QueueHandler>, String>;
+    /// A handler for queue `queue` (each queue worker owns one).
+    fn handler(&self, queue: usize) -> Result<Box<dyn QueueHandler>, String>;
+    /// Descriptors a spare or an upgraded image inherits (their numbers are
+    /// in the command line), such as a tap that only one process can open.
+    fn inherited_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
 }
 
 /// Serves descriptor chains of one queue.
@@ -53,6 +58,15 @@ pub trait QueueHandler: Send {
     /// Serve one chain (already walked and bounds-checked against the
     /// queue); returns the used length.
     fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32;
+    /// Whether to take a chain now. A receive queue takes a buffer only
+    /// when a frame is waiting for it.
+    fn ready(&mut self) -> bool {
+        true
+    }
+    /// What to wait on, besides the kick, while `ready` says no (a tap).
+    fn source(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Where the backend reports what it does.
@@ -148,7 +162,7 @@ impl Session {
         let n = size as u64;
         let t = |va: u64, len: u64| mem.translate(va, len).ok_or(op("vring address outside guest memory"));
         let (desc, avail, used) = (t(desc, 16 * n)?, t(avail, 6 + 2 * n)?, t(used, 6 + 8 * n)?);
-        let handler = device.handler().map_err(|_| VhostError::BackendInternalError)?;
+        let handler = device.handler(index).map_err(|_| VhostError::BackendInternalError)?;
         let setup = WorkerSetup {
             index,
             size,
@@ -291,7 +305,10 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.vring(index as u32).map(|_| ())
     }
     fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
-        let mut f = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        let mut f = VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        if !self.device.config().is_empty() {
+            f |= VhostUserProtocolFeatures::CONFIG;
+        }
         if self.device.queues() > 1 {
             f |= VhostUserProtocolFeatures::MQ;
         }
@@ -525,17 +542,19 @@ fn serve_connection(
 ) {
     let conn = stream.try_clone().ok();
     let sink = opts.handoff.as_deref().zip(conn.as_ref());
-    let mut handler = if resumed {
-        match resume::handler(stream, &session) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "resumed connection");
-                session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
-                return;
-            }
-        }
+    let (acked, protocol) = if resumed {
+        let s = session.lock().unwrap_or_else(|p| p.into_inner());
+        (s.acked, s.protocol)
     } else {
-        BackendReqHandler::from_stream(stream, session.clone())
+        (VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0)
+    };
+    let mut handler = match resume::handler(stream, &session, acked, protocol) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "connection handler");
+            session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+            return;
+        }
     };
     let event = if resumed { "connection-resumed" } else { "frontend-connected" };
     staunch_events::emit(opts.events.as_deref(), event, serde_json::json!({"component": device.name()}));

@@ -56,7 +56,7 @@ impl Device for BlkDevice {
     fn queue_size(&self) -> u16 {
         QUEUE_SIZE
     }
-    fn handler(&self) -> Result<Box<dyn QueueHandler>, String> {
+    fn handler(&self, _queue: usize) -> Result<Box<dyn QueueHandler>, String> {
         Ok(Box::new(Handler(self.disk.try_clone().map_err(|e| e.to_string())?)))
     }
 }

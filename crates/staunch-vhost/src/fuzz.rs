@@ -80,7 +80,7 @@ pub fn blk_requests(data: &[u8]) -> u16 {
         call: None,
         mem,
         inflight,
-        handler: dev.handler().expect("handler"),
+        handler: dev.handler(0).expect("handler"),
         events: None,
         component: "fuzz",
     };

@@ -13,5 +13,6 @@ pub mod fuzz;
 pub mod handoff;
 pub mod inflight;
 pub mod memory;
+pub mod net;
 pub mod process;
 mod queue;

@@ -136,6 +136,7 @@ fn keep_spare(
     bin: PathBuf,
     args: Vec<String>,
     fd: RawFd,
+    device_fds: Vec<RawFd>,
     events: Option<PathBuf>,
     sink: Option<Arc<handoff::Sink>>,
     stop: Arc<EventFd>,
@@ -162,10 +163,14 @@ fn keep_spare(
         if let Some(t) = theirs {
             cmd.args(["--handoff-fd".to_string(), t.to_string()]);
         }
+        let device_fds = device_fds.clone();
         // SAFETY: only async-signal-safe fcntl between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 clear_cloexec(fd)?;
+                for &d in &device_fds {
+                    clear_cloexec(d)?;
+                }
                 theirs.map_or(Ok(()), clear_cloexec)
             });
         }
@@ -307,12 +312,14 @@ pub fn run(
     let took_over = role.spare_of.is_some();
     let sink = role.spare.then(|| Arc::new(handoff::Sink::default()));
     opts.handoff = sink.clone();
+    let device_fds = device.inherited_fds();
     let spare = role.spare.then(|| {
         let (b, a, e, s) =
             (bin.clone(), role_args(&role, fd, Some(std::process::id())), opts.events.clone(), stop_spare.clone());
+        let d = device_fds.clone();
         std::thread::Builder::new()
             .name("spare".into())
-            .spawn(move || keep_spare(b, a, fd, e, sink, s, spawned, took_over))
+            .spawn(move || keep_spare(b, a, fd, d, e, sink, s, spawned, took_over))
     });
     if role.spare && role.spare_of.is_none() {
         // A fresh backend serves only once a spare exists: a death right
@@ -329,6 +336,9 @@ pub fn run(
     }
     staunch_events::emit(ev, "backend-upgrade", serde_json::json!({"component": name, "binary": bin}));
     clear_cloexec(fd).map_err(io("listening socket"))?;
+    for d in device_fds {
+        clear_cloexec(d).map_err(io("device descriptor"))?;
+    }
     let fd = listener.into_raw_fd();
     let err = std::process::Command::new(&bin).args(role_args(&role, fd, None)).env_remove("STAUNCH_FAILPOINTS").exec();
     Err(ProcessError::Exec { path: bin.display().to_string(), err })

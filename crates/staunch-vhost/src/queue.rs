@@ -87,6 +87,7 @@ impl State {
             events: s.events,
             component: s.component,
             busy: Arc::default(),
+            starved: false,
         };
         Ok((st, s.kick, rec))
     }
@@ -118,26 +119,33 @@ impl Worker {
             st.pass();
             busy.leave();
             loop {
+                // The source (a tap) only while a buffer waits for it: a
+                // readable tap and an empty ring would spin.
+                let source = st.starved.then(|| st.handler.source()).flatten();
                 let mut fds = [
                     libc::pollfd { fd: kick.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                     libc::pollfd { fd: stop2.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: source.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
                 ];
-                // SAFETY: two valid pollfd entries.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                // SAFETY: three valid pollfd entries (a negative fd is ignored).
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
                 if n < 0 {
                     continue;
                 }
                 if fds[1].revents != 0 {
                     break;
                 }
+                if fds[0].revents & !libc::POLLIN != 0 {
+                    // Not an eventfd we can wait on: stop serving this queue.
+                    break;
+                }
                 if fds[0].revents & libc::POLLIN != 0 {
                     let _ = kick.read();
+                }
+                if fds[0].revents != 0 || fds[2].revents != 0 {
                     busy.enter();
                     st.pass();
                     busy.leave();
-                } else if fds[0].revents != 0 {
-                    // Not an eventfd we can wait on: stop serving this queue.
-                    break;
                 }
             }
             st.q.next_avail()
@@ -172,6 +180,9 @@ struct State {
     component: &'static str,
     /// Refreshed at every request: the watchdog sees one that never ends.
     busy: Arc<crate::control::Busy>,
+    /// The last pass stopped because the handler was not ready (buffers
+    /// wait for its source), not because the ring was empty.
+    starved: bool,
 }
 
 impl State {
@@ -228,7 +239,14 @@ impl State {
     /// Serve one request; Ok(false) when there is nothing to serve.
     fn serve_one(&mut self) -> Result<bool, Stop> {
         self.busy.enter();
+        self.starved = false;
         let mem = &self.mem.mem;
+        if !self.handler.ready() {
+            // Nothing to put in a buffer yet; whether one waits is seen below.
+            let avail = self.q.avail_idx(mem, Ordering::Acquire).map_err(|e| Stop::Ring(e.to_string()))?;
+            self.starved = !self.resubmit.is_empty() || avail.0 != self.q.next_avail();
+            return Ok(false);
+        }
         let qi = self.inflight.as_ref().and_then(|r| r.queue(self.index));
         let head = match self.resubmit.pop_front() {
             Some(h) => h,

@@ -315,6 +315,8 @@ fn vmm_pause(events: &[Value]) -> Option<f64> {
             Some("hang-detected") => e["stuck_ms"].as_f64(),
             Some("resumed") => e["guest_pause_ms"].as_f64(),
             Some("backend-reconnected") => e["outage_us"].as_f64().map(|u| u / 1000.0),
+            // The backend's spare: from the death seen to the rings running.
+            Some("backend-takeover") => e["resumed_us"].as_f64().map(|u| u / 1000.0),
             _ => None,
         };
         if let Some(ms) = ms {
@@ -596,7 +598,7 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
         started.elapsed().as_secs_f64()
     );
     if a.target == "blk" {
-        println!("I/O stalls: the guest's own clock (maxio_us: its longest block request, submit to completion, around the fault); the VMM-reported column is the VMM's own figure (backend outage, from hang-up to reconnected)");
+        println!("I/O stalls: the guest's own clock (maxio_us: its longest block request, submit to completion, around the fault); the VMM-reported column is what the components report about themselves (the backend spare's death-to-rings-running, a reconnect's outage, a microreset, the watchdog's stuck time)");
     } else {
         println!("pauses: the guest's own clock (maxgap_us: its longest gap between two loop iterations); the VMM-reported column is the VMM's figure about itself");
     }

@@ -4,6 +4,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod backends;
 mod bench;
 mod bench_blk;
 mod bench_io;
@@ -61,7 +62,10 @@ enum Cmd {
     },
     /// A vhost-user-blk backend: serves a disk file to a VMM (Staunch's or
     /// QEMU's) from its own restartable process.
-    Blk(BlkArgs),
+    Blk(backends::BlkArgs),
+    /// A vhost-user-net backend: moves a VM's frames to and from a tap
+    /// device, from its own restartable process.
+    Net(backends::NetArgs),
     /// Write the built-in test guest image to a file.
     Testguest {
         /// Directory to write `staunch-testguest.elf` into.
@@ -129,69 +133,6 @@ enum VmCmd {
     /// Arm failpoints in the running VMM: `name=action[*count],...`
     /// (actions: panic, error, hang, corrupt, segv, abort, stack-overflow).
     Failpoint { spec: String },
-}
-
-#[derive(Args)]
-struct BlkArgs {
-    /// Unix socket to listen on for the frontend.
-    #[arg(long)]
-    socket: PathBuf,
-    /// The disk image: `FILE` or `FILE,ro`.
-    #[arg(long)]
-    disk: String,
-    /// Where to append structured events (JSON lines).
-    #[arg(long)]
-    events: Option<PathBuf>,
-    /// Virtqueues to offer (a frontend may use fewer).
-    #[arg(long, default_value_t = 1)]
-    queues: u16,
-    /// Keep a spare process ready to take over if this one dies.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    spare: String,
-    /// A control socket: `ping`, `failpoint SPEC` (one line each).
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// A queue worker busy this long is hung: the process ends and its
-    /// spare takes over.
-    #[arg(long, default_value_t = 3000)]
-    hang_ms: u64,
-    /// A listening socket inherited across exec (upgrade, spare).
-    #[arg(long, hide = true)]
-    listen_fd: Option<i32>,
-    /// Serve only once this process has died (a spare).
-    #[arg(long, hide = true)]
-    spare_of: Option<u32>,
-    /// The spare's end of its serving process's handoff channel.
-    #[arg(long, hide = true)]
-    handoff_fd: Option<i32>,
-}
-
-fn blk(a: BlkArgs) -> Result<i32> {
-    let disk = DiskConfig::parse(&a.disk)?;
-    staunch_fault::from_env().context("STAUNCH_FAILPOINTS")?;
-    staunch_vmm::events::report_failpoints(a.events.clone());
-    let dev = staunch_vhost::blk::BlkDevice::open(&disk.path, disk.read_only, a.queues)?;
-    let mut args = vec!["--socket".into(), a.socket.display().to_string(), "--disk".into(), a.disk.clone()];
-    if let Some(e) = &a.events {
-        args.extend(["--events".into(), e.display().to_string()]);
-    }
-    args.extend(["--queues".into(), a.queues.to_string(), "--spare".into(), a.spare.clone()]);
-    args.extend(["--hang-ms".into(), a.hang_ms.to_string()]);
-    if let Some(c) = &a.control {
-        args.extend(["--control".into(), c.display().to_string()]);
-    }
-    let role = staunch_vhost::process::Role {
-        listen_fd: a.listen_fd,
-        spare_of: a.spare_of,
-        handoff_fd: a.handoff_fd,
-        spare: a.spare == "on",
-        args,
-        command: "blk",
-        control: a.control.clone(),
-        hang_limit: std::time::Duration::from_millis(a.hang_ms.max(100)),
-    };
-    let opts = staunch_vhost::backend::Options { events: a.events, ..Default::default() };
-    match staunch_vhost::process::run(&a.socket, std::sync::Arc::new(dev), opts, role)? {}
 }
 
 #[derive(Args)]
@@ -547,7 +488,8 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Campaign(a) => campaign::run(a),
         Cmd::Store(a) => store(a),
-        Cmd::Blk(a) => blk(a),
+        Cmd::Blk(a) => backends::blk(a),
+        Cmd::Net(a) => backends::net(a),
         Cmd::Testguest { dir } => staunch_testguest::install(&dir)
             .with_context(|| format!("writing the test guest to {}", dir.display()))
             .map(|p| {

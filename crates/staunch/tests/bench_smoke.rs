@@ -26,6 +26,21 @@ fn kvm_bench_quick_prints_table() {
 }
 
 #[test]
+fn io_bench_quick_prints_table() {
+    let r = run(staunch().args(["bench", "io", "--quick", "--allow-busy"]), None, Duration::from_secs(300));
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    for row in ["queue thread", "thread pool", "| io_uring |", "pread/pwrite, O_DIRECT", "io_uring, O_DIRECT"] {
+        let line = r.stdout.lines().find(|l| l.contains(row)).unwrap_or_else(|| panic!("no row {row}:\n{}", r.stdout));
+        // Four cells, each a positive rate.
+        let rates: Vec<f64> =
+            line.split('|').skip(2).filter_map(|c| c.trim().split("/s").next()?.parse().ok()).collect();
+        assert_eq!(rates.len(), 4, "{line}");
+        assert!(rates.iter().all(|r| *r > 0.0), "{line}");
+    }
+    assert!(r.stdout.contains("fdatasync"), "{}", r.stdout);
+}
+
+#[test]
 fn store_bench_quick_prints_table() {
     let r = run(staunch().args(["bench", "store", "--quick", "--allow-busy"]), None, Duration::from_secs(300));
     assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);

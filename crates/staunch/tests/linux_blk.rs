@@ -9,10 +9,10 @@
 //! host's check of the disk.
 
 mod common;
+mod qemulinux;
 use common::*;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use qemulinux::{assets, Assets, Qemu};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const WRITES: u64 = 40_000;
@@ -20,103 +20,16 @@ const BLOCKS: u64 = 256;
 const QD: u64 = 4;
 const REPORT: u64 = 500;
 
-/// The cache of scripts/qemu.sh, assets.sh and initramfs.sh.
-fn cache() -> PathBuf {
-    std::env::var_os("STAUNCH_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache"))
+fn start(d: &Path, a: &Assets, sock: &Path) -> Qemu {
+    let append = format!("staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.qd={QD} staunch.report={REPORT}");
+    let chardev = format!("socket,id=c0,path={},reconnect-ms=10", sock.display());
+    Qemu::start(d, a, &append, &["-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=c0"])
 }
 
-struct Assets {
-    qemu: PathBuf,
-    kernel: PathBuf,
-    initramfs: PathBuf,
-}
-
-/// The assets (scripts/test.sh fetches and builds them): a missing one
-/// fails the test, as in tests/linux.rs; it is never passed by skipping.
-fn assets() -> Assets {
-    let c = cache();
-    let a = Assets {
-        qemu: c.join("qemu/root/usr/bin/qemu-system-x86_64"),
-        kernel: std::env::var_os("STAUNCH_LINUX_KERNEL").map(PathBuf::from).unwrap_or(c.join("linux/vmlinuz")),
-        initramfs: c.join("initramfs/initramfs.cpio.gz"),
-    };
-    let missing: Vec<_> = [&a.qemu, &a.kernel, &a.initramfs].into_iter().filter(|p| !p.exists()).collect();
-    assert!(
-        missing.is_empty(),
-        "missing {missing:?}: run scripts/qemu.sh, scripts/assets.sh and scripts/initramfs.sh (scripts/test.sh does)"
-    );
-    a
-}
-
-/// QEMU, its console in a file. On each backend disconnect (a SIGKILL or an
-/// upgrade) its stderr says "Failed to set msg fds." and "vhost VQ 0 ring
-/// restore failed": it cannot ask the dead backend for the ring's state and
-/// takes it from the used index; then it reconnects (reconnect-ms).
-struct Qemu {
-    child: Child,
-    log: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Qemu {
-    fn start(dir: &Path, a: &Assets, sock: &Path) -> Qemu {
-        let (log, stderr) = (dir.join("console.log"), dir.join("qemu.stderr"));
-        let root = a.qemu.parent().unwrap().parent().unwrap();
-        let libs = [root.join("lib/x86_64-linux-gnu"), root.parent().unwrap().join("lib/x86_64-linux-gnu")];
-        let mut c = Command::new(&a.qemu);
-        c.env("LD_LIBRARY_PATH", std::env::join_paths(libs).unwrap());
-        c.arg("-L").arg(root.join("share/qemu")).arg("-L").arg(root.join("share/seabios"));
-        c.args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp", "1"]);
-        c.args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-machine", "memory-backend=mem"]);
-        c.arg("-kernel").arg(&a.kernel).arg("-initrd").arg(&a.initramfs);
-        c.arg("-append").arg(format!(
-            "console=ttyS0 quiet panic=-1 staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.qd={QD} staunch.report={REPORT}"
-        ));
-        c.arg("-chardev").arg(format!("socket,id=c0,path={},reconnect-ms=10", sock.display()));
-        c.args(["-device", "vhost-user-blk-pci,chardev=c0"]);
-        c.arg("-serial").arg(format!("file:{}", log.display()));
-        c.args(["-display", "none", "-nodefaults", "-no-user-config", "-no-reboot"]);
-        let err = std::fs::File::create(&stderr).unwrap();
-        let child = c.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().unwrap();
-        Qemu { child, log, stderr }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn reports(&self) -> usize {
-        self.log().matches("STAUNCH blk written=").count()
-    }
-
-    fn wait_for(&mut self, what: &str, within: Duration, f: impl Fn(&str) -> bool) {
-        let t = Instant::now();
-        while !f(&self.log()) {
-            let gone = self.child.try_wait().unwrap();
-            let late = t.elapsed() > within;
-            if gone.is_some() || late {
-                let why = if late { format!("timed out after {within:?}") } else { format!("QEMU ended: {gone:?}") };
-                let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-                panic!("waiting for {what}: {why}\nconsole:\n{}\nQEMU's stderr:\n{err}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Two more reports from the guest: its I/O goes on.
-    fn progress(&mut self, what: &str) {
-        let n = self.reports();
-        self.wait_for(what, Duration::from_secs(60), |l| l.matches("STAUNCH blk written=").count() >= n + 2);
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Two more reports from the guest: its I/O goes on.
+fn progress(q: &mut Qemu, what: &str) {
+    let n = q.log().matches("STAUNCH blk written=").count();
+    q.wait_for(what, Duration::from_secs(60), |l| l.matches("STAUNCH blk written=").count() >= n + 2);
 }
 
 #[test]
@@ -128,7 +41,7 @@ fn linux_over_staunch_blk_survives_kills_and_an_upgrade() {
     let mut b = Backend::new(&d);
     b.run_from_copy(&d);
     let _ = b.start(None);
-    let mut q = Qemu::start(&d, &a, &b.sock);
+    let mut q = start(&d, &a, &b.sock);
     q.wait_for("the guest's first report", Duration::from_secs(180), |l| l.contains("STAUNCH blk written="));
     let boot = t0.elapsed();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -142,7 +55,7 @@ fn linux_over_staunch_blk_survives_kills_and_an_upgrade() {
             "kill" => b.kill(),
             _ => b.upgrade(),
         }
-        q.progress(&format!("the guest's I/O after the backend {fault}"));
+        progress(&mut q, &format!("the guest's I/O after the backend {fault}"));
     }
     q.wait_for("the guest to finish", Duration::from_secs(180), |l| l.contains("STAUNCH done"));
     let t = Instant::now();

@@ -115,11 +115,6 @@ impl Standby {
     pub(crate) fn resume(mut self, s: Snapshot, files: Vec<File>) -> Result<(UnixStream, Session), String> {
         self.map(&s, &files)?;
         let inflight = s.inflight.and(self.inflight.as_ref().map(|x| x.1.clone()));
-        for (i, v) in s.vrings.iter().enumerate() {
-            if v.running && inflight.as_ref().and_then(|r| r.queue(i)).is_none() {
-                return Err(format!("ring {i} ran without an inflight region: where it was is unknown"));
-            }
-        }
         let mut files = files.into_iter();
         let conn = crate::handoff::connection(files.next().ok_or("no connection")?);
         let mut session = Session::new(self.device.clone(), self.opts.clone());
@@ -137,7 +132,7 @@ impl Standby {
         if let Some(i) = s.inflight {
             files.next();
             session.inflight_src = Some(i);
-            session.inflight = inflight;
+            session.inflight = inflight.clone();
         }
         for (v, snap) in session.vrings.iter_mut().zip(&s.vrings) {
             *v = Vring {
@@ -154,6 +149,14 @@ impl Standby {
             if !v.running {
                 continue;
             }
+            if inflight.as_ref().and_then(|r| r.queue(i)).is_none() {
+                // No inflight region (QEMU keeps none for net): the ring
+                // goes on from the guest's used index. Our workers complete
+                // in order, so everything past it was not completed: it is
+                // served again (a transmit sent again, a receive buffer
+                // filled with the next frame, a block request repeated).
+                session.vrings[i].base = guest_used(&session, v).map_err(|e| format!("ring {i}: {e}"))?;
+            }
             session.maybe_start(i).map_err(|e| format!("ring {i}: {e}"))?;
             // A completion the dead process published may not have been
             // signalled: one interrupt, spurious at worst.
@@ -166,21 +169,32 @@ impl Standby {
     }
 }
 
+/// The used index the guest was last told, for ring `v` of `session`.
+fn guest_used(session: &Session, v: &VringSnap) -> Result<u16, String> {
+    use vm_memory::Bytes;
+    let mem = session.mem.as_ref().ok_or("no memory table")?;
+    let (_, _, used) = v.addrs.ok_or("no ring addresses")?;
+    let at = mem.translate(used, 4).ok_or("used ring outside guest memory")?;
+    let idx: u16 = mem.mem.read_obj(vm_memory::GuestAddress(at.0 + 2)).map_err(|e| e.to_string())?;
+    Ok(u16::from_le(idx))
+}
+
 /// The `vhost` crate's request handler keeps what was negotiated (the
 /// acked features, the protocol features, whether replies are acked) to
 /// itself. A resumed connection's handler learns it the way the first one
-/// did: it is primed with the negotiation messages on a private socket
-/// pair, whose end it reads is then replaced (dup2) by the connection.
+/// did: it is primed with the negotiation messages (`acked`, `protocol`)
+/// on a private socket pair, whose end it reads is then replaced (dup2) by
+/// the connection. A fresh connection's is primed with PROTOCOL_FEATURES
+/// acked: QEMU's vhost-user-net enables its rings before it sets the
+/// features, which the handler would refuse (libvhost-user accepts it).
 pub(crate) fn handler(
     conn: UnixStream,
     session: &Arc<std::sync::Mutex<Session>>,
+    acked: u64,
+    protocol: u64,
 ) -> std::io::Result<vhost::vhost_user::BackendReqHandler<std::sync::Mutex<Session>>> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    let (acked, protocol) = {
-        let s = session.lock().unwrap_or_else(|p| p.into_inner());
-        (s.acked, s.protocol)
-    };
     let (ours, mut theirs) = UnixStream::pair()?;
     let slot = ours.as_raw_fd();
     let mut handler = vhost::vhost_user::BackendReqHandler::from_stream(ours, session.clone());
@@ -242,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn a_running_ring_without_an_inflight_region_is_not_resumed() {
+    fn a_running_ring_without_inflight_or_memory_is_not_resumed() {
         let snap = Snapshot {
             version: VERSION,
             acked: 0,
@@ -254,7 +268,7 @@ mod tests {
         };
         let n = snap.fds();
         let e = standby().resume(snap, files(n)).err().expect("refused");
-        assert!(e.contains("without an inflight region"), "{e}");
+        assert!(e.contains("no memory table"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,263 @@
+//! `staunch net`: virtio-net served over vhost-user, frames moved between
+//! the guest's queues and a tap device.
+//!
+//! Queue 0 receives (tap to guest), queue 1 transmits (guest to tap). The
+//! tap carries the 12-byte virtio-net header in front of every frame
+//! (IFF_VNET_HDR), so a chain's bytes go to the tap and back unchanged:
+//! no offloads are offered, the header says "no checksum, no GSO", and a
+//! guest that lies in it gets its frame refused by the tap (counted), not a
+//! corrupted host. The frontend owns the configuration space (MAC, link
+//! status), so a backend restart can never show as a link event. One
+//! receive buffer holds one frame (mergeable buffers
+//! are offered; `num_buffers` is always 1, which Linux accepts).
+//!
+//! Across a backend restart: a transmit chain that was taken but not
+//! completed is sent again (at least once); a receive buffer that was
+//! taken but not filled is used for the next frame; a frame that was inside
+//! the dead process is lost (TCP retransmits it).
+
+use crate::backend::{Device, QueueHandler};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+
+const F_MRG_RXBUF: u64 = 1 << 15;
+/// virtio_net_hdr_v1 (VERSION_1 always has num_buffers).
+pub const HDR_LEN: usize = 12;
+/// The largest chain a transmit may be: a 64 KiB frame and its header.
+const MAX_TX: u64 = 65_536 + HDR_LEN as u64;
+const QUEUE_SIZE: u16 = 256;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("tap {name}: {err}")]
+    Tap { name: String, err: std::io::Error },
+    #[error("tap name {0:?}: 1 to 15 bytes, no '/' or whitespace")]
+    TapName(String),
+}
+
+/// Frames moved and dropped, for the backend's events and tests.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub rx_frames: AtomicU64,
+    pub tx_frames: AtomicU64,
+    /// Chains refused: wrong direction, too long, too short for a header.
+    pub bad_chains: AtomicU64,
+    /// Frames the tap refused (a header that lies) or could not take.
+    pub tx_errors: AtomicU64,
+}
+
+/// The frontend owns the device's configuration (MAC, link status: QEMU's
+/// and Staunch's build it themselves), so none is offered here.
+pub struct NetDevice {
+    tap: Arc<File>,
+    pub counters: Arc<Counters>,
+}
+
+/// Open (or attach to) tap `name` through /dev/net/tun, with the virtio-net
+/// header on every frame and no offloads, non-blocking.
+pub fn open_tap(name: &str) -> Result<File, NetError> {
+    if name.is_empty() || name.len() > 15 || name.contains('/') || name.chars().any(char::is_whitespace) {
+        return Err(NetError::TapName(name.into()));
+    }
+    let err = |err| NetError::Tap { name: name.into(), err };
+    let f =
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags_nonblock().open("/dev/net/tun").map_err(err)?;
+    // struct ifreq: the name, then the flags (a union of 24 bytes).
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads (and may write) a struct ifreq we own.
+    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    let hdr: libc::c_int = HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads an int we own; TUNSETOFFLOAD takes a
+    // plain value.
+    unsafe {
+        if libc::ioctl(f.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        if libc::ioctl(f.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(f)
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+impl NetDevice {
+    /// Serve tap `name`, or the tap descriptor a predecessor handed down.
+    pub fn new(tap: File) -> NetDevice {
+        NetDevice { tap: Arc::new(tap), counters: Arc::default() }
+    }
+
+    /// A tap descriptor inherited across exec (a spare, an upgrade): the
+    /// same queue of the same tap, so nothing is reopened.
+    ///
+    /// # Safety
+    /// `fd` must be an open tap descriptor this process owns.
+    pub unsafe fn inherited(fd: RawFd) -> NetDevice {
+        // SAFETY: the caller vouches for fd.
+        NetDevice::new(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+/// Guest buffers as an iovec list; None when one is outside guest memory.
+fn iovecs(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Option<Vec<libc::iovec>> {
+    descs
+        .iter()
+        .map(|d| {
+            let s = mem.get_slice(d.addr(), d.len() as usize).ok()?;
+            Some(libc::iovec { iov_base: s.ptr_guard_mut().as_ptr() as *mut libc::c_void, iov_len: d.len() as usize })
+        })
+        .collect()
+}
+
+struct Rx {
+    tap: Arc<File>,
+    counters: Arc<Counters>,
+}
+
+impl QueueHandler for Rx {
+    fn ready(&mut self) -> bool {
+        let mut p = libc::pollfd { fd: self.tap.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no waiting.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLIN != 0 }
+    }
+    fn source(&self) -> Option<RawFd> {
+        Some(self.tap.as_raw_fd())
+    }
+    fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
+        let total: u64 = descs.iter().map(|d| d.len() as u64).sum();
+        if descs.iter().any(|d| !d.is_write_only()) || total < HDR_LEN as u64 {
+            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let Some(iov) = iovecs(descs, mem) else {
+            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        // SAFETY: every iovec is a checked slice of guest memory, written
+        // only by the kernel; the guest may race on it, which changes
+        // bytes, never memory safety.
+        let n = unsafe { libc::readv(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < HDR_LEN as isize {
+            return 0;
+        }
+        // num_buffers (bytes 10-11 of the header): one buffer per frame.
+        if let Some(at) = offset(descs, 10) {
+            let _ = mem.write_obj(1u16.to_le(), at);
+        }
+        self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+        n as u32
+    }
+}
+
+/// The guest address of byte `at` of a chain.
+fn offset(descs: &[Descriptor], mut at: u64) -> Option<vm_memory::GuestAddress> {
+    use vm_memory::Address;
+    for d in descs {
+        if at + 2 <= d.len() as u64 {
+            return d.addr().checked_add(at);
+        }
+        at = at.checked_sub(d.len() as u64)?;
+    }
+    None
+}
+
+struct Tx {
+    tap: Arc<File>,
+    counters: Arc<Counters>,
+}
+
+impl QueueHandler for Tx {
+    fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
+        let total: u64 = descs.iter().map(|d| d.len() as u64).sum();
+        if descs.iter().any(|d| d.is_write_only()) || total < HDR_LEN as u64 || total > MAX_TX {
+            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let Some(iov) = iovecs(descs, mem) else {
+            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        // SAFETY: every iovec is a checked slice of guest memory, only read.
+        let n = unsafe { libc::writev(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        0
+    }
+}
+
+impl Device for NetDevice {
+    fn name(&self) -> &'static str {
+        "net"
+    }
+    fn features(&self) -> u64 {
+        F_MRG_RXBUF
+    }
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn queues(&self) -> usize {
+        2
+    }
+    fn queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+    fn handler(&self, queue: usize) -> Result<Box<dyn QueueHandler>, String> {
+        let (tap, counters) = (self.tap.clone(), self.counters.clone());
+        Ok(match queue {
+            0 => Box::new(Rx { tap, counters }),
+            _ => Box::new(Tx { tap, counters }),
+        })
+    }
+    fn inherited_fds(&self) -> Vec<RawFd> {
+        vec![self.tap.as_raw_fd()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_are_checked() {
+        for bad in ["", "a/b", "has space", "sixteen-bytes-xx"] {
+            assert!(matches!(open_tap(bad), Err(NetError::TapName(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_byte_offset_is_found_across_descriptors() {
+        let d = |addr: u64, len: u32| Descriptor::new(addr, len, 2, 0);
+        let chain = [d(0x1000, 4), d(0x2000, 8), d(0x3000, 100)];
+        assert_eq!(offset(&chain, 10), Some(vm_memory::GuestAddress(0x2006)));
+        assert_eq!(offset(&chain, 2), Some(vm_memory::GuestAddress(0x1002)));
+        assert_eq!(offset(&[d(0x1000, 11)], 10), None, "num_buffers split across the end");
+    }
+}
