@@ -123,15 +123,33 @@ impl NetDevice {
     }
 }
 
-/// Guest buffers as an iovec list; None when one is outside guest memory.
-fn iovecs(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Option<Vec<libc::iovec>> {
-    descs
-        .iter()
-        .map(|d| {
-            let s = mem.get_slice(d.addr(), d.len() as usize).ok()?;
-            Some(libc::iovec { iov_base: s.ptr_guard_mut().as_ptr() as *mut libc::c_void, iov_len: d.len() as usize })
-        })
-        .collect()
+/// A chain's buffers as an iovec list, if every one has the direction
+/// `device_writes`, the total holds a header and at most `max` bytes, and
+/// each lies in guest memory; else the chain is counted as bad.
+fn iovecs(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    device_writes: bool,
+    max: u64,
+    counters: &Counters,
+) -> Option<Vec<libc::iovec>> {
+    let total: u64 = descs.iter().map(|d| d.len() as u64).sum();
+    let iov = if descs.iter().any(|d| d.is_write_only() != device_writes) || total < HDR_LEN as u64 || total > max {
+        None
+    } else {
+        descs
+            .iter()
+            .map(|d| {
+                let s = mem.get_slice(d.addr(), d.len() as usize).ok()?;
+                let base = s.ptr_guard_mut().as_ptr() as *mut libc::c_void;
+                Some(libc::iovec { iov_base: base, iov_len: d.len() as usize })
+            })
+            .collect()
+    };
+    if iov.is_none() {
+        counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+    }
+    iov
 }
 
 struct Rx {
@@ -149,15 +167,7 @@ impl QueueHandler for Rx {
         Some(self.tap.as_raw_fd())
     }
     fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
-        let total: u64 = descs.iter().map(|d| d.len() as u64).sum();
-        if descs.iter().any(|d| !d.is_write_only()) || total < HDR_LEN as u64 {
-            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        }
-        let Some(iov) = iovecs(descs, mem) else {
-            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        };
+        let Some(iov) = iovecs(descs, mem, true, u32::MAX as u64, &self.counters) else { return 0 };
         // SAFETY: every iovec is a checked slice of guest memory, written
         // only by the kernel; the guest may race on it, which changes
         // bytes, never memory safety.
@@ -193,15 +203,7 @@ struct Tx {
 
 impl QueueHandler for Tx {
     fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
-        let total: u64 = descs.iter().map(|d| d.len() as u64).sum();
-        if descs.iter().any(|d| d.is_write_only()) || total < HDR_LEN as u64 || total > MAX_TX {
-            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        }
-        let Some(iov) = iovecs(descs, mem) else {
-            self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        };
+        let Some(iov) = iovecs(descs, mem, false, MAX_TX, &self.counters) else { return 0 };
         // SAFETY: every iovec is a checked slice of guest memory, only read.
         let n = unsafe { libc::writev(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
         if n < 0 {

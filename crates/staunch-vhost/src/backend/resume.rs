@@ -248,6 +248,10 @@ mod tests {
         Standby::new(Arc::new(dev), Options::default())
     }
 
+    fn snapshot(vrings: Vec<VringSnap>) -> Snapshot {
+        Snapshot { version: VERSION, acked: 0, protocol: 0, owner: true, mem: None, inflight: None, vrings }
+    }
+
     fn files(n: usize) -> Vec<File> {
         let (a, _b) = UnixStream::pair().unwrap();
         let mut v = vec![File::from(OwnedFd::from(a))];
@@ -257,15 +261,7 @@ mod tests {
 
     #[test]
     fn a_running_ring_without_inflight_or_memory_is_not_resumed() {
-        let snap = Snapshot {
-            version: VERSION,
-            acked: 0,
-            protocol: 0,
-            owner: true,
-            mem: None,
-            inflight: None,
-            vrings: vec![VringSnap { size: 128, kick: true, call: true, running: true, ..Default::default() }],
-        };
+        let snap = snapshot(vec![VringSnap { size: 128, kick: true, call: true, running: true, ..Default::default() }]);
         let n = snap.fds();
         let e = standby().resume(snap, files(n)).err().expect("refused");
         assert!(e.contains("no memory table"), "{e}");
@@ -273,15 +269,7 @@ mod tests {
 
     #[test]
     fn an_idle_session_resumes_with_its_connection() {
-        let snap = Snapshot {
-            version: VERSION,
-            acked: 1 << 32,
-            protocol: 0,
-            owner: true,
-            mem: None,
-            inflight: None,
-            vrings: vec![VringSnap { size: 128, ..Default::default() }],
-        };
+        let snap = Snapshot { acked: 1 << 32, ..snapshot(vec![VringSnap { size: 128, ..Default::default() }]) };
         let (_conn, s) = standby().resume(snap, files(1)).expect("resumed");
         assert_eq!(s.acked, 1 << 32);
         assert!(s.vrings[0].worker.is_none());
@@ -289,15 +277,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_with_more_rings_than_the_device_is_refused() {
-        let snap = Snapshot {
-            version: VERSION,
-            acked: 0,
-            protocol: 0,
-            owner: true,
-            mem: None,
-            inflight: None,
-            vrings: vec![VringSnap::default(); 40],
-        };
+        let snap = snapshot(vec![VringSnap::default(); 40]);
         assert!(standby().resume(snap, files(1)).is_err());
     }
 }
