@@ -201,6 +201,8 @@ pub struct Backend {
     /// The process `start` spawned: the group leader of the backend and
     /// every spare it starts (each spare takes over when its primary dies).
     pub child: Option<Child>,
+    /// Virtqueues the backend offers (`--queues`).
+    pub queues: u16,
 }
 
 impl Backend {
@@ -214,6 +216,7 @@ impl Backend {
             events: dir.join("blk-events.jsonl"),
             log: dir.join("blk.log"),
             child: None,
+            queues: 1,
         }
     }
 
@@ -238,6 +241,7 @@ impl Backend {
         use std::os::unix::process::CommandExt;
         let mut c = std::process::Command::new(&self.bin);
         c.arg("blk").arg("--socket").arg(&self.sock).arg("--disk").arg(&self.disk);
+        c.arg("--queues").arg(self.queues.to_string());
         c.arg("--events").arg(&self.events).arg("--control").arg(self.sock.with_extension("ctl"));
         if let Some(f) = failpoints {
             c.env("STAUNCH_FAILPOINTS", f);

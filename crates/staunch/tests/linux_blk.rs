@@ -23,7 +23,8 @@ const REPORT: u64 = 500;
 fn start(d: &Path, a: &Assets, sock: &Path) -> Qemu {
     let append = format!("staunch.writes={WRITES} staunch.blocks={BLOCKS} staunch.qd={QD} staunch.report={REPORT}");
     let chardev = format!("socket,id=c0,path={},reconnect-ms=10", sock.display());
-    Qemu::start(d, a, &append, &["-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=c0"])
+    // Two vCPUs and two queues: the guest's writers spread over both.
+    Qemu::start(d, a, 2, &append, &["-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
 }
 
 /// Two more reports from the guest: its I/O goes on.
@@ -39,6 +40,7 @@ fn linux_over_staunch_blk_survives_kills_and_an_upgrade() {
     let t0 = Instant::now();
     // Run from a copy of the binary, so it can be upgraded in place.
     let mut b = Backend::new(&d);
+    b.queues = 2;
     b.run_from_copy(&d);
     let _ = b.start(None);
     let mut q = start(&d, &a, &b.sock);
@@ -93,6 +95,8 @@ fn linux_over_staunch_blk_survives_kills_and_an_upgrade() {
     for bad in ["I/O error", "blk_update_request", "Buffer I/O error", "STAUNCH blk error", "STAUNCH blk mismatch"] {
         assert!(!log.contains(bad), "the console has {bad:?}:\n{log}");
     }
+    // QEMU took both queues (one inflight region covers them).
+    assert!(ev.iter().any(|e| e["event"] == "inflight-region" && e["queues"] == 2), "{ev:?}");
     let takeovers = ev.iter().filter(|e| e["event"] == "backend-takeover").count();
     assert_eq!(takeovers, 3, "{ev:?}");
     // Each spare kept QEMU's connection, and the last one served QEMU's

@@ -177,6 +177,7 @@ fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
     let mut q = Qemu::start(
         &d,
         &a,
+        1,
         &format!("staunch.net={GUEST}/24"),
         &[
             "-chardev",

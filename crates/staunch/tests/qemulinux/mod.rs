@@ -49,17 +49,17 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// Debian's kernel and the initramfs under TCG on q35 with 512 MiB of
+    /// Debian's kernel and the initramfs under TCG on q35, `cpus` vCPUs, 512 MiB of
     /// shared memfd memory (vhost-user needs it), `append` after the
     /// console parameters, `devices` (the vhost-user frontends) added.
-    pub fn start(dir: &Path, a: &Assets, append: &str, devices: &[&str]) -> Qemu {
+    pub fn start(dir: &Path, a: &Assets, cpus: u8, append: &str, devices: &[&str]) -> Qemu {
         let (log, stderr) = (dir.join("console.log"), dir.join("qemu.stderr"));
         let root = a.qemu.parent().unwrap().parent().unwrap();
         let libs = [root.join("lib/x86_64-linux-gnu"), root.parent().unwrap().join("lib/x86_64-linux-gnu")];
         let mut c = Command::new(&a.qemu);
         c.env("LD_LIBRARY_PATH", std::env::join_paths(libs).unwrap());
         c.arg("-L").arg(root.join("share/qemu")).arg("-L").arg(root.join("share/seabios"));
-        c.args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp", "1"]);
+        c.args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp"]).arg(cpus.to_string());
         c.args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-machine", "memory-backend=mem"]);
         c.arg("-kernel").arg(&a.kernel).arg("-initrd").arg(&a.initramfs);
         c.arg("-append").arg(format!("console=ttyS0 quiet panic=-1 {append}"));
