@@ -157,6 +157,8 @@ points! {
     VHOST_COMPLETED = "vhost.completed": "a backend served a request (the disk written), its used entry not yet published";
     VHOST_INFLIGHT = "vhost.inflight": "a backend published a used entry, its inflight entry not yet cleared";
     VHOST_MESSAGE = "vhost.message": "a backend handled a control message and replied, its spare not yet told";
+    NET_RX = "net.rx": "a net backend read a frame into a receive buffer, the buffer not yet published (the frame dies with the process)";
+    NET_TX = "net.tx": "a net backend sent a frame to the tap, its chain not yet published (it is sent again)";
 }
 
 pub fn find(name: &str) -> Option<&'static Point> {

@@ -440,25 +440,52 @@ type Connection = (UnixStream, Arc<Mutex<Session>>, std::thread::JoinHandle<()>)
 /// a process that hangs) supersedes the one before, whose rings are stopped
 /// before the new one can start any.
 pub fn serve_until(listener: &UnixListener, device: Arc<dyn Device>, opts: &Options, stop: &EventFd) {
-    serve_from(listener, device, opts, stop, None)
+    if let Some(live) = serve_from(listener, device, opts, stop, None) {
+        live.end();
+    }
 }
 
-/// [`serve_until`], starting with a connection a spare resumed.
+/// The connection being served when `serve_from` was told to stop.
+pub(crate) struct Live(Connection);
+
+impl Live {
+    /// Rings first (a request in progress completes and is published),
+    /// then the socket is shut and its thread joined.
+    pub(crate) fn end(self) {
+        let (old, session, thread) = self.0;
+        session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+        let _ = old.shutdown(std::net::Shutdown::Both);
+        let _ = thread.join();
+    }
+
+    /// Leave it to the spare: the rings stop (nothing stays in flight) but
+    /// the connection stays open, and the session stays locked until this
+    /// process exits, so no further message is handled or described to the
+    /// spare (one that arrives meanwhile is marked begun: the spare then
+    /// lets the connection go).
+    pub(crate) fn park(self) {
+        let (stream, session, thread) = self.0;
+        let mut guard = session.lock().unwrap_or_else(|p| p.into_inner());
+        guard.stop_all();
+        std::mem::forget(guard);
+        std::mem::forget((stream, session, thread));
+    }
+}
+
+/// [`serve_until`], starting with a connection a spare resumed; what was
+/// being served when `stop` came is returned, still open.
 pub(crate) fn serve_from(
     listener: &UnixListener,
     device: Arc<dyn Device>,
     opts: &Options,
     stop: &EventFd,
     resumed: Option<(UnixStream, Session)>,
-) {
+) -> Option<Live> {
     use std::os::fd::AsRawFd;
     let mut current: Option<Connection> = None;
     let end = |c: &mut Option<Connection>| {
-        if let Some((old, session, thread)) = c.take() {
-            // Rings first: a request in progress completes and is published.
-            session.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
-            let _ = old.shutdown(std::net::Shutdown::Both);
-            let _ = thread.join();
+        if let Some(c) = c.take() {
+            Live(c).end();
         }
     };
     let start = |stream: UnixStream, session: Session, resumed: bool| -> Option<Connection> {
@@ -489,8 +516,7 @@ pub(crate) fn serve_from(
             continue;
         }
         if fds[1].revents != 0 {
-            end(&mut current);
-            return;
+            return current.map(Live);
         }
         let stream = match listener.accept() {
             Ok((s, _)) => s,

@@ -111,6 +111,15 @@ pub(crate) enum Wire {
     State { snapshot: Snapshot },
     /// No frontend is connected.
     Idle,
+    /// A planned upgrade: the serving process stopped its rings (nothing
+    /// is in flight) and exits next; the spare, started from the new
+    /// binary, takes over.
+    Upgrade,
+    /// Are you listening? (answered with `Ready` once everything sent
+    /// before it has been read).
+    Ping,
+    /// From the spare: it is listening (it has everything sent so far).
+    Ready,
 }
 
 /// A fresh identifier for a memory table or inflight region.
@@ -239,6 +248,8 @@ struct SinkState {
     spare: Option<OwnedFd>,
     last: Option<(Snapshot, Vec<File>)>,
     busy: bool,
+    /// Spares attached so far (a renewed spare is a new one).
+    attached: u64,
 }
 
 impl SinkState {
@@ -283,6 +294,7 @@ impl Sink {
     pub(crate) fn attach(&self, sock: OwnedFd) {
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         s.spare = Some(sock);
+        s.attached += 1;
         if let Some((snap, files)) = s.last.take() {
             let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
             s.push(&Wire::State { snapshot: snap.clone() }, &raw);
@@ -294,18 +306,59 @@ impl Sink {
     }
 }
 
+impl Sink {
+    pub(crate) fn attached(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).attached
+    }
+
+    /// Wait until a spare attached after the `after`th has read everything
+    /// (asked once it is attached; only then does it answer, so it never
+    /// leaves a message unread in our end, which would make our exit a
+    /// reset instead of an end for it).
+    pub(crate) fn wait_ready(&self, after: u64, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        let mut asked = false;
+        while std::time::Instant::now() < deadline {
+            {
+                let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                if s.attached > after && s.spare.is_some() && !asked {
+                    s.push(&Wire::Ping, &[]);
+                    asked = true;
+                }
+                if let (true, Some(fd)) = (asked, &s.spare) {
+                    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd.
+                    if unsafe { libc::poll(&mut p, 1, 10) } > 0 && matches!(recv(fd), Ok(Some((Wire::Ready, _)))) {
+                        return true;
+                    }
+                    continue;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// Tell the spare this is a planned upgrade (see [`Wire::Upgrade`]).
+    pub(crate) fn upgrade(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).push(&Wire::Upgrade, &[]);
+    }
+}
+
 /// What a spare has heard when its serving process dies.
 pub(crate) struct Heard {
     /// The last snapshot and its descriptors, unless a message was being
     /// handled (or nothing is connected).
     pub state: Option<(Snapshot, Vec<File>)>,
     pub busy: bool,
+    /// The serving process announced a planned upgrade.
+    pub upgrade: bool,
 }
 
 /// Read the serving process's messages until it is gone, handing each
 /// snapshot to `apply` (which maps what is new, ahead of need).
 pub(crate) fn listen(sock: OwnedFd, mut apply: impl FnMut(&Snapshot, &[File])) -> Heard {
-    let mut heard = Heard { state: None, busy: false };
+    let mut heard = Heard { state: None, busy: false, upgrade: false };
     loop {
         match recv(&sock) {
             Ok(Some((Wire::Begin, _))) => heard.busy = true,
@@ -318,6 +371,14 @@ pub(crate) fn listen(sock: OwnedFd, mut apply: impl FnMut(&Snapshot, &[File])) -
                 heard.busy = false;
                 heard.state = None;
             }
+            Ok(Some((Wire::Upgrade, _))) => heard.upgrade = true,
+            Ok(Some((Wire::Ping, _))) => {
+                let _ = send(&sock, &Wire::Ready, &[]);
+            }
+            Ok(Some((Wire::Ready, _))) => {}
+            // The serving process died with our answer unread: the rest of
+            // what it sent is still queued for us, then the end.
+            Err(HandoffError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             Ok(None) => return heard,
             Err(e) => {
                 // A message we cannot read: what we hold may be stale.

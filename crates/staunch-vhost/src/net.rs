@@ -55,6 +55,8 @@ pub struct Counters {
     pub bad_chains: AtomicU64,
     /// Frames the tap refused (a header that lies) or could not take.
     pub tx_errors: AtomicU64,
+    /// Frames read from the tap but not given to the guest.
+    pub rx_dropped: AtomicU64,
 }
 
 /// The frontend owns the device's configuration (MAC, link status: QEMU's
@@ -179,6 +181,11 @@ impl QueueHandler for Rx {
         if let Some(at) = offset(descs, 10) {
             let _ = mem.write_obj(1u16.to_le(), at);
         }
+        if staunch_fault::hit(&staunch_fault::NET_RX).is_err() {
+            // An injected error: the frame is dropped, the buffer reused.
+            self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
         self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
         n as u32
     }
@@ -206,7 +213,7 @@ impl QueueHandler for Tx {
         let Some(iov) = iovecs(descs, mem, false, MAX_TX, &self.counters) else { return 0 };
         // SAFETY: every iovec is a checked slice of guest memory, only read.
         let n = unsafe { libc::writev(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
-        if n < 0 {
+        if n < 0 || staunch_fault::hit(&staunch_fault::NET_TX).is_err() {
             self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
         } else {
             self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -254,12 +261,85 @@ mod tests {
         }
     }
 
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// A queue handler over a SOCK_SEQPACKET pair standing in for the tap's
+    /// file (one record per frame, as a tap reads and writes them); the
+    /// other end is what the host side of the tap would see.
+    fn rig() -> (NetDevice, std::os::unix::net::UnixDatagram, GuestMemoryMmap) {
+        let (a, b) = crate::handoff::pair().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        (NetDevice::new(File::from(a)), std::os::unix::net::UnixDatagram::from(b), mem)
+    }
+
+    fn d(addr: u64, len: u32, device_writes: bool) -> Descriptor {
+        Descriptor::new(addr, len, if device_writes { 2 } else { 0 }, 0)
+    }
+
+    #[test]
+    fn frames_cross_unchanged_and_num_buffers_is_set() {
+        let (dev, host, mem) = rig();
+        let (mut rx, mut tx) = (dev.handler(0).unwrap(), dev.handler(1).unwrap());
+        // Transmit: header and frame in two buffers, one record on the tap.
+        let frame: Vec<u8> = (0..200u8).collect();
+        mem.write_slice(&[0u8; HDR_LEN], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&frame, GuestAddress(0x2000)).unwrap();
+        assert_eq!(tx.serve(&[d(0x1000, HDR_LEN as u32, false), d(0x2000, 200, false)], &mem), 0);
+        let mut got = vec![0u8; 512];
+        let n = host.recv(&mut got).unwrap();
+        assert_eq!(&got[HDR_LEN..n], &frame[..]);
+        // Receive: only when a frame waits; then it fills one buffer.
+        assert!(!rx.ready());
+        let mut incoming = vec![0u8; HDR_LEN];
+        incoming.extend_from_slice(b"hello, guest");
+        host.send(&incoming).unwrap();
+        assert!(rx.ready());
+        let used = rx.serve(&[d(0x3000, 4, true), d(0x4000, 2048, true)], &mem);
+        assert_eq!(used as usize, incoming.len());
+        let nb: u16 = mem.read_obj(GuestAddress(0x4000 + 6)).unwrap();
+        assert_eq!(nb, 1, "num_buffers");
+        let mut body = [0u8; 12];
+        mem.read_slice(&mut body, GuestAddress(0x4000 + 8)).unwrap();
+        assert_eq!(&body, b"hello, guest");
+        assert_eq!(dev.counters.rx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(dev.counters.tx_frames.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn hostile_chains_are_dropped_and_counted() {
+        let (dev, host, mem) = rig();
+        let (mut rx, mut tx) = (dev.handler(0).unwrap(), dev.handler(1).unwrap());
+        host.set_nonblocking(true).unwrap();
+        let bad_tx: [&[Descriptor]; 4] = [
+            &[d(0x1000, 100, true)],                                // the device would write
+            &[d(0x1000, 4, false)],                                 // shorter than a header
+            &[d(0x1000, 40_000, false), d(0x20000, 40_000, false)], // longer than 64 KiB
+            &[d(0xff_f000, 0x2000, false)],                         // past guest memory
+        ];
+        for (i, chain) in bad_tx.into_iter().enumerate() {
+            assert_eq!(tx.serve(chain, &mem), 0, "chain {i}");
+        }
+        assert!(host.recv(&mut [0u8; 64]).is_err(), "nothing reached the tap");
+        let bad_rx: [&[Descriptor]; 3] =
+            [&[d(0x1000, 100, false)], &[d(0x1000, 8, true)], &[d(0xff_ff00, 0x1000, true)]];
+        for (i, chain) in bad_rx.into_iter().enumerate() {
+            assert_eq!(rx.serve(chain, &mem), 0, "chain {i}");
+        }
+        assert_eq!(dev.counters.bad_chains.load(Ordering::Relaxed), 7);
+        // A frame longer than the buffer is cut to it, never written past.
+        host.send(&vec![7u8; 3000]).unwrap();
+        mem.write_slice(&[0u8; 64], GuestAddress(0x5000 + 1500)).unwrap();
+        assert_eq!(rx.serve(&[d(0x5000, 1500, true)], &mem), 1500);
+        let mut after = [0xffu8; 64];
+        mem.read_slice(&mut after, GuestAddress(0x5000 + 1500)).unwrap();
+        assert_eq!(after, [0u8; 64]);
+    }
+
     #[test]
     fn a_byte_offset_is_found_across_descriptors() {
-        let d = |addr: u64, len: u32| Descriptor::new(addr, len, 2, 0);
-        let chain = [d(0x1000, 4), d(0x2000, 8), d(0x3000, 100)];
-        assert_eq!(offset(&chain, 10), Some(vm_memory::GuestAddress(0x2006)));
-        assert_eq!(offset(&chain, 2), Some(vm_memory::GuestAddress(0x1002)));
-        assert_eq!(offset(&[d(0x1000, 11)], 10), None, "num_buffers split across the end");
+        let chain = [d(0x1000, 4, true), d(0x2000, 8, true), d(0x3000, 100, true)];
+        assert_eq!(offset(&chain, 10), Some(GuestAddress(0x2006)));
+        assert_eq!(offset(&chain, 2), Some(GuestAddress(0x1002)));
+        assert_eq!(offset(&[d(0x1000, 11, true)], 10), None, "num_buffers split across the end");
     }
 }

@@ -130,29 +130,34 @@ fn role_args(role: &Role, fd: RawFd, spare_of: Option<u32>) -> Vec<String> {
     a
 }
 
-/// Keep a spare of this process running until told to stop.
-#[allow(clippy::too_many_arguments)]
-fn keep_spare(
+/// What the spare-keeping thread needs.
+struct Keeper {
     bin: PathBuf,
     args: Vec<String>,
+    /// The listening socket, inherited by every spare.
     fd: RawFd,
     device_fds: Vec<RawFd>,
     events: Option<PathBuf>,
     sink: Option<Arc<handoff::Sink>>,
     stop: Arc<EventFd>,
+    /// Replace the spare by a fresh one (from the file now at `bin`).
+    renew: Arc<EventFd>,
     first: std::sync::mpsc::Sender<()>,
     spare_of_gone: bool,
-) {
+}
+
+/// Keep a spare of this process running until told to stop.
+fn keep_spare(k: Keeper) {
     let mut backoff = Duration::from_millis(10);
-    if spare_of_gone {
+    if k.spare_of_gone {
         // Leave the cores to the frontend's reconnect for a moment.
         std::thread::sleep(Duration::from_millis(20));
     }
     loop {
-        let mut cmd = std::process::Command::new(&bin);
-        cmd.args(&args).env_remove("STAUNCH_FAILPOINTS").stdin(std::process::Stdio::null());
+        let mut cmd = std::process::Command::new(&k.bin);
+        cmd.args(&k.args).env_remove("STAUNCH_FAILPOINTS").stdin(std::process::Stdio::null());
         // The spare's channel: ours stays close-on-exec, its end is passed.
-        let chan = match sink.as_ref().map(|_| handoff::pair()).transpose() {
+        let chan = match k.sink.as_ref().map(|_| handoff::pair()).transpose() {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "handoff channel");
@@ -163,7 +168,7 @@ fn keep_spare(
         if let Some(t) = theirs {
             cmd.args(["--handoff-fd".to_string(), t.to_string()]);
         }
-        let device_fds = device_fds.clone();
+        let (fd, device_fds) = (k.fd, k.device_fds.clone());
         // SAFETY: only async-signal-safe fcntl between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -184,33 +189,38 @@ fn keep_spare(
             }
         };
         let pid = child.id();
-        if let (Some(sink), Some((ours, theirs))) = (&sink, chan) {
+        if let (Some(sink), Some((ours, theirs))) = (&k.sink, chan) {
             drop(theirs);
             sink.attach(ours);
         }
         // From here a death of ours is covered: the spare takes over even
         // if it has not reached its wait yet (its pidfd_open then fails).
-        let _ = first.send(());
-        // Wait for the spare's exit or our stop, whichever comes first.
+        let _ = k.first.send(());
+        // Wait for the spare's exit, our stop or a renewal.
         let Ok(pfd) = pidfd_open(pid) else { return };
         let mut fds = [
             libc::pollfd { fd: pfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: k.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: k.renew.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         loop {
-            // SAFETY: two valid pollfd entries.
-            if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } > 0 {
+            // SAFETY: three valid pollfd entries.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) } > 0 {
                 break;
             }
         }
-        if fds[1].revents != 0 {
+        if fds[1].revents != 0 || fds[2].revents != 0 {
             let _ = child.kill();
             let _ = child.wait();
-            return;
+            if fds[1].revents != 0 {
+                return;
+            }
+            let _ = k.renew.read();
+            continue;
         }
         let status = child.wait().ok().and_then(|s| s.code());
         staunch_events::emit(
-            events.as_deref(),
+            k.events.as_deref(),
             "spare-lost",
             serde_json::json!({"pid": pid, "status": status, "restart_in_ms": backoff.as_millis() as u64}),
         );
@@ -264,7 +274,9 @@ pub fn run(
         let t = std::time::Instant::now();
         wait_exit(pid);
         let woke = t.elapsed();
-        let (connection, why) = match listening.map(|l| l.join()) {
+        let heard = listening.map(|l| l.join());
+        let upgraded = matches!(&heard, Some(Ok((_, h))) if h.upgrade);
+        let (connection, why) = match heard {
             None => ("none", None),
             Some(Err(_)) => ("dropped", Some("the handoff listener panicked".to_string())),
             Some(Ok((_, h))) if h.busy => ("dropped", Some("it died handling a control message".into())),
@@ -286,7 +298,7 @@ pub fn run(
             ev,
             "backend-takeover",
             serde_json::json!({"component": name, "from": pid, "woke_us": woke.as_micros() as u64,
-                               "connection": connection, "why": why,
+                               "connection": connection, "why": why, "upgraded": upgraded,
                                "resumed_us": (t.elapsed() - woke).as_micros() as u64}),
         );
     } else {
@@ -313,13 +325,21 @@ pub fn run(
     let sink = role.spare.then(|| Arc::new(handoff::Sink::default()));
     opts.handoff = sink.clone();
     let device_fds = device.inherited_fds();
+    let renew = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?);
     let spare = role.spare.then(|| {
-        let (b, a, e, s) =
-            (bin.clone(), role_args(&role, fd, Some(std::process::id())), opts.events.clone(), stop_spare.clone());
-        let d = device_fds.clone();
-        std::thread::Builder::new()
-            .name("spare".into())
-            .spawn(move || keep_spare(b, a, fd, d, e, sink, s, spawned, took_over))
+        let k = Keeper {
+            bin: bin.clone(),
+            args: role_args(&role, fd, Some(std::process::id())),
+            fd,
+            device_fds: device_fds.clone(),
+            events: opts.events.clone(),
+            sink: sink.clone(),
+            stop: stop_spare.clone(),
+            renew: renew.clone(),
+            first: spawned,
+            spare_of_gone: took_over,
+        };
+        std::thread::Builder::new().name("spare".into()).spawn(move || keep_spare(k))
     });
     if role.spare && role.spare_of.is_none() {
         // A fresh backend serves only once a spare exists: a death right
@@ -328,13 +348,38 @@ pub fn run(
         // meanwhile.
         let _ = first.recv_timeout(Duration::from_secs(2));
     }
-    backend::serve_from(&listener, device, &opts, &upgrade, resumed);
-    // Upgrade: the spare goes first (it would take over when we exec).
+    let live = backend::serve_from(&listener, device, &opts, &upgrade, resumed);
+    // Upgrade. Through the spare: a fresh one, started from the file now
+    // at our path, gets the session; we stop the rings (nothing stays in
+    // flight), keep the connection open and exit, and it takes over with
+    // the frontend never seeing a hang-up.
+    if let (Some(sink), Some(Ok(_))) = (&sink, &spare) {
+        let n = sink.attached();
+        let _ = renew.write(1);
+        if sink.wait_ready(n, Duration::from_secs(10)) {
+            staunch_events::emit(
+                ev,
+                "backend-upgrade",
+                serde_json::json!({"component": name, "binary": bin, "via": "spare"}),
+            );
+            if let Some(l) = live {
+                l.park();
+            }
+            sink.upgrade();
+            std::process::exit(0);
+        }
+        tracing::warn!("no upgraded spare became ready: upgrading in place");
+    }
+    // In place (no spare): the connection ends, the frontend reconnects to
+    // the new image. The spare goes first (it would take over when we exec).
+    if let Some(l) = live {
+        l.end();
+    }
     let _ = stop_spare.write(1);
     if let Some(Ok(t)) = spare {
         let _ = t.join();
     }
-    staunch_events::emit(ev, "backend-upgrade", serde_json::json!({"component": name, "binary": bin}));
+    staunch_events::emit(ev, "backend-upgrade", serde_json::json!({"component": name, "binary": bin, "via": "exec"}));
     clear_cloexec(fd).map_err(io("listening socket"))?;
     for d in device_fds {
         clear_cloexec(d).map_err(io("device descriptor"))?;

@@ -113,8 +113,9 @@ fn backend_catalog() -> Vec<Fault> {
     use staunch_fault::Action;
     let mut v = Vec::new();
     // vhost.message fires only on a control message, which a running
-    // guest's frontend never sends: it is tested at set-up (blk_backend).
-    for p in staunch_fault::BACKEND.iter().filter(|p| p.name != "vhost.message") {
+    // guest's frontend never sends: it is tested at set-up (blk_backend);
+    // the net.* points are the net backend's.
+    for p in staunch_fault::BACKEND.iter().filter(|p| p.name.starts_with("vhost.") && p.name != "vhost.message") {
         for a in Action::ALL.into_iter().filter(|a| *a != Action::Corrupt) {
             v.push(Fault::BackendFailpoint(p.name, a));
         }

@@ -278,16 +278,14 @@ impl Backend {
         std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &staged).unwrap();
         std::fs::rename(&staged, &self.bin).unwrap();
         let pid = self.primary();
-        let upgraded = |e: &Value| e["event"] == "backend-ready" && e["pid"] == pid && e["upgraded"] == true;
-        let spares = |e: &Value| e["event"] == "spare-ready" && e["of"] == pid;
-        let (before, spares_before) = (self.count(upgraded), self.count(spares));
         self.signal(libc::SIGUSR2);
-        let t = Instant::now();
-        while self.count(upgraded) == before || self.count(spares) == spares_before {
-            assert!(t.elapsed() < Duration::from_secs(30), "no upgraded backend with a spare: {:?}", self.events());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let exe = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino();
+        // A spare started from the new file takes the session over.
+        let e = self.wait_event("the upgraded spare's takeover", |e| {
+            e["event"] == "backend-takeover" && e["from"] == pid && e["upgraded"] == true
+        });
+        let new = e["pid"].as_u64().unwrap();
+        self.wait_event("its spare", |e| e["event"] == "spare-ready" && e["of"] == new);
+        let exe = std::fs::metadata(format!("/proc/{new}/exe")).unwrap().ino();
         assert_eq!(exe, std::fs::metadata(&self.bin).unwrap().ino(), "the backend runs the new file");
     }
 

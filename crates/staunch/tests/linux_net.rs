@@ -3,7 +3,9 @@
 //! namespace this test creates. The guest's busybox answers TCP on port 7
 //! (an echo per connection); a client in the namespace keeps one connection
 //! busy with numbered requests while the serving backend process is
-//! SIGKILLed three times (its spare keeps QEMU's connection). Judged by the
+//! SIGKILLed, dies at its transmit and receive failpoints, hangs and is
+//! replaced, and is upgraded to another binary (each time its spare keeps
+//! QEMU's connection). Judged by the
 //! client (the same TCP connection throughout, every reply the request's
 //! own bytes, in order), by QEMU (it never saw the backend go: no
 //! reconnect, so no link flap) and by the guest's console (no link down).
@@ -65,23 +67,40 @@ impl Drop for Netns {
     }
 }
 
-/// `staunch net` in the namespace, its own process group.
+/// `staunch net` in the namespace, run from a copy of the binary (so it
+/// can be upgraded in place), its own process group.
 struct Net {
     child: Child,
     events: std::path::PathBuf,
+    control: std::path::PathBuf,
+    bin: std::path::PathBuf,
 }
 
 impl Net {
     fn start(d: &Path, ns: &Netns, sock: &Path) -> Net {
-        let events = d.join("net-events.jsonl");
+        let (events, control, bin) = (d.join("net-events.jsonl"), d.join("net.ctl"), d.join("bin/staunch"));
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &bin).unwrap();
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns.0]).arg(env!("CARGO_BIN_EXE_staunch"));
-        c.args(["net", "--tap", TAP, "--socket"]).arg(sock).arg("--events").arg(&events);
+        c.args(["netns", "exec", &ns.0]).arg(&bin);
+        c.args(["net", "--tap", TAP, "--socket"]).arg(sock).arg("--events").arg(&events).arg("--control").arg(&control);
         let err = std::fs::File::create(d.join("net.log")).unwrap();
         let child = c.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().unwrap();
-        let n = Net { child, events };
+        let n = Net { child, events, control, bin };
         n.wait("a spare", |e| e["event"] == "spare-ready");
         n
+    }
+    fn control(&self, line: &str) -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut r = String::new();
+        BufReader::new(s).read_line(&mut r).unwrap();
+        r.trim().to_string()
+    }
+    fn signal(&self, pid: u64, sig: i32) {
+        // SAFETY: kill(2) of a backend process this test started.
+        unsafe { libc::kill(pid as i32, sig) };
     }
     fn events(&self) -> Vec<serde_json::Value> {
         staunch_events::read(&self.events)
@@ -192,13 +211,29 @@ fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
     let stop = Arc::new(AtomicBool::new(false));
     let (name, stop2) = (ns.0.clone(), stop.clone());
     let talking = std::thread::spawn(move || client(&name, stop2));
-    // Let the connection get going, then kill the serving backend three
-    // times, each after the spare that took over has a spare of its own.
+    // Let the connection get going, then fault the serving backend, each
+    // time after the spare that took over has a spare of its own: SIGKILL,
+    // death at the transmit and the receive failpoints, a hang (SIGSTOP,
+    // then what a supervisor does: SIGKILL), an upgrade to another binary.
     std::thread::sleep(Duration::from_secs(3));
-    for _ in 0..3 {
+    let faults = ["kill", "net.tx", "net.rx", "hang", "upgrade", "kill"];
+    for fault in faults {
         let pid = net.serving();
-        // SAFETY: kill(2) of the backend process this test started.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        match fault {
+            "kill" => net.signal(pid, libc::SIGKILL),
+            "hang" => {
+                net.signal(pid, libc::SIGSTOP);
+                std::thread::sleep(Duration::from_millis(300));
+                net.signal(pid, libc::SIGKILL);
+            }
+            "upgrade" => {
+                let staged = net.bin.with_file_name("staunch.new");
+                std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &staged).unwrap();
+                std::fs::rename(&staged, &net.bin).unwrap();
+                net.signal(pid, libc::SIGUSR2);
+            }
+            point => assert_eq!(net.control(&format!("failpoint {point}=kill")), "ok"),
+        }
         let took = net.wait("a takeover", |e| e["event"] == "backend-takeover" && e["from"] == pid);
         net.wait("the new spare", |e| e["event"] == "spare-ready" && e["of"] == took["pid"]);
         std::thread::sleep(Duration::from_secs(2));
@@ -221,7 +256,11 @@ fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
         .filter(|e| e["event"] == "backend-takeover")
         .map(|e| e["connection"].as_str().unwrap_or("?"))
         .collect();
-    assert_eq!(conns, ["kept", "kept", "kept"], "{ev:?}");
+    assert_eq!(conns, ["kept"; 6], "{ev:?}");
+    for point in ["net.tx", "net.rx"] {
+        assert!(ev.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == point), "{point}: {ev:?}");
+    }
+    assert_eq!(ev.iter().filter(|e| e["event"] == "backend-takeover" && e["upgraded"] == true).count(), 1, "{ev:?}");
     let err = std::fs::read_to_string(d.join("qemu.stderr")).unwrap_or_default();
     assert!(!err.contains("Failed to set msg fds"), "QEMU saw the backend go:\n{err}");
     let log = q.log();
