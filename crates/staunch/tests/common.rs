@@ -205,6 +205,19 @@ pub struct Backend {
     pub queues: u16,
 }
 
+/// The first event in the events file `path` that `f` accepts, waiting up
+/// to 30 s for it.
+pub fn wait_event_in(path: &Path, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        if let Some(e) = staunch_events::read(path).into_iter().find(&f) {
+            return e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no {what}: {:?}", staunch_events::read(path));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 impl Backend {
     pub fn new(dir: &Path) -> Backend {
         let disk = dir.join("disk.img");
@@ -225,14 +238,7 @@ impl Backend {
     }
 
     pub fn wait_event(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t = Instant::now();
-        loop {
-            if let Some(e) = self.events().into_iter().find(&f) {
-                return e;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "no {what}: {:?}", self.events());
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_event_in(&self.events, what, f)
     }
 
     /// Start a backend (failpoints armed in it, not in its spares), wait

@@ -106,14 +106,7 @@ impl Net {
         staunch_events::read(&self.events)
     }
     fn wait(&self, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let t = Instant::now();
-        loop {
-            if let Some(e) = self.events().into_iter().find(&f) {
-                return e;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "no {what}: {:?}", self.events());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_event_in(&self.events, what, f)
     }
     fn serving(&self) -> u64 {
         let ev = self.events();
