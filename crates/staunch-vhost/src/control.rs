@@ -101,10 +101,8 @@ pub fn watch(queue: usize, busy: &Arc<Busy>) {
 
 /// Start the watchdog: a pass busy for longer than `limit` ends the process.
 pub fn start_watchdog(limit: Duration, events: Option<PathBuf>, component: &'static str) {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    let mut first = false;
-    STARTED.call_once(|| first = true);
-    if !first {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STARTED.swap(true, Ordering::SeqCst) {
         return;
     }
     workers();

@@ -236,6 +236,11 @@ pub(crate) fn recv(sock: &OwnedFd) -> Result<Option<(Wire, Vec<File>)>, HandoffE
     Ok(Some((msg, files)))
 }
 
+/// The raw numbers of `files`, for a message that carries them.
+fn raw(files: &[File]) -> Vec<RawFd> {
+    files.iter().map(|f| f.as_raw_fd()).collect()
+}
+
 /// The serving process's side: where snapshots go, and the last one (for
 /// a spare that starts later).
 #[derive(Default)]
@@ -277,8 +282,7 @@ impl Sink {
     pub(crate) fn state(&self, snapshot: Snapshot, files: Vec<File>) {
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         s.busy = false;
-        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-        s.push(&Wire::State { snapshot: snapshot.clone() }, &raw);
+        s.push(&Wire::State { snapshot: snapshot.clone() }, &raw(&files));
         s.last = Some((snapshot, files));
     }
 
@@ -296,8 +300,7 @@ impl Sink {
         s.spare = Some(sock);
         s.attached += 1;
         if let Some((snap, files)) = s.last.take() {
-            let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-            s.push(&Wire::State { snapshot: snap.clone() }, &raw);
+            s.push(&Wire::State { snapshot: snap.clone() }, &raw(&files));
             s.last = Some((snap, files));
         }
         if s.busy {
@@ -413,14 +416,18 @@ mod tests {
         }
     }
 
+    /// As many descriptors as `s` names (any will do for the channel).
+    fn null_files(s: &Snapshot) -> Vec<File> {
+        (0..s.fds()).map(|_| File::open("/dev/null").unwrap()).collect()
+    }
+
     #[test]
     fn snapshots_and_descriptors_cross_and_a_closed_end_is_the_end() {
         let (a, b) = pair().unwrap();
         let s = snap();
-        let files: Vec<File> = (0..s.fds()).map(|_| File::open("/dev/null").unwrap()).collect();
-        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let files = null_files(&s);
         send(&a, &Wire::Begin, &[]).unwrap();
-        send(&a, &Wire::State { snapshot: s.clone() }, &raw).unwrap();
+        send(&a, &Wire::State { snapshot: s.clone() }, &raw(&files)).unwrap();
         drop(a);
         let mut applied = 0;
         let heard = listen(b, |got, fds| {
@@ -440,9 +447,8 @@ mod tests {
     fn a_begin_without_a_snapshot_after_it_is_busy() {
         let (a, b) = pair().unwrap();
         let s = snap();
-        let files: Vec<File> = (0..s.fds()).map(|_| File::open("/dev/null").unwrap()).collect();
-        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-        send(&a, &Wire::State { snapshot: s }, &raw).unwrap();
+        let files = null_files(&s);
+        send(&a, &Wire::State { snapshot: s }, &raw(&files)).unwrap();
         send(&a, &Wire::Begin, &[]).unwrap();
         drop(a);
         assert!(listen(b, |_, _| {}).busy);
@@ -468,8 +474,7 @@ mod tests {
     fn a_late_spare_gets_the_current_state_and_the_busy_mark() {
         let sink = Sink::default();
         let s = snap();
-        let files: Vec<File> = (0..s.fds()).map(|_| File::open("/dev/null").unwrap()).collect();
-        sink.state(s.clone(), files);
+        sink.state(s.clone(), null_files(&s));
         sink.begin();
         let (a, b) = pair().unwrap();
         sink.attach(a);

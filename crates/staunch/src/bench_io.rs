@@ -77,14 +77,15 @@ impl Drop for Buf {
 // SAFETY: a plain heap buffer, used by one thread at a time.
 unsafe impl Send for Buf {}
 
-struct Offsets(u64);
+/// Random block-aligned offsets in the file.
+struct Offsets(crate::campaign::Rng);
 
 impl Offsets {
+    fn new(seed: u64) -> Offsets {
+        Offsets(crate::campaign::Rng(seed | 1))
+    }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % (FILE_BYTES / BLOCK as u64)) * BLOCK as u64
+        (self.0.next() % (FILE_BYTES / BLOCK as u64)) * BLOCK as u64
     }
 }
 
@@ -119,7 +120,7 @@ fn measure(engine: Engine, path: &Path, write: bool, qd: usize, ops: u64, seed: 
 
 fn serial(f: &File, write: bool, ops: u64, seed: u64) -> Result<()> {
     let mut b = Buf::new(0x5a);
-    let mut o = Offsets(seed | 1);
+    let mut o = Offsets::new(seed);
     for _ in 0..ops {
         let off = o.next();
         let n = if write { f.write_at(b.slice(), off)? } else { f.read_at(b.slice(), off)? };
@@ -135,7 +136,7 @@ fn uring(f: &File, write: bool, qd: usize, ops: u64, seed: u64) -> Result<()> {
     let mut ring = IoUring::new(qd.next_power_of_two() as u32).context("io_uring_setup")?;
     let fd = types::Fd(f.as_raw_fd());
     let mut bufs: Vec<Buf> = (0..qd).map(|_| Buf::new(0x5a)).collect();
-    let mut o = Offsets(seed | 1);
+    let mut o = Offsets::new(seed);
     let (mut issued, mut done) = (0u64, 0u64);
     let mut push = |ring: &mut IoUring, slot: usize, bufs: &mut [Buf]| -> Result<()> {
         let p = bufs[slot].ptr;
@@ -175,7 +176,7 @@ fn uring(f: &File, write: bool, qd: usize, ops: u64, seed: u64) -> Result<()> {
 fn flush_us(path: &Path, n: u32) -> Result<f64> {
     let f = open(path, false)?;
     let mut b = Buf::new(0x33);
-    let mut o = Offsets(99);
+    let mut o = Offsets::new(99);
     let t = Instant::now();
     for _ in 0..n {
         f.write_at(b.slice(), o.next())?;

@@ -169,9 +169,10 @@ struct Row {
     components: Vec<String>,
 }
 
-struct Rng(u64);
+/// xorshift64: reproducible from a seed (the campaign's, a benchmark's).
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

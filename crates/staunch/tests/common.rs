@@ -190,8 +190,8 @@ impl Drop for Vm {
     }
 }
 
-/// `staunch blk` started by a test, in its own process group with the
-/// spares it starts, an events file and a control socket.
+/// `staunch blk` (or `staunch net`) started by a test, in its own process
+/// group with the spares it starts, an events file and a control socket.
 pub struct Backend {
     pub bin: PathBuf,
     pub sock: PathBuf,
@@ -201,8 +201,10 @@ pub struct Backend {
     /// The process `start` spawned: the group leader of the backend and
     /// every spare it starts (each spare takes over when its primary dies).
     pub child: Option<Child>,
-    /// Virtqueues the backend offers (`--queues`).
+    /// Virtqueues a block backend offers (`--queues`).
     pub queues: u16,
+    /// `staunch net` on this tap, in this network namespace, instead.
+    pub net: Option<(String, String)>,
 }
 
 /// The first event in the events file `path` that `f` accepts, waiting up
@@ -230,6 +232,21 @@ impl Backend {
             log: dir.join("blk.log"),
             child: None,
             queues: 1,
+            net: None,
+        }
+    }
+
+    /// `staunch net` on `tap` in network namespace `netns`.
+    pub fn net(dir: &Path, netns: &str, tap: &str) -> Backend {
+        Backend {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_staunch")),
+            sock: dir.join("net.sock"),
+            disk: PathBuf::new(),
+            events: dir.join("net-events.jsonl"),
+            log: dir.join("net.log"),
+            child: None,
+            queues: 1,
+            net: Some((netns.into(), tap.into())),
         }
     }
 
@@ -245,10 +262,24 @@ impl Backend {
     /// until it listens; its pid.
     pub fn start(&mut self, failpoints: Option<&str>) -> u64 {
         use std::os::unix::process::CommandExt;
-        let mut c = std::process::Command::new(&self.bin);
-        c.arg("blk").arg("--socket").arg(&self.sock).arg("--disk").arg(&self.disk);
-        c.arg("--queues").arg(self.queues.to_string());
-        c.arg("--events").arg(&self.events).arg("--control").arg(self.sock.with_extension("ctl"));
+        let mut c = match &self.net {
+            Some((netns, tap)) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(&self.bin).args(["net", "--tap", tap]);
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new(&self.bin);
+                c.arg("blk").arg("--disk").arg(&self.disk).arg("--queues").arg(self.queues.to_string());
+                c
+            }
+        };
+        c.arg("--socket")
+            .arg(&self.sock)
+            .arg("--events")
+            .arg(&self.events)
+            .arg("--control")
+            .arg(self.sock.with_extension("ctl"));
         if let Some(f) = failpoints {
             c.env("STAUNCH_FAILPOINTS", f);
         }

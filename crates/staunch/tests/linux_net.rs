@@ -16,9 +16,7 @@ use common::*;
 use qemulinux::{assets, Qemu};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,62 +62,6 @@ fn enter(name: &str) {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// `staunch net` in the namespace, run from a copy of the binary (so it
-/// can be upgraded in place), its own process group.
-struct Net {
-    child: Child,
-    events: std::path::PathBuf,
-    control: std::path::PathBuf,
-    bin: std::path::PathBuf,
-}
-
-impl Net {
-    fn start(d: &Path, ns: &Netns, sock: &Path) -> Net {
-        let (events, control, bin) = (d.join("net-events.jsonl"), d.join("net.ctl"), d.join("bin/staunch"));
-        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &bin).unwrap();
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns.0]).arg(&bin);
-        c.args(["net", "--tap", TAP, "--socket"]).arg(sock).arg("--events").arg(&events).arg("--control").arg(&control);
-        let err = std::fs::File::create(d.join("net.log")).unwrap();
-        let child = c.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().unwrap();
-        let n = Net { child, events, control, bin };
-        n.wait("a spare", |e| e["event"] == "spare-ready");
-        n
-    }
-    fn control(&self, line: &str) -> String {
-        let mut s = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(format!("{line}\n").as_bytes()).unwrap();
-        let mut r = String::new();
-        BufReader::new(s).read_line(&mut r).unwrap();
-        r.trim().to_string()
-    }
-    fn signal(&self, pid: u64, sig: i32) {
-        // SAFETY: kill(2) of a backend process this test started.
-        unsafe { libc::kill(pid as i32, sig) };
-    }
-    fn events(&self) -> Vec<serde_json::Value> {
-        staunch_events::read(&self.events)
-    }
-    fn wait(&self, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        wait_event_in(&self.events, what, f)
-    }
-    fn serving(&self) -> u64 {
-        let ev = self.events();
-        let e = ev.iter().rev().find(|e| e["event"] == "backend-ready" || e["event"] == "backend-takeover");
-        e.expect("a serving backend")["pid"].as_u64().unwrap()
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // SAFETY: killpg(2) of the group this test started.
-        unsafe { libc::killpg(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
     }
 }
 
@@ -183,9 +125,11 @@ fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
     let a = assets();
     let d = tmpdir("linux-net");
     let ns = Netns::new();
-    let sock = d.join("net.sock");
-    let net = Net::start(&d, &ns, &sock);
-    let chardev = format!("socket,id=c0,path={},reconnect-ms=10", sock.display());
+    // Run from a copy of the binary, so it can be upgraded in place.
+    let mut b = Backend::net(&d, &ns.0, TAP);
+    b.run_from_copy(&d);
+    let _ = b.start(None);
+    let chardev = format!("socket,id=c0,path={},reconnect-ms=10", b.sock.display());
     let mut q = Qemu::start(
         &d,
         &a,
@@ -211,29 +155,25 @@ fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
     std::thread::sleep(Duration::from_secs(3));
     let faults = ["kill", "net.tx", "net.rx", "hang", "upgrade", "kill"];
     for fault in faults {
-        let pid = net.serving();
         match fault {
-            "kill" => net.signal(pid, libc::SIGKILL),
+            "kill" => b.kill(),
             "hang" => {
-                net.signal(pid, libc::SIGSTOP);
+                b.signal(libc::SIGSTOP);
                 std::thread::sleep(Duration::from_millis(300));
-                net.signal(pid, libc::SIGKILL);
+                b.kill();
             }
-            "upgrade" => {
-                let staged = net.bin.with_file_name("staunch.new");
-                std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &staged).unwrap();
-                std::fs::rename(&staged, &net.bin).unwrap();
-                net.signal(pid, libc::SIGUSR2);
+            "upgrade" => b.upgrade(),
+            point => {
+                let pid = b.primary();
+                assert_eq!(b.control(&format!("failpoint {point}=kill")), "ok");
+                b.taken_over(pid);
             }
-            point => assert_eq!(net.control(&format!("failpoint {point}=kill")), "ok"),
         }
-        let took = net.wait("a takeover", |e| e["event"] == "backend-takeover" && e["from"] == pid);
-        net.wait("the new spare", |e| e["event"] == "spare-ready" && e["of"] == took["pid"]);
         std::thread::sleep(Duration::from_secs(2));
     }
     stop.store(true, Ordering::Relaxed);
     let seen = talking.join().unwrap();
-    let ev = net.events();
+    let ev = b.events();
     eprintln!(
         "linux_net: {} requests answered on one connection, longest round trip {:.1} ms, {} takeovers",
         seen.answered,
@@ -259,7 +199,7 @@ fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
     let log = q.log();
     assert!(!log.contains("Link is Down") && !log.contains("NETDEV WATCHDOG"), "{log}");
     drop(q);
-    drop(net);
+    drop(b);
     drop(ns);
     let _ = std::fs::remove_dir_all(&d);
 }
