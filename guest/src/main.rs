@@ -1,6 +1,6 @@
 //! Staunch test guest: a freestanding x86-64 program that proves a VM's state
 //! survives. Workloads are chosen on the kernel command line
-//! (`staunch.work=counter|blk-verify|console|exits|blk-bench|spin|echo`) and
+//! (`staunch.work=counter|blk-verify|console|exits|blk-bench|spin|echo|net-ping|net-echo`) and
 //! report over COM1 in lines starting with `STAUNCH `. Every CPU but the
 //! boot CPU runs a counter in every workload (`staunch.aps=idle`: they
 //! halt), and the boot CPU checks them at each report (`cpus=`). Report
@@ -13,6 +13,7 @@
 mod boot;
 mod clock;
 mod io;
+mod net;
 mod virtio;
 
 use core::arch::asm;
@@ -32,6 +33,8 @@ enum Work {
     Echo,
     Reset,
     Console,
+    NetPing,
+    NetEcho,
 }
 
 #[derive(Clone, Copy)]
@@ -51,6 +54,12 @@ struct Config {
     aps_idle: bool,
     /// Calibrate the TSC against the PIT even if the hypervisor tells its rate.
     tsc_pit: bool,
+    /// The network workloads: seconds to run, bytes per frame, report
+    /// interval, a reply's deadline.
+    secs: u64,
+    frame: u64,
+    report_ms: u64,
+    timeout_ms: u64,
 }
 
 static mut CONFIG: Config = Config {
@@ -66,6 +75,10 @@ static mut CONFIG: Config = Config {
     qd: 4,
     aps_idle: false,
     tsc_pit: false,
+    secs: 0,
+    frame: 128,
+    report_ms: 500,
+    timeout_ms: 1000,
 };
 static mut CMDLINE: [u8; 2048] = [0; 2048];
 static mut CMDLINE_LEN: usize = 0;
@@ -146,6 +159,8 @@ fn parse_config() -> Result<Config, &'static str> {
                     "echo" => Work::Echo,
                     "reset" => Work::Reset,
                     "console" => Work::Console,
+                    "net-ping" => Work::NetPing,
+                    "net-echo" => Work::NetEcho,
                     _ => return Err("unknown workload"),
                 }
             }
@@ -158,6 +173,10 @@ fn parse_config() -> Result<Config, &'static str> {
             "report" => c.report_every = num()?.max(1),
             "touch" => c.touch_mib = num()?,
             "qd" => c.qd = num()?.max(1),
+            "secs" => c.secs = num()?,
+            "frame" => c.frame = num()?,
+            "report_ms" => c.report_ms = num()?.max(1),
+            "timeout_ms" => c.timeout_ms = num()?.max(1),
             "aps" => {
                 c.aps_idle = match v {
                     "idle" => true,
@@ -262,6 +281,8 @@ extern "C" fn user_main(cpu: u64) -> ! {
         Work::BlkRand => blk_rand(&c),
         Work::Spin => spin(&c),
         Work::Echo => echo(),
+        Work::NetPing => net::ping(cmdline(), &net_params(&c)),
+        Work::NetEcho => net::echo(cmdline(), &net_params(&c)),
         Work::Reset => {
             // Pulse the CPU reset line through the i8042, as Linux's reboot=k does.
             say!("resetting");
@@ -271,6 +292,11 @@ extern "C" fn user_main(cpu: u64) -> ! {
     };
     say!("done code={}", code);
     io::power_off(code)
+}
+
+fn net_params(c: &Config) -> net::Params {
+    // `staunch.qd` is the window of requests awaiting replies.
+    net::Params { secs: c.secs, window: c.qd, frame: c.frame, report_ms: c.report_ms, timeout_ms: c.timeout_ms }
 }
 
 /// Dirty `mib` MiB of RAM from 16 MiB up (one pattern word per 512 bytes), so

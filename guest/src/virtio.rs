@@ -1,5 +1,6 @@
 //! Polling virtio-mmio (version 2) block driver: up to one request in
-//! flight per slot, each slot a fixed descriptor chain.
+//! flight per slot, each slot a fixed descriptor chain. The transport's
+//! set-up (features, one queue) is shared with the network driver.
 
 use crate::io::{mmio_read32, mmio_write32};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -17,14 +18,14 @@ const QUEUE_SEL: u64 = 0x030;
 const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
-const QUEUE_NOTIFY: u64 = 0x050;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
+pub(crate) const QUEUE_NOTIFY: u64 = 0x050;
+pub(crate) const INTERRUPT_STATUS: u64 = 0x060;
+pub(crate) const INTERRUPT_ACK: u64 = 0x064;
+pub(crate) const STATUS: u64 = 0x070;
 const Q_DESC: u64 = 0x080;
 const Q_DRIVER: u64 = 0x090;
 const Q_DEVICE: u64 = 0x0a0;
-const CONFIG: u64 = 0x100;
+pub(crate) const CONFIG: u64 = 0x100;
 
 const S_ACK: u32 = 1;
 const S_DRIVER: u32 = 2;
@@ -42,41 +43,51 @@ pub const T_GET_ID: u32 = 8;
 
 /// Descriptors (and ring entries) this driver offers; fewer if the device
 /// allows fewer.
-const QSIZE: usize = 64;
+pub(crate) const QSIZE: usize = 64;
 /// Descriptors per request chain: header, data, status. Slot `i`'s chain is
 /// descriptors `3i..3i+3`, so the used-ring id of its request is `3i`.
 pub const STRIDE: usize = 3;
 /// Slots (request chains) the largest queue holds.
 pub const MAX_SLOTS: usize = QSIZE / STRIDE;
 const D_NEXT: u16 = 1;
-const D_WRITE: u16 = 2;
+pub(crate) const D_WRITE: u16 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
+pub(crate) struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
 }
 
 #[repr(C, align(4096))]
-struct DescTable([Desc; QSIZE]);
+pub(crate) struct DescTable(pub [Desc; QSIZE]);
 
 #[repr(C, align(4096))]
-struct Avail {
-    flags: u16,
-    idx: u16,
-    ring: [u16; QSIZE],
+pub(crate) struct Avail {
+    pub flags: u16,
+    pub idx: u16,
+    pub ring: [u16; QSIZE],
     used_event: u16,
 }
 
 #[repr(C, align(4096))]
-struct Used {
+pub(crate) struct Used {
     flags: u16,
-    idx: u16,
-    ring: [(u32, u32); QSIZE],
+    pub idx: u16,
+    pub ring: [(u32, u32); QSIZE],
     avail_event: u16,
+}
+
+impl DescTable {
+    pub const EMPTY: DescTable = DescTable([Desc { addr: 0, len: 0, flags: 0, next: 0 }; QSIZE]);
+}
+impl Avail {
+    pub const EMPTY: Avail = Avail { flags: 0, idx: 0, ring: [0; QSIZE], used_event: 0 };
+}
+impl Used {
+    pub const EMPTY: Used = Used { flags: 0, idx: 0, ring: [(0, 0); QSIZE], avail_event: 0 };
 }
 
 #[repr(C, align(16))]
@@ -92,9 +103,9 @@ struct Header {
 #[derive(Clone, Copy)]
 struct Status(u8);
 
-static mut DESC: DescTable = DescTable([Desc { addr: 0, len: 0, flags: 0, next: 0 }; QSIZE]);
-static mut AVAIL: Avail = Avail { flags: 0, idx: 0, ring: [0; QSIZE], used_event: 0 };
-static mut USED: Used = Used { flags: 0, idx: 0, ring: [(0, 0); QSIZE], avail_event: 0 };
+static mut DESC: DescTable = DescTable::EMPTY;
+static mut AVAIL: Avail = Avail::EMPTY;
+static mut USED: Used = Used::EMPTY;
 static mut HDRS: [Header; MAX_SLOTS] = [Header { kind: 0, _r: 0, sector: 0 }; MAX_SLOTS];
 static mut STATUS_BYTES: [Status; MAX_SLOTS] = [Status(0); MAX_SLOTS];
 
@@ -137,16 +148,71 @@ pub fn devices(cmdline: &str) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
-pub fn find_blk(cmdline: &str) -> Result<Blk, Error> {
-    for base in devices(cmdline) {
-        if mmio_read32(base + MAGIC) == 0x7472_6976
+/// The first virtio-mmio (version 2) device of type `id` (1 net, 2 block).
+pub(crate) fn find(cmdline: &str, id: u32) -> Option<u64> {
+    devices(cmdline).find(|&base| {
+        mmio_read32(base + MAGIC) == 0x7472_6976
             && mmio_read32(base + VERSION) == 2
-            && mmio_read32(base + DEVICE_ID) == 2
-        {
-            return Blk::init(base);
-        }
+            && mmio_read32(base + DEVICE_ID) == id
+    })
+}
+
+pub fn find_blk(cmdline: &str) -> Result<Blk, Error> {
+    Blk::init(find(cmdline, 2).ok_or(Error::NotFound)?)
+}
+
+/// Reset the device and negotiate VERSION_1 and what of `want` (low 32
+/// bits) it offers; returns the features agreed.
+pub(crate) fn negotiate(base: u64, want: u32) -> Result<u32, Error> {
+    let w = |off, v| mmio_write32(base + off, v);
+    let r = |off| mmio_read32(base + off);
+    w(STATUS, 0);
+    w(STATUS, S_ACK);
+    w(STATUS, S_ACK | S_DRIVER);
+    w(DEV_FEATURES_SEL, 0);
+    let lo = r(DEV_FEATURES);
+    w(DEV_FEATURES_SEL, 1);
+    let hi = r(DEV_FEATURES);
+    if hi & F_VERSION_1_HI == 0 {
+        return Err(Error::Features);
     }
-    Err(Error::NotFound)
+    let agreed = lo & want;
+    w(DRV_FEATURES_SEL, 0);
+    w(DRV_FEATURES, agreed);
+    w(DRV_FEATURES_SEL, 1);
+    w(DRV_FEATURES, F_VERSION_1_HI);
+    w(STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    if r(STATUS) & S_FEATURES_OK == 0 {
+        return Err(Error::Features);
+    }
+    Ok(agreed)
+}
+
+/// Give queue `q` its rings, as large as the device allows up to
+/// [`QSIZE`] (a power of two, at least `min`); returns the size.
+pub(crate) fn setup_queue(base: u64, q: u32, min: usize, rings: (u64, u64, u64)) -> Result<usize, Error> {
+    let w = |off, v| mmio_write32(base + off, v);
+    w(QUEUE_SEL, q);
+    let max = (mmio_read32(base + QUEUE_NUM_MAX) as usize).min(QSIZE);
+    if max < min {
+        return Err(Error::QueueTooSmall);
+    }
+    let qsize = 1usize << (usize::BITS - 1 - max.leading_zeros());
+    w(QUEUE_NUM, qsize as u32);
+    let (d, a, u) = rings;
+    w(Q_DESC, d as u32);
+    w(Q_DESC + 4, (d >> 32) as u32);
+    w(Q_DRIVER, a as u32);
+    w(Q_DRIVER + 4, (a >> 32) as u32);
+    w(Q_DEVICE, u as u32);
+    w(Q_DEVICE + 4, (u >> 32) as u32);
+    w(QUEUE_READY, 1);
+    Ok(qsize)
+}
+
+/// All queues are set up: the driver is running.
+pub(crate) fn driver_ok(base: u64) {
+    mmio_write32(base + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
 pub fn first_device(cmdline: &str) -> Option<u64> {
@@ -155,45 +221,12 @@ pub fn first_device(cmdline: &str) -> Option<u64> {
 
 impl Blk {
     fn init(base: u64) -> Result<Blk, Error> {
-        let w = |off, v| mmio_write32(base + off, v);
         let r = |off| mmio_read32(base + off);
-        w(STATUS, 0);
-        w(STATUS, S_ACK);
-        w(STATUS, S_ACK | S_DRIVER);
-        w(DEV_FEATURES_SEL, 0);
-        let lo = r(DEV_FEATURES);
-        w(DEV_FEATURES_SEL, 1);
-        let hi = r(DEV_FEATURES);
-        if hi & F_VERSION_1_HI == 0 {
-            return Err(Error::Features);
-        }
-        let want_lo = lo & (F_RO | F_FLUSH);
-        w(DRV_FEATURES_SEL, 0);
-        w(DRV_FEATURES, want_lo);
-        w(DRV_FEATURES_SEL, 1);
-        w(DRV_FEATURES, F_VERSION_1_HI);
-        w(STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-        if r(STATUS) & S_FEATURES_OK == 0 {
-            return Err(Error::Features);
-        }
-        w(QUEUE_SEL, 0);
-        let max = (r(QUEUE_NUM_MAX) as usize).min(QSIZE);
-        if max < 2 * STRIDE {
-            return Err(Error::QueueTooSmall);
-        }
-        // The largest power of two the device takes.
-        let qsize = 1usize << (usize::BITS - 1 - max.leading_zeros());
-        w(QUEUE_NUM, qsize as u32);
+        let want_lo = negotiate(base, F_RO | F_FLUSH)?;
         // Only the boot CPU drives the device; the rings are static.
-        let (d, a, u) = (addr_of!(DESC) as u64, addr_of!(AVAIL) as u64, addr_of!(USED) as u64);
-        w(Q_DESC, d as u32);
-        w(Q_DESC + 4, (d >> 32) as u32);
-        w(Q_DRIVER, a as u32);
-        w(Q_DRIVER + 4, (a >> 32) as u32);
-        w(Q_DEVICE, u as u32);
-        w(Q_DEVICE + 4, (u >> 32) as u32);
-        w(QUEUE_READY, 1);
-        w(STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        let rings = (addr_of!(DESC) as u64, addr_of!(AVAIL) as u64, addr_of!(USED) as u64);
+        let qsize = setup_queue(base, 0, 2 * STRIDE, rings)?;
+        driver_ok(base);
         let capacity = r(CONFIG) as u64 | ((r(CONFIG + 4) as u64) << 32);
         // SAFETY: as above.
         let (avail, used) = unsafe { (read_volatile(addr_of!(AVAIL.idx)), read_volatile(addr_of!(USED.idx))) };

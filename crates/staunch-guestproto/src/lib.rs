@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod blk;
 pub mod console;
+pub mod net;
 
 /// Every line the guest reports starts with this word.
 pub const LINE_PREFIX: &str = "STAUNCH ";

@@ -64,6 +64,18 @@ pub struct LinkRecord {
     pub inflight: Option<(u64, u64, u16, u16)>,
 }
 
+/// What kind of device a link serves.
+#[derive(Debug, Clone)]
+pub struct LinkSpec {
+    /// For threads and events: "blk", "net".
+    pub device: &'static str,
+    pub queues: usize,
+    /// The configuration space, when the VMM owns it (virtio-net: the MAC
+    /// and a link that is always up, so no backend event can show as a
+    /// link flap); None asks the backend for its own (CONFIG).
+    pub config: Option<Vec<u8>>,
+}
+
 /// One queue as the driver configured it (guest physical addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingAddrs {
@@ -93,6 +105,8 @@ struct State {
 pub struct Link {
     path: PathBuf,
     queues: usize,
+    /// The configuration space when the VMM owns it ([`LinkSpec::config`]).
+    own_config: Option<Vec<u8>>,
     mem: GuestMemoryMmap,
     kicks: Vec<Arc<EventFd>>,
     call: Arc<EventFd>,
@@ -120,20 +134,20 @@ impl Link {
     /// queues' ioeventfds, `call` the device's irqfd. With `saved` (a VMM's
     /// successor) the device is known already: the link comes up at once
     /// and connects in the background, the same inflight region in hand.
-    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         path: &Path,
-        device: &'static str,
-        queues: usize,
+        spec: LinkSpec,
         mem: GuestMemoryMmap,
         kicks: Vec<Arc<EventFd>>,
         call: Arc<EventFd>,
         events: Option<PathBuf>,
         saved: Option<(LinkRecord, Option<File>)>,
     ) -> Result<Arc<Link>, FrontendError> {
+        let LinkSpec { device, queues, config } = spec;
         let link = Arc::new(Link {
             path: path.to_path_buf(),
             queues,
+            own_config: config,
             mem,
             kicks,
             call,
@@ -188,6 +202,9 @@ impl Link {
     }
 
     pub fn config(&self) -> Vec<u8> {
+        if let Some(c) = &self.own_config {
+            return c.clone();
+        }
         self.device_info.get().map(|d| d.1.clone()).unwrap_or_default()
     }
 
@@ -213,6 +230,10 @@ impl Link {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn device(&self) -> &'static str {
+        self.device
     }
 
     /// The driver set DRIVER_OK: hand the rings to the backend.
@@ -269,9 +290,10 @@ impl Link {
         // round trip each (on a busy host each costs a scheduling delay of
         // the backend, and a reconnect sends a dozen). A backend that
         // refuses one closes the connection, which is retried.
-        let want = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::MQ;
+        let mut want = VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::MQ;
+        if self.own_config.is_none() {
+            want |= VhostUserProtocolFeatures::CONFIG;
+        }
         let protocol = offered & want;
         f.set_protocol_features(protocol).map_err(|e| fail(p, e))?;
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
@@ -282,12 +304,15 @@ impl Link {
         } else if self.queues > 1 {
             return Err(FrontendError::Queues { path: p.display().to_string(), offered: 1, wanted: self.queues });
         }
-        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        let config = if self.own_config.is_some() {
+            Vec::new()
+        } else if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(fail(p, "backend has no configuration space (CONFIG)"));
-        }
-        let (_, config) = f
-            .get_config(0, CONFIG_LEN, VhostUserConfigFlags::empty(), &[0u8; CONFIG_LEN as usize])
-            .map_err(|e| fail(p, e))?;
+        } else {
+            f.get_config(0, CONFIG_LEN, VhostUserConfigFlags::empty(), &[0u8; CONFIG_LEN as usize])
+                .map_err(|e| fail(p, e))?
+                .1
+        };
         if let Some((f0, c0)) = self.device_info.get()
             && (features != *f0 || config != *c0)
         {
@@ -478,12 +503,15 @@ pub struct VhostUserDevice {
     link: Arc<Link>,
     device_type: u32,
     sizes: Vec<u16>,
+    /// Features the VMM implements itself (virtio-net's MAC and STATUS:
+    /// the configuration space is the VMM's); never passed to the backend.
+    own_features: u64,
 }
 
 impl VhostUserDevice {
-    pub fn new(link: Arc<Link>, device_type: u32) -> VhostUserDevice {
+    pub fn new(link: Arc<Link>, device_type: u32, own_features: u64) -> VhostUserDevice {
         let sizes = vec![QUEUE_MAX; link.queues];
-        VhostUserDevice { link, device_type, sizes }
+        VhostUserDevice { link, device_type, sizes, own_features }
     }
     pub fn link(&self) -> &Arc<Link> {
         &self.link
@@ -503,7 +531,7 @@ impl staunch_devices::virtio::VirtioDevice for VhostUserDevice {
     fn features(&self) -> u64 {
         // No ring features the transport does not know; the backend's
         // device features pass through.
-        self.link.features() & 0xffff_ffff
+        (self.link.features() | self.own_features) & 0xffff_ffff
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &self.sizes
@@ -515,7 +543,7 @@ impl staunch_devices::virtio::VirtioDevice for VhostUserDevice {
         }
     }
     fn activate(&mut self, acked_features: u64) {
-        let _ = self.link.start(acked_features, Vec::new());
+        let _ = self.link.start(acked_features & !self.own_features, Vec::new());
     }
     fn start(&mut self, acked_features: u64, queues: &[virtio_queue::Queue]) {
         use virtio_queue::QueueT;
@@ -528,7 +556,7 @@ impl staunch_devices::virtio::VirtioDevice for VhostUserDevice {
                 used: q.used_ring(),
             })
             .collect();
-        if let Err(e) = self.link.start(acked_features, rings) {
+        if let Err(e) = self.link.start(acked_features & !self.own_features, rings) {
             tracing::warn!(error = %e, "vhost-user device start failed");
         }
     }

@@ -11,6 +11,10 @@ pub enum ConfigError {
     Parse { path: String, msg: String },
     #[error("invalid disk spec '{0}': expected PATH, PATH,ro or vhost-user=SOCKET")]
     Disk(String),
+    #[error("invalid net spec '{0}': expected vhost-user=SOCKET[,mac=MAC]")]
+    Net(String),
+    #[error("invalid MAC address '{0}': six hex bytes like 52:54:00:12:34:56, not a multicast address")]
+    Mac(String),
     #[error("invalid serial spec '{0}': expected stdio, null, file:PATH or unix:PATH")]
     Serial(String),
     #[error("--mem {0} MiB: must be between 16 and 1048576")]
@@ -52,6 +56,69 @@ impl DiskConfig {
         }
         Ok(DiskConfig { path: path.into(), read_only, vhost_user: false })
     }
+}
+
+/// A virtio-net device whose queues a vhost-user-net backend (`staunch
+/// net`) serves; the VMM keeps its configuration (the MAC, a link that is
+/// always up).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub socket: PathBuf,
+    /// `aa:bb:cc:dd:ee:ff`; none: a locally administered address derived
+    /// from the socket path (stable across restarts of the VMM).
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl NetConfig {
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::Net(spec.into());
+        let mut parts = spec.split(',');
+        let sock =
+            parts.next().and_then(|p| p.strip_prefix("vhost-user=")).filter(|p| !p.is_empty()).ok_or_else(bad)?;
+        let mut mac = None;
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("mac", m)) => {
+                    parse_mac(m)?;
+                    mac = Some(m.to_string());
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(NetConfig { socket: sock.into(), mac })
+    }
+
+    /// The device's MAC address.
+    pub fn mac(&self) -> Result<[u8; 6], ConfigError> {
+        match &self.mac {
+            Some(m) => parse_mac(m),
+            None => {
+                // FNV-1a of the path: the same VM gets the same address.
+                let mut h: u32 = 0x811c_9dc5;
+                for b in self.socket.as_os_str().as_encoded_bytes() {
+                    h = (h ^ *b as u32).wrapping_mul(0x0100_0193);
+                }
+                let [a, b, c, d] = h.to_be_bytes();
+                Ok([0x02, 0x53, a, b, c, d])
+            }
+        }
+    }
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::Mac(s.into());
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || out[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -100,6 +167,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// After the disks on the virtio-mmio bus.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
     /// The KVM device node (tests point it elsewhere to check the error).
@@ -134,6 +204,7 @@ impl VmConfig {
             mem_mib: default_mem(),
             vcpus: default_vcpus(),
             disks: Vec::new(),
+            nets: Vec::new(),
             serial: SerialConfig::default(),
             kvm_device: default_kvm(),
             api_socket: None,
@@ -166,6 +237,9 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > max {
             return Err(ConfigError::Vcpus(self.vcpus, max));
         }
+        for n in &self.nets {
+            n.mac()?;
+        }
         Ok(())
     }
 }
@@ -187,6 +261,21 @@ mod tests {
         assert_eq!(SerialConfig::parse("file:/x").unwrap(), SerialConfig::File("/x".into()));
         assert!(SerialConfig::parse("tcp:1").is_err());
         assert!(SerialConfig::parse("file:").is_err());
+        let n = NetConfig::parse("vhost-user=/run/n.sock,mac=52:54:00:ab:cd:ef").unwrap();
+        assert_eq!(n.mac().unwrap(), [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+        let d = NetConfig::parse("vhost-user=/run/n.sock").unwrap().mac().unwrap();
+        assert_eq!(d, NetConfig::parse("vhost-user=/run/n.sock").unwrap().mac().unwrap());
+        assert_eq!(d[0] & 3, 2, "locally administered, unicast");
+        for bad in [
+            "/run/n.sock",
+            "vhost-user=",
+            "vhost-user=/s,mac=01:00:5e:00:00:01",
+            "vhost-user=/s,mac=52:54",
+            "vhost-user=/s,mac=52:54:00:12:34:5g",
+            "vhost-user=/s,queues=2",
+        ] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,12 +4,12 @@
 pub mod api;
 pub mod config;
 mod crash;
-mod disks;
+mod devices;
 pub mod events;
 pub mod handover;
 pub mod record;
 pub mod serial_out;
 pub mod vm;
 
-pub use config::{ConfigError, DiskConfig, SerialConfig, VmConfig};
+pub use config::{ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig};
 pub use vm::{RunningVm, VmEvent, VmExit, VmmError};

@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 pub const MAGIC: [u8; 8] = *b"STNCHREC";
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 const HEADER: usize = 8 + 4 + 8 + 4;
 /// A record larger than this is corrupt, not big.
 const MAX_LEN: u64 = 64 << 20;
@@ -78,8 +78,9 @@ pub struct VmRecord {
     /// Each vCPU's KVM_RUN count, continued by the successor (the stamps of
     /// its exits stay unique).
     pub vcpu_runs: Vec<u64>,
-    /// Version 5: each vhost-user disk's link, in config order (its inflight
-    /// region is among `disk_fds`, after the disk files before it).
+    /// Version 5: each vhost-user link (disks, then network devices: bus
+    /// order), its inflight region among `disk_fds` in the same order.
+    /// Version 6: the config has network devices.
     pub vhost: Vec<staunch_vhost::frontend::LinkRecord>,
 }
 

@@ -3,7 +3,7 @@
 
 use crate::api::{self, ApiRequest, ApiResponse};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::disks::{self, Disk, DiskSlot};
+use crate::devices::{self, Dev, Slot};
 use crate::events;
 use crate::handover::{HandoverError, Link, Msg, Successor};
 use crate::record::{self, DevicesState, RamInfo, RecordError, VmRecord};
@@ -263,7 +263,7 @@ struct Devices {
     first_output: Arc<OnceLock<Instant>>,
     acpi: staunch_boot::acpi::Devices,
     cmdline_extra: String,
-    disk_files: Vec<DiskSlot>,
+    disk_files: Vec<Slot>,
     console: Console,
 }
 
@@ -325,15 +325,15 @@ fn assemble(
     vm: &Vm,
     ram: &GuestRam,
     output: Option<Box<dyn Write + Send>>,
-    disks: Vec<Disk>,
+    devs: Vec<Dev>,
     from: Inherited,
 ) -> Result<Devices, VmmError> {
     let Inherited { devices: saved, console_fds: inherited_console, continue_log } = from;
     let mut disk_files = Vec::new();
     if let Some((s, _)) = saved
-        && s.virtio.len() != disks.len()
+        && s.virtio.len() != devs.len()
     {
-        return Err(VmmError::Device(format!("record has {} virtio devices, config {}", s.virtio.len(), disks.len())));
+        return Err(VmmError::Device(format!("record has {} virtio devices, config {}", s.virtio.len(), devs.len())));
     }
 
     let mut irqs = Vec::new();
@@ -413,20 +413,21 @@ fn assemble(
     let mut acpi = staunch_boot::acpi::Devices { vcpus: cfg.vcpus, ..Default::default() };
     acpi.serial.push((COM1 as u16, COM1_IRQ));
     let mut cmdline_extra = String::new();
-    for (i, disk) in disks.into_iter().enumerate() {
+    for (i, dev) in devs.into_iter().enumerate() {
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
         let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
         let call = irq(gsi)?;
         let line: Arc<dyn Interrupt> = call.clone();
-        let (dev, local): (Box<dyn staunch_devices::virtio::VirtioDevice>, bool) = match disk {
-            Disk::File(b) => {
+        let name = if matches!(dev, Dev::Net(..)) { "virtio-net" } else { "virtio-blk" };
+        let (dev, local): (Box<dyn staunch_devices::virtio::VirtioDevice>, bool) = match dev {
+            Dev::File(b) => {
                 let f = b.file().try_clone().map_err(|e| VmmError::Device(format!("disk descriptor: {e}")))?;
-                disk_files.push(DiskSlot::File(f));
+                disk_files.push(Slot::File(f));
                 (Box::new(b), true)
             }
-            Disk::VhostUser(sock, known) => {
-                let (dev, link) = disks::vhost_user(vm, base, &sock, ram.mem.clone(), call, cfg.events.clone(), known)?;
-                disk_files.push(DiskSlot::Link(link));
+            vhost => {
+                let (dev, link) = devices::vhost_user(vm, base, vhost, ram.mem.clone(), call, cfg.events.clone())?;
+                disk_files.push(Slot::Link(link));
                 (dev, false)
             }
         };
@@ -439,7 +440,7 @@ fn assemble(
         let mut t = t;
         t.set_observer(observer.clone());
         let t = Arc::new(Mutex::new(t));
-        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, "virtio-blk", t.clone())?;
+        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, name, t.clone())?;
         if local {
             workers.push(QueueWorker::spawn(vm, base, t.clone(), &format!("virtio-blk{i}"), observer.clone())?);
         }
@@ -562,7 +563,7 @@ pub(crate) struct Core {
     /// like the others: the guest is paused while it works.
     pub(crate) saver: WorkerWatch,
     /// The disks' descriptors and vhost-user links, handed to a successor.
-    disk_files: Vec<DiskSlot>,
+    disk_files: Vec<Slot>,
     console: Console,
     msrs: Vec<u32>,
     generation: u64,
@@ -619,7 +620,7 @@ impl Core {
         crash: bool,
         devices: DevicesState,
     ) -> Result<(VmRecord, Vec<std::fs::File>), VmmError> {
-        let (files, links) = disks::handover(&self.disk_files)?;
+        let (files, links) = devices::handover(&self.disk_files)?;
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
             let (msrs, index) = (self.msrs.clone(), v.index);
@@ -848,7 +849,7 @@ impl Prepared {
     fn restore(
         &self,
         rec: &VmRecord,
-        disks: Vec<Disk>,
+        disks: Vec<Dev>,
         output: Option<Box<dyn Write + Send>>,
     ) -> Result<Devices, VmmError> {
         if rec.vcpus.len() != self.vcpus.len() {
@@ -901,7 +902,7 @@ impl RunningVm {
         cfg.validate()?;
         let started = Instant::now();
         staunch_boot::detect(&cfg.kernel)?;
-        let disks = disks::open(cfg, &[], &[])?;
+        let disks = devices::open(cfg, &[], &[])?;
         let ram = GuestRam::new(cfg.mem_mib)?;
         let vm = Vm::new(&cfg.kvm_device, &ram)?;
         let devs = assemble(cfg, &vm, &ram, output, disks, Inherited { continue_log, ..Default::default() })?;
@@ -935,7 +936,7 @@ impl RunningVm {
             })
             .collect();
         let lap = |what: &str| tracing::debug!(ms = (record::monotonic_ns() - t0) as f64 / 1e6, "restore: {what}");
-        let disks = disks::open(&rec.config, &rec.disk_fds, &rec.vhost)?;
+        let disks = devices::open(&rec.config, &rec.disk_fds, &rec.vhost)?;
         let p = Prepared::new(&rec.config, regions)?;
         lap("VM created, memory slots registered");
         let devs = p.restore(&rec, disks, output)?;
@@ -1035,7 +1036,7 @@ impl RunningVm {
         for (info, region) in rec.ram.iter_mut().zip(&p.ram.regions) {
             info.fd = region.file.as_raw_fd();
         }
-        let disks = disks::open(&rec.config, &rec.disk_fds, &rec.vhost)?;
+        let disks = devices::open(&rec.config, &rec.disk_fds, &rec.vhost)?;
         let devs = p.restore(&rec, disks, None)?;
         let restore_ms = (record::monotonic_ns() - t0) as f64 / 1e6;
         link.send(&Msg::Restored, &[])?;
@@ -1246,7 +1247,7 @@ impl RunningVm {
                 "upgrade_failures": self.upgrade_failures,
                 "spare": self.core.spare.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.pid()),
                 "last_upgrade_error": self.last_upgrade_error,
-                "vhost_user": disks::status(&self.core.disk_files),
+                "vhost_user": devices::status(&self.core.disk_files),
             })),
             ApiRequest::Reboot {} => ApiResponse::ok(json!({"rebooting": true})),
             ApiRequest::Snapshot { path } => match self.snapshot(&path) {

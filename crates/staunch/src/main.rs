@@ -16,11 +16,12 @@ mod childvm;
 mod demo;
 mod guestrun;
 mod idle;
+mod netpeer;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use staunch_kvm::StopReason;
-use staunch_vmm::{DiskConfig, RunningVm, SerialConfig, VmConfig};
+use staunch_vmm::{DiskConfig, NetConfig, RunningVm, SerialConfig, VmConfig};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -66,6 +67,9 @@ enum Cmd {
     /// A vhost-user-net backend: moves a VM's frames to and from a tap
     /// device, from its own restartable process.
     Net(backends::NetArgs),
+    /// The host's end of the test guest's numbered frames on an interface
+    /// (AF_PACKET): answers them and counts what arrived.
+    NetPeer(netpeer::NetPeerArgs),
     /// Write the built-in test guest image to a file.
     Testguest {
         /// Directory to write `staunch-testguest.elf` into.
@@ -228,6 +232,10 @@ struct RunArgs {
     /// PATH[,ro]; repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// vhost-user=SOCKET[,mac=MAC]: a virtio-net device served by a
+    /// vhost-user-net backend (`staunch net`); repeat for more.
+    #[arg(long = "net")]
+    nets: Vec<String>,
     /// stdio | null | file:PATH | unix:PATH
     #[arg(long)]
     serial: Option<String>,
@@ -270,6 +278,9 @@ impl RunArgs {
         }
         for d in &self.disks {
             cfg.disks.push(DiskConfig::parse(d)?);
+        }
+        for n in &self.nets {
+            cfg.nets.push(NetConfig::parse(n)?);
         }
         if let Some(s) = &self.serial {
             cfg.serial = SerialConfig::parse(s)?;
@@ -490,6 +501,7 @@ fn main() {
         Cmd::Store(a) => store(a),
         Cmd::Blk(a) => backends::blk(a),
         Cmd::Net(a) => backends::net(a),
+        Cmd::NetPeer(a) => netpeer::run(a).map(|()| 0),
         Cmd::Testguest { dir } => staunch_testguest::install(&dir)
             .with_context(|| format!("writing the test guest to {}", dir.display()))
             .map(|p| {

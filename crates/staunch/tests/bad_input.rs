@@ -86,6 +86,13 @@ fn bad_options() {
     fails_with(&["vmm", "run", "--kernel", g, "--serial", "tcp:1"], None, "invalid serial spec 'tcp:1'");
     fails_with(&["vmm", "run", "--kernel", g, "--mem", "lots"], None, "invalid value 'lots'");
     fails_with(&["vmm", "run"], None, "no kernel given");
+    fails_with(&["vmm", "run", "--kernel", g, "--net", "/run/n.sock"], None, "invalid net spec '/run/n.sock'");
+    fails_with(
+        &["vmm", "run", "--kernel", g, "--net", "vhost-user=/run/n.sock,mac=01:00:5e:00:00:01"],
+        None,
+        "invalid MAC address '01:00:5e:00:00:01'",
+    );
+    fails_with(&["net-peer", "--iface", "nonexistent0", "--echo"], None, "interface nonexistent0");
     let cfg = d.join("bad.toml");
     std::fs::write(&cfg, "kernel = \"x\"\nmemory = 5\n").unwrap();
     fails_with(&["vmm", "run", "--config", cfg.to_str().unwrap()], None, "unknown field `memory`");

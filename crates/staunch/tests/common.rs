@@ -101,6 +101,13 @@ pub struct Vm {
 
 impl Vm {
     pub fn start(dir: &Path, vcpus: u8, disk: Option<&Path>, cmdline: &str) -> Vm {
+        let disk = disk.map(|d| ["--disk".to_string(), d.display().to_string()]);
+        let args: Vec<&str> = disk.iter().flatten().map(String::as_str).collect();
+        Vm::start_with(dir, vcpus, &args, cmdline)
+    }
+
+    /// With more options for `vmm run` (`--net ...`).
+    pub fn start_with(dir: &Path, vcpus: u8, args: &[&str], cmdline: &str) -> Vm {
         let g = guest(dir);
         let (sock, log, events) = (dir.join("api.sock"), dir.join("serial.log"), dir.join("events.jsonl"));
         let mut c = staunch();
@@ -108,9 +115,7 @@ impl Vm {
         c.arg("--api-socket").arg(&sock).arg("--events").arg(&events);
         c.arg("--serial").arg(format!("file:{}", log.display()));
         c.args(["--cmdline", cmdline]);
-        if let Some(d) = disk {
-            c.arg("--disk").arg(d);
-        }
+        c.args(args);
         // A file, not a pipe: nobody reads a pipe until the end, and a VMM
         // that fills one (its events are on stderr too) would block on it.
         let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();

@@ -11,12 +11,12 @@
 //! reconnect, so no link flap) and by the guest's console (no link down).
 
 mod common;
+mod netns;
 mod qemulinux;
 use common::*;
+use netns::Netns;
 use qemulinux::{assets, Qemu};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,46 +24,6 @@ use std::time::{Duration, Instant};
 const GUEST: &str = "10.77.0.2";
 const HOST: &str = "10.77.0.1/24";
 const TAP: &str = "stap0";
-
-/// A network namespace with a persistent tap in it, removed on drop.
-struct Netns(String);
-
-fn ip(args: &[&str]) {
-    let s = Command::new("ip").args(args).status().expect("ip(8)");
-    assert!(s.success(), "ip {args:?}: {s}");
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("stn{}", std::process::id());
-        ip(&["netns", "add", &name]);
-        let n = Netns(name);
-        n.exec(&["ip", "link", "set", "lo", "up"]);
-        n.exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
-        n.exec(&["ip", "addr", "add", HOST, "dev", TAP]);
-        n.exec(&["ip", "link", "set", TAP, "up"]);
-        n
-    }
-    fn exec(&self, args: &[&str]) {
-        let mut a = vec!["netns", "exec", &self.0];
-        a.extend(args);
-        ip(&a);
-    }
-}
-
-/// Move the calling thread into namespace `name` (sockets it opens then
-/// live there).
-fn enter(name: &str) {
-    let f = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
-    // SAFETY: setns on a namespace file we opened; it affects this thread only.
-    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// What the client saw: requests answered, the longest round trip, and
 /// the first thing that went wrong.
@@ -75,7 +35,7 @@ struct Seen {
 
 /// One TCP connection to the guest's echo, numbered requests until `stop`.
 fn client(ns: &str, stop: Arc<AtomicBool>) -> Seen {
-    enter(ns);
+    netns::enter(ns);
     let t = Instant::now();
     let s = loop {
         match std::net::TcpStream::connect_timeout(&format!("{GUEST}:7").parse().unwrap(), Duration::from_secs(2)) {
@@ -124,7 +84,9 @@ fn client(ns: &str, stop: Arc<AtomicBool>) -> Seen {
 fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
     let a = assets();
     let d = tmpdir("linux-net");
-    let ns = Netns::new();
+    let ns = Netns::new("n");
+    ns.tap(TAP);
+    ns.exec(&["ip", "addr", "add", HOST, "dev", TAP]);
     // Run from a copy of the binary, so it can be upgraded in place.
     let mut b = Backend::net(&d, &ns.0, TAP);
     b.run_from_copy(&d);
