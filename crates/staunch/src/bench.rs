@@ -20,8 +20,10 @@ pub struct BenchArgs {
     /// overhead: the main benchmarks with the resilience machinery on and off;
     /// store: the config store vs a single-node etcd; blk: vhost-user block
     /// backends (staunch blk, qemu-storage-daemon) under Staunch and QEMU;
-    /// io: the I/O engines a block backend could use, on this host's disk.
-    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store", "blk", "io"])]
+    /// io: the I/O engines a block backend could use, on this host's disk;
+    /// net: virtio-net through staunch net vs QEMU's tap netdev; tail:
+    /// R-VMM's tail latency under faults (Table VI).
+    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store", "blk", "io", "net", "tail"])]
     which: String,
     /// Exits per PIO / MMIO benchmark.
     #[arg(long, default_value_t = 20_000)]
@@ -383,6 +385,8 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         "store" => return crate::bench_store::run(a.quick, &machine),
         "blk" => return crate::bench_blk::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
         "io" => return crate::bench_io::run(a.quick, a.rounds, &machine),
+        "net" => return crate::bench_net::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
+        "tail" => return crate::bench_tail::run(a.quick, a.qemu.clone().or_else(default_qemu), &machine),
         _ => {}
     }
     let (a, ctx) = prepare(a, true)?;

@@ -10,7 +10,7 @@
 //! serving process: `staunch blk`'s spare takes over; qemu-storage-daemon, which has
 //! none, is started again at once. Every setup runs alone.
 
-use crate::childblk::{wait_for, ChildBlk};
+use crate::childbackend::{wait_for, ChildBackend};
 use crate::idle::Machine;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -47,7 +47,7 @@ struct Peers {
 /// A backend for one run: `staunch blk` (with its spare) or
 /// qemu-storage-daemon.
 enum Backend {
-    Staunch(ChildBlk),
+    Staunch(ChildBackend),
     Qsd { child: Child, qsd: PathBuf, disk: PathBuf, sock: PathBuf },
 }
 
@@ -70,7 +70,7 @@ impl Backend {
     fn start(setup: Setup, dir: &Path, disk: &Path, peers: &Peers) -> Result<Option<Backend>> {
         Ok(match setup {
             Setup::StaunchLocal => None,
-            Setup::StaunchVu | Setup::QemuVu => Some(Backend::Staunch(ChildBlk::start(dir, disk)?)),
+            Setup::StaunchVu | Setup::QemuVu => Some(Backend::Staunch(ChildBackend::start(dir, disk)?)),
             Setup::QemuQsd => {
                 let qsd = peers.qsd.clone().context("no qemu-storage-daemon")?;
                 let sock = dir.join("blk.sock");

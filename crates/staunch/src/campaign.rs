@@ -191,7 +191,7 @@ fn start_vm(dir: &Path, baseline: bool, backend: bool) -> Result<ChildVm> {
     let cmdline =
         format!("staunch.work=blk-verify staunch.writes=0 staunch.blocks={BLOCKS} staunch.report={EVERY} staunch.qd=4");
     let env: &[(&str, &str)] = if baseline { &[("STAUNCH_NO_RECOVERY", "1")] } else { &[] };
-    ChildVm::start(dir, &Spec { vcpus: 2, mem_mib: 256, cmdline: &cmdline, disk_mib: 8, env, backend })
+    ChildVm::start(dir, &Spec { vcpus: 2, mem_mib: 256, cmdline: &cmdline, disk_mib: 8, env, backend, args: &[] })
 }
 
 /// The guest's counters as its reports show them.

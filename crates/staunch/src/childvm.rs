@@ -17,7 +17,7 @@ pub struct ChildVm {
     pub events: PathBuf,
     pub disk: PathBuf,
     /// The disk's vhost-user backend, if it is served by `staunch blk`.
-    pub blk: Option<crate::childblk::ChildBlk>,
+    pub blk: Option<crate::childbackend::ChildBackend>,
 }
 
 pub struct Spec<'a> {
@@ -28,6 +28,8 @@ pub struct Spec<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// Serve the disk from a `staunch blk` backend instead of the VMM.
     pub backend: bool,
+    /// More options for `vmm run` (`--net ...`).
+    pub args: &'a [String],
 }
 
 impl ChildVm {
@@ -47,13 +49,14 @@ impl ChildVm {
         if spec.disk_mib > 0 {
             std::fs::write(&disk, vec![0u8; (spec.disk_mib << 20) as usize])?;
             if spec.backend {
-                let b = crate::childblk::ChildBlk::start(dir, &disk)?;
+                let b = crate::childbackend::ChildBackend::start(dir, &disk)?;
                 c.arg("--disk").arg(format!("vhost-user={}", b.sock.display()));
                 blk = Some(b);
             } else {
                 c.arg("--disk").arg(&disk);
             }
         }
+        c.args(spec.args);
         c.env_remove("STAUNCH_FAILPOINTS");
         for (k, v) in spec.env {
             c.env(k, v);

@@ -52,7 +52,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     );
     let mut vm = ChildVm::start(
         &dir,
-        &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[], backend: true },
+        &Spec { vcpus: a.vcpus, mem_mib: 256, cmdline: &cmdline, disk_mib: 16, env: &[], backend: true, args: &[] },
     )?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!(
@@ -126,7 +126,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         }
         let ev = if kind == "backend-takeover" {
             let b = vm.blk.as_ref().context("no block backend")?;
-            crate::childblk::wait_for("the spare's takeover", Duration::from_secs(30), || {
+            crate::childbackend::wait_for("the spare's takeover", Duration::from_secs(30), || {
                 b.events().iter().any(|e| e["event"] == kind && e["from"] == killed)
             })?;
             b.events().into_iter().find(|e| e["event"] == kind && e["from"] == killed).context("takeover")?

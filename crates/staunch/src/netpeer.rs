@@ -1,10 +1,17 @@
 //! `staunch net-peer`: the host's end of the test guest's frames, on a
 //! real interface (a bridge the tests and the demo create in a network
-//! namespace) through an AF_PACKET socket. `--echo` answers every
-//! sequence-numbered request (the guest's `net-ping` checks the replies);
-//! the host keeps its own count of what arrived, so the guest's counts and
-//! the host's can be compared. Counts go to stdout as JSON lines, the last
-//! one at SIGTERM or SIGINT.
+//! namespace) through an AF_PACKET socket.
+//!
+//! `--echo` answers every sequence-numbered request (the guest's
+//! `net-ping` checks the replies); the host keeps its own count of what
+//! arrived, so the guest's counts and the host's can be compared. Counts go
+//! to stdout as JSON lines, the last one at SIGTERM or SIGINT.
+//!
+//! `--ping` is the load generator for the guest's `net-echo`: numbered
+//! requests, open loop at `--rate` per second (latency counted from each
+//! request's scheduled time, so a stall delays the requests behind it and
+//! shows in their latency, as TailBench's client does) or closed loop
+//! with `--window` in flight; one JSON line of results at the end.
 
 use anyhow::{bail, Context, Result};
 use staunch_guestproto::net::{self as proto, Bad, Kind, Seen};
@@ -19,15 +26,41 @@ pub struct NetPeerArgs {
     #[arg(long)]
     iface: String,
     /// Answer every request from the guest (its `net-ping`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ping")]
     echo: bool,
+    /// Send requests to the guest (its `net-echo`) and time the replies.
+    #[arg(long)]
+    ping: bool,
+    /// The guest's MAC address (default: broadcast).
+    #[arg(long)]
+    to: Option<String>,
+    /// Requests per second, open loop (0: closed loop, `--window` in flight).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[arg(long, default_value_t = 8)]
+    window: u64,
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Bytes per frame.
+    #[arg(long, default_value_t = 128)]
+    frame: usize,
     /// Print the counts this often.
     #[arg(long, default_value_t = 1000)]
     report_ms: u64,
 }
 
-const PACKET_OUTGOING: u8 = 4;
 static STOP: AtomicBool = AtomicBool::new(false);
+
+/// SIGTERM or SIGINT arrived.
+pub fn stopped() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+impl From<&NetPeerArgs> for crate::netload::Load {
+    fn from(a: &NetPeerArgs) -> Self {
+        crate::netload::Load { rate: a.rate, window: a.window, secs: a.secs, frame: a.frame }
+    }
+}
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -90,13 +123,22 @@ struct Counts {
 }
 
 pub fn run(a: NetPeerArgs) -> Result<()> {
-    if !a.echo {
-        bail!("say what to do: --echo");
+    if !a.echo && !a.ping {
+        bail!("say what to do: --echo or --ping");
     }
     let (fd, me) = open(&a.iface)?;
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    if a.ping {
+        let to = match &a.to {
+            Some(m) => staunch_vmm::config::parse_mac(m)?,
+            None => proto::BROADCAST,
+        };
+        let r = crate::netload::ping(&fd, me, to, &crate::netload::Load::from(&a))?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
     }
     let mut c = Counts::default();
     let mut seen: HashMap<[u8; 6], Seen> = HashMap::new();
@@ -108,7 +150,7 @@ pub fn run(a: NetPeerArgs) -> Result<()> {
         v["final"] = last.into();
         println!("{v}");
     };
-    while !STOP.load(Ordering::SeqCst) {
+    while !stopped() {
         let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut p, 1, 100) };
@@ -119,28 +161,8 @@ pub fn run(a: NetPeerArgs) -> Result<()> {
         if ready <= 0 {
             continue;
         }
-        loop {
-            // SAFETY: as in open; recvfrom fills it.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut flen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: a buffer and an address we own, with their sizes.
-            let n = unsafe {
-                libc::recvfrom(
-                    fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    &mut from as *mut _ as *mut libc::sockaddr,
-                    &mut flen,
-                )
-            };
-            if n <= 0 {
-                break;
-            }
-            if from.sll_pkttype == PACKET_OUTGOING {
-                continue;
-            }
-            let frame = &mut buf[..n as usize];
+        while let Some(n) = crate::netload::recv(&fd, &mut buf) {
+            let frame = &mut buf[..n];
             let f = match proto::parse(frame) {
                 Ok(f) if f.kind == Kind::Request => f,
                 Ok(_) | Err(Bad::Foreign) => {
@@ -161,9 +183,7 @@ pub fn run(a: NetPeerArgs) -> Result<()> {
             c.senders = seen.len();
             let reply = &mut frame[..f.len];
             proto::answer(reply, me);
-            // SAFETY: sending from a buffer we own on a bound socket.
-            let sent = unsafe { libc::send(fd.as_raw_fd(), reply.as_ptr() as *const libc::c_void, reply.len(), 0) };
-            if sent == reply.len() as isize {
+            if crate::netload::send(&fd, reply) {
                 c.replies += 1;
             } else {
                 c.send_errors += 1;

@@ -1,6 +1,6 @@
-//! `staunch blk` run as a child process group (the backend and its spare)
-//! with an events file and a control socket: how the campaign, the demo and
-//! the block benchmark drive a backend they kill.
+//! `staunch blk` or `staunch net` run as a child process group (the
+//! backend and its spare) with an events file and a control socket: how
+//! the campaigns, the demo and the benchmarks drive a backend they kill.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub struct ChildBlk {
+pub struct ChildBackend {
     /// The group leader: the first backend; its spares share its group.
     child: Child,
     pub sock: PathBuf,
@@ -29,20 +29,38 @@ pub fn wait_for(what: &str, within: Duration, f: impl Fn() -> bool) -> Result<()
     Ok(())
 }
 
-impl ChildBlk {
+impl ChildBackend {
     /// Serve `disk` on `dir/blk.sock`; returns once a spare stands by.
-    pub fn start(dir: &Path, disk: &Path) -> Result<ChildBlk> {
-        let (sock, control, events) = (dir.join("blk.sock"), dir.join("blk.ctl"), dir.join("blk-events.jsonl"));
+    pub fn start(dir: &Path, disk: &Path) -> Result<ChildBackend> {
         let mut c = Command::new("/proc/self/exe");
-        c.arg("blk").arg("--socket").arg(&sock).arg("--disk").arg(disk);
-        c.arg("--events").arg(&events).arg("--control").arg(&control);
-        let stderr = std::fs::File::create(dir.join("blk-stderr.log"))?;
+        c.arg("blk").arg("--disk").arg(disk);
+        Self::spawn(c, dir, "blk", true)
+    }
+
+    /// `staunch net` on `tap` in namespace `netns`, on `dir/net.sock`;
+    /// returns once it listens (and, with `spare`, a spare stands by).
+    pub fn start_net(dir: &Path, netns: &str, tap: &str, spare: bool) -> Result<ChildBackend> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns]).arg(std::env::current_exe()?).args(["net", "--tap", tap]);
+        c.args(["--spare", if spare { "on" } else { "off" }]);
+        Self::spawn(c, dir, "net", spare)
+    }
+
+    fn spawn(mut c: Command, dir: &Path, kind: &str, spare: bool) -> Result<ChildBackend> {
+        let sock = dir.join(format!("{kind}.sock"));
+        let (control, events) = (dir.join(format!("{kind}.ctl")), dir.join(format!("{kind}-events.jsonl")));
+        c.arg("--socket").arg(&sock).arg("--events").arg(&events).arg("--control").arg(&control);
+        let stderr =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{kind}-stderr.log")))?;
         c.env_remove("STAUNCH_FAILPOINTS").process_group(0);
         let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn()?;
-        let b = ChildBlk { child, sock, control, events };
+        let b = ChildBackend { child, sock, control, events };
         let pid = b.child.id() as u64;
-        wait_for("the block backend's spare", Duration::from_secs(20), || {
-            b.events().iter().any(|e| e["event"] == "spare-ready" && e["of"] == pid)
+        wait_for(&format!("the {kind} backend"), Duration::from_secs(20), || {
+            let ev = b.events();
+            let want = if spare { "spare-ready" } else { "backend-ready" };
+            let key = if spare { "of" } else { "pid" };
+            ev.iter().any(|e| e["event"] == want && e[key] == pid)
         })?;
         Ok(b)
     }
@@ -88,7 +106,7 @@ impl ChildBlk {
     }
 }
 
-impl Drop for ChildBlk {
+impl Drop for ChildBackend {
     fn drop(&mut self) {
         self.kill();
     }
