@@ -258,7 +258,8 @@ static mut SEEN: Seen = Seen::new();
 static mut ECHO_FRAME: [u8; proto::MAX_FRAME] = [0; proto::MAX_FRAME];
 
 /// Send numbered requests (broadcast) with `window` of them awaiting a
-/// reply, check every reply, report the counts every `report_ms`.
+/// reply, check every reply, report the counts every `report_ms`; for
+/// `secs`, or until the host sends a stop frame.
 pub fn ping(cmdline: &str, p: &Params) -> u8 {
     let Some(mut n) = Net::open(cmdline) else { return exit_code::NO_DEVICE };
     announce(&n);
@@ -267,7 +268,7 @@ pub fn ping(cmdline: &str, p: &Params) -> u8 {
     let (slots, seen) = unsafe { (&mut *addr_of_mut!(SLOTS), &mut *addr_of_mut!(SEEN)) };
     let mut t = Tally::default();
     let start = io::rdtsc();
-    let end = (p.secs > 0).then(|| start + ms_to_cycles(p.secs * 1000));
+    let mut end = (p.secs > 0).then(|| start + ms_to_cycles(p.secs * 1000));
     let (every, timeout) = (ms_to_cycles(p.report_ms.max(1)), ms_to_cycles(p.timeout_ms.max(1)));
     let mut next_report = start + every;
     loop {
@@ -306,6 +307,11 @@ pub fn ping(cmdline: &str, p: &Params) -> u8 {
                 }
                 Some(Err(Bad::Corrupt)) => {
                     t.corrupt += 1;
+                    continue;
+                }
+                Some(Ok(f)) if f.kind == Kind::Stop => {
+                    // The host is done: finish what is in flight and end.
+                    end = Some(now);
                     continue;
                 }
                 Some(Ok(f)) if f.kind != Kind::Reply => {

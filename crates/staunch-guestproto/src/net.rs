@@ -24,6 +24,8 @@ pub const BROADCAST: [u8; 6] = [0xff; 6];
 pub enum Kind {
     Request = 1,
     Reply = 2,
+    /// From the host: stop sending, drain, report the final counts.
+    Stop = 3,
 }
 
 /// A frame that parsed: who sent it and what it carries.
@@ -91,6 +93,7 @@ pub fn parse(frame: &[u8]) -> Result<Frame, Bad> {
     let kind = match b[4] {
         1 => Kind::Request,
         2 => Kind::Reply,
+        3 => Kind::Stop,
         _ => return Err(Bad::Corrupt),
     };
     let seq = u64::from_le_bytes(b[8..16].try_into().map_err(|_| Bad::Corrupt)?);

@@ -386,7 +386,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         "blk" => return crate::bench_blk::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
         "io" => return crate::bench_io::run(a.quick, a.rounds, &machine),
         "net" => return crate::bench_net::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
-        "tail" => return crate::bench_tail::run(a.quick, a.qemu.clone().or_else(default_qemu), &machine),
+        "tail" => return crate::bench_tail::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
         _ => {}
     }
     let (a, ctx) = prepare(a, true)?;

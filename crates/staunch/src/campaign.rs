@@ -1,6 +1,7 @@
-//! `staunch campaign vmm|blk`: inject random real faults into running VMMs
-//! (`vmm`) or into the `staunch blk` backend serving their disk (`blk`), and
-//! judge each by the guest's own evidence.
+//! `staunch campaign vmm|blk|net`: inject random real faults into running
+//! VMMs (`vmm`), into the `staunch blk` backend serving their disk (`blk`)
+//! or into the `staunch net` backend serving their network (`net`, see
+//! [`net`]), and judge each by the guest's own evidence.
 //!
 //! For `blk`, the faults are the backend's failpoints (armed over its
 //! control socket) with every catchable action, fatal signals and SIGKILL
@@ -25,6 +26,8 @@
 //! a data mismatch even to a run already counted as lost. The pause is the
 //! guest's own (`maxgap_us`), with the VMM's figure beside it.
 
+mod net;
+
 use crate::childvm::{ChildVm, Spec};
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -35,8 +38,9 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct CampaignArgs {
-    /// What to attack: the VMM, or the vhost-user block backend.
-    #[arg(value_parser = ["vmm", "blk"])]
+    /// What to attack: the VMM, the vhost-user block backend or the
+    /// vhost-user network backend.
+    #[arg(value_parser = ["vmm", "blk", "net"])]
     target: String,
     /// Number of injections.
     #[arg(long, default_value_t = 100)]
@@ -107,15 +111,17 @@ const SIGNALS: [i32; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGF
 /// counted as recoveries from a fault that did nothing.
 const NO_CORRUPT: [&str; 3] = ["vcpu.loop", "api.request", "api.reply"];
 
-/// The block backend's failpoints with every action (none has a field to
-/// corrupt), fatal signals, SIGKILL and a hang of its serving process.
-fn backend_catalog() -> Vec<Fault> {
+/// A backend's failpoints with every action (none has a field to
+/// corrupt), fatal signals, SIGKILL and a hang of its serving process; the
+/// network backend's own points for `net`.
+fn backend_catalog(net: bool) -> Vec<Fault> {
     use staunch_fault::Action;
     let mut v = Vec::new();
     // vhost.message fires only on a control message, which a running
     // guest's frontend never sends: it is tested at set-up (blk_backend);
     // the net.* points are the net backend's.
-    for p in staunch_fault::BACKEND.iter().filter(|p| p.name.starts_with("vhost.") && p.name != "vhost.message") {
+    let ours = |n: &str| (n.starts_with("vhost.") && n != "vhost.message") || (net && n.starts_with("net."));
+    for p in staunch_fault::BACKEND.iter().filter(|p| ours(p.name)) {
         for a in Action::ALL.into_iter().filter(|a| *a != Action::Corrupt) {
             v.push(Fault::BackendFailpoint(p.name, a));
         }
@@ -245,11 +251,12 @@ fn judge(before: &Seen, lines: &[String]) -> Option<(Outcome, String)> {
 }
 
 /// The largest `key` (`maxgap_us`: the guest's longest pause; `maxio_us`:
-/// its longest request) the guest reported on the lines after `from`, in ms.
-fn guest_pause(lines: &[String], from: usize, key: &str) -> Option<f64> {
+/// its longest request; `maxrtt_us`: its longest round trip) the guest
+/// reported on the `report` lines after `from`, in ms.
+fn guest_pause(lines: &[String], from: usize, key: &str, report: &str) -> Option<f64> {
     lines
         .iter()
-        .filter(|l| l.starts_with(REPORT))
+        .filter(|l| l.starts_with(report))
         .skip(from)
         .filter_map(|l| proto::field(l, key)?.parse::<f64>().ok())
         .reduce(f64::max)
@@ -336,7 +343,7 @@ fn components(events: &[Value]) -> Vec<String> {
         .filter_map(|e| match e["event"].as_str()? {
             "microreset" | "hang-detected" => e["component"].as_str().map(String::from),
             "resumed" => Some("vmm process".into()),
-            "backend-takeover" => Some("blk spare takeover".into()),
+            "backend-takeover" => Some("backend spare takeover".into()),
             _ => None,
         })
         .collect();
@@ -420,7 +427,7 @@ fn death(vm: &mut ChildVm) -> String {
 pub fn run(a: CampaignArgs) -> Result<i32> {
     let mut rng = Rng(a.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let backend = a.target == "blk";
-    let cat = if backend { backend_catalog() } else { catalog() };
+    let cat = if a.target == "vmm" { catalog() } else { backend_catalog(a.target == "net") };
     let base = crate::guestrun::cache_dir().join(format!("campaign-{}", std::process::id()));
     let mut rows: Vec<Row> = Vec::new();
     let mut vm: Option<ChildVm> = None;
@@ -433,6 +440,10 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
         cat.len(),
         if a.baseline { ", RECOVERY OFF (baseline)" } else { "" }
     );
+    if a.target == "net" {
+        let rows = net::run(&a, &cat, &mut rng)?;
+        return Ok(report(&a, &rows, 0, started));
+    }
     for i in 0..a.runs {
         if vm.is_none() || in_vm >= a.per_vm {
             if let Some(old) = vm.take() {
@@ -487,7 +498,7 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
             (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how })
         };
         let row = Row {
-            guest_ms: guest_pause(&lines, before.reports, if backend { "maxio_us" } else { "maxgap_us" }),
+            guest_ms: guest_pause(&lines, before.reports, if backend { "maxio_us" } else { "maxgap_us" }, REPORT),
             vmm_ms: vmm_pause(&events),
             components: components(&events),
             fault: fault.clone(),
@@ -527,7 +538,11 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
     println!(
         "| fault{} | injections | not fired | recovered | hurt | guest lost | data mismatch | {} p50 ms | p99 | max | VMM-reported p50 ms |",
         if a.baseline { " (recovery off)" } else { "" },
-        if a.target == "blk" { "guest's longest I/O" } else { "guest pause" }
+        match a.target.as_str() {
+            "blk" => "guest's longest I/O",
+            "net" => "guest's longest round trip",
+            _ => "guest pause",
+        }
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let line = |name: &str, rs: Vec<&Row>| {
@@ -553,7 +568,7 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
     }
     let catchable: Vec<&Row> = rows.iter().filter(|r| !matches!(r.fault, Fault::Kill)).collect();
     // SIGKILL of a VMM is not catchable; of a backend it is (its spare).
-    line(if a.target == "blk" { "**all**" } else { "**all but SIGKILL**" }, catchable.clone());
+    line(if a.target != "vmm" { "**all**" } else { "**all but SIGKILL**" }, catchable.clone());
 
     // Where each failpoint hit, as the VMM's events name it.
     println!();
@@ -583,7 +598,7 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
     let rec = count(&fired, Outcome::Recovered);
     let mismatches = count(&rows.iter().collect::<Vec<_>>(), Outcome::Mismatch);
     println!();
-    let kills = if a.target == "blk" {
+    let kills = if a.target != "vmm" {
         String::new()
     } else {
         format!(
@@ -599,7 +614,9 @@ fn report(a: &CampaignArgs, rows: &[Row], console_bad: usize, started: Instant) 
         catchable.len() - fired.len(),
         started.elapsed().as_secs_f64()
     );
-    if a.target == "blk" {
+    if a.target == "net" {
+        println!("round trips: the guest's own clock (maxrtt_us: its longest round trip of a frame through the backend, the bridge and the host's peer, around the fault); at the end of each VM the guest's counts were checked against the host's; the VMM-reported column is what the components report about themselves");
+    } else if a.target == "blk" {
         println!("I/O stalls: the guest's own clock (maxio_us: its longest block request, submit to completion, around the fault); the VMM-reported column is what the components report about themselves (the backend spare's death-to-rings-running, a reconnect's outage, a microreset, the watchdog's stuck time)");
     } else {
         println!("pauses: the guest's own clock (maxgap_us: its longest gap between two loop iterations); the VMM-reported column is the VMM's figure about itself");
@@ -651,8 +668,8 @@ mod tests {
     #[test]
     fn the_guest_pause_is_the_guest_clock_or_nothing() {
         let l = lines(&format!("{BOOT}STAUNCH blk written=400 verified=400 mismatches=0 errors=0 maxgap_us=2500\nSTAUNCH blk written=600 verified=600 mismatches=0 errors=0 maxgap_us=40\n"));
-        assert_eq!(guest_pause(&l, 1, "maxgap_us"), Some(2.5));
-        assert_eq!(guest_pause(&lines(BOOT), 0, "maxgap_us"), None);
+        assert_eq!(guest_pause(&l, 1, "maxgap_us", REPORT), Some(2.5));
+        assert_eq!(guest_pause(&lines(BOOT), 0, "maxgap_us", REPORT), None);
     }
 
     #[test]

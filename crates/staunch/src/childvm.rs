@@ -16,7 +16,8 @@ pub struct ChildVm {
     pub log: PathBuf,
     pub events: PathBuf,
     pub disk: PathBuf,
-    /// The disk's vhost-user backend, if it is served by `staunch blk`.
+    /// The vhost-user backend the campaign and demo fault: `staunch blk`
+    /// serving the disk, or `staunch net` (set by whoever started it).
     pub blk: Option<crate::childbackend::ChildBackend>,
 }
 

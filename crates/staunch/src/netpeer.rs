@@ -5,7 +5,8 @@
 //! `--echo` answers every sequence-numbered request (the guest's
 //! `net-ping` checks the replies); the host keeps its own count of what
 //! arrived, so the guest's counts and the host's can be compared. Counts go
-//! to stdout as JSON lines, the last one at SIGTERM or SIGINT.
+//! to stdout as JSON lines, the last one at SIGTERM or SIGINT; SIGUSR1
+//! makes it send stop frames (the guest then drains and reports).
 //!
 //! `--ping` is the load generator for the guest's `net-echo`: numbered
 //! requests, open loop at `--rate` per second (latency counted from each
@@ -50,6 +51,8 @@ pub struct NetPeerArgs {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// SIGUSR1: tell the guest to stop (its `net-ping` drains and reports).
+static TELL_STOP: AtomicBool = AtomicBool::new(false);
 
 /// SIGTERM or SIGINT arrived.
 pub fn stopped() -> bool {
@@ -62,8 +65,12 @@ impl From<&NetPeerArgs> for crate::netload::Load {
     }
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGUSR1 {
+        TELL_STOP.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
 /// An AF_PACKET socket bound to `iface` for our frame type, and the
@@ -127,7 +134,7 @@ pub fn run(a: NetPeerArgs) -> Result<()> {
         bail!("say what to do: --echo or --ping");
     }
     let (fd, me) = open(&a.iface)?;
-    for sig in [libc::SIGTERM, libc::SIGINT] {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
@@ -145,6 +152,7 @@ pub fn run(a: NetPeerArgs) -> Result<()> {
     let mut buf = vec![0u8; 65_536];
     let every = Duration::from_millis(a.report_ms.max(1));
     let mut last = Instant::now();
+    let mut last_stop = Instant::now();
     let print = |c: &Counts, last: bool| {
         let mut v = serde_json::to_value(c).unwrap_or_default();
         v["final"] = last.into();
@@ -157,6 +165,13 @@ pub fn run(a: NetPeerArgs) -> Result<()> {
         if last.elapsed() >= every {
             print(&c, false);
             last = Instant::now();
+        }
+        if TELL_STOP.load(Ordering::SeqCst) && last_stop.elapsed() > Duration::from_millis(100) {
+            // Again and again: a frame can be lost to a dying backend.
+            let mut f = [0u8; proto::HEADER];
+            let n = proto::build(&mut f, proto::BROADCAST, me, Kind::Stop, 0, 0);
+            crate::netload::send(&fd, &f[..n]);
+            last_stop = Instant::now();
         }
         if ready <= 0 {
             continue;

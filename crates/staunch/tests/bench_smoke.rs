@@ -187,6 +187,7 @@ fn kvm_tail_bench_quick_prints_table() {
         assert!(cells[3].parse::<f64>().is_ok_and(|p95| p95 > 0.0), "{line}");
         // The faulted rows did inject faults.
         let faults: u64 = cells[9].parse().unwrap();
+        assert_eq!(cells[10], "1 / 1", "{line}");
         assert_eq!(faults > 0, ["(c)", "(d)", "(e)"].contains(&row), "{line}");
     }
 }

@@ -158,3 +158,21 @@ fn kvm_net_vmm_crash_and_upgrade_with_traffic_flowing() {
     assert!(inodes.len() >= 3, "{be:?}");
     assert!(inodes.iter().all(|i| *i == inodes[0]), "{inodes:?}");
 }
+
+/// The short version of `staunch campaign net` (its long runs are a
+/// separate command): random faults of the backend, judged by the guest's
+/// counts and, at the end of each VM, the host's.
+#[test]
+fn kvm_short_net_campaign() {
+    require_kvm();
+    let r = run(
+        staunch().args(["campaign", "net", "--runs", "12", "--seed", "11", "--per-vm", "6"]),
+        None,
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    let tally = r.stdout.lines().find_map(|l| l.strip_prefix("recovered ")).and_then(|t| t.split_whitespace().next());
+    let (x, y) = tally.expect("the campaign's tally line").split_once('/').expect("X/Y");
+    assert_eq!(x, y, "{}", r.stdout);
+    assert!(r.stdout.contains("data mismatches: 0;"), "{}", r.stdout);
+}

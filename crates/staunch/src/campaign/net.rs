@@ -1,0 +1,246 @@
+//! `staunch campaign net`: faults of the `staunch net` backend under a
+//! guest whose `net-ping` keeps 8 numbered frames in flight through the
+//! backend, a tap and a Linux bridge (in a namespace built for the
+//! campaign) to `staunch net-peer`, which answers and counts them.
+//!
+//! The faults are the backend's (its failpoints with every catchable
+//! action, fatal signals, SIGKILL, SIGSTOP hangs), injected one at a time
+//! as for `campaign blk`. After each, the guest must report progress again
+//! (replies rising) with nothing corrupted, reordered or misdelivered and
+//! at most one window of frames lost, still on its first boot. At the end
+//! of each VM the host tells the guest to stop (a stop frame), the guest
+//! drains and reports its final counts, and they must agree with the
+//! host's: every frame the guest sent arrived, every reply the guest did
+//! not get it counted lost.
+
+use super::{inject, Fault, Outcome, Rng, Row};
+use crate::childbackend::ChildBackend;
+use crate::childvm::{ChildVm, Spec};
+use crate::netlab::Lab;
+use anyhow::{Context, Result};
+use serde_json::Value;
+use staunch_testguest::proto;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+pub const REPORT: &str = "STAUNCH net sent=";
+const MAC: &str = "52:54:00:00:00:42";
+const TAP: &str = "stap0";
+/// Frames in flight: at most this many may be lost to one fault.
+const WINDOW: u64 = 8;
+
+/// A campaign VM: the guest, its backend (as the VM's `blk`, which the
+/// shared injector drives) and the host's peer.
+pub struct NetVm {
+    pub vm: ChildVm,
+    peer: Child,
+    peer_out: std::path::PathBuf,
+}
+
+pub fn lab() -> Result<Lab> {
+    Lab::new("camp", &[TAP])
+}
+
+pub fn start(lab: &Lab, dir: &Path) -> Result<NetVm> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let peer_out = dir.join("peer.jsonl");
+    let peer = lab.echo_peer(&peer_out)?;
+    let backend = ChildBackend::start_net(dir, &lab.ns, TAP, true)?;
+    let args = vec!["--net".to_string(), format!("vhost-user={},mac={MAC}", backend.sock.display())];
+    // A frame delayed by a hung backend (the watchdog ends it after 3 s)
+    // is late, not lost: the guest waits longer than that.
+    let cmdline = "staunch.work=net-ping staunch.qd=8 staunch.report_ms=200 staunch.timeout_ms=5000";
+    let spec = Spec { vcpus: 1, mem_mib: 256, cmdline, disk_mib: 0, env: &[], backend: false, args: &args };
+    let mut vm = ChildVm::start(&dir.join("vm"), &spec)?;
+    vm.blk = Some(backend);
+    Ok(NetVm { vm, peer, peer_out })
+}
+
+/// The guest's counts as its reports show them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    pub reports: usize,
+    boots: usize,
+    sent: u64,
+    replies: u64,
+    lost: u64,
+    broken: u64,
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    proto::field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+pub fn seen(lines: &[String]) -> Seen {
+    let reports: Vec<&String> = lines.iter().filter(|l| l.starts_with(REPORT)).collect();
+    let last = reports.last().map(|l| l.as_str()).unwrap_or("");
+    Seen {
+        reports: reports.len(),
+        boots: lines.iter().filter(|l| l.starts_with("STAUNCH ready")).count(),
+        sent: num(last, "sent"),
+        replies: num(last, "replies"),
+        lost: num(last, "lost"),
+        // Nothing of these may ever happen.
+        broken: num(last, "corrupt") + num(last, "reordered") + num(last, "bad_used"),
+    }
+}
+
+/// Judge the guest's reports after a fault: `Some((outcome, why))` if it
+/// was hurt.
+pub fn judge(before: &Seen, lines: &[String]) -> Option<(Outcome, String)> {
+    let now = seen(lines);
+    if now.broken > before.broken {
+        return Some((Outcome::Mismatch, format!("{} frames corrupted, reordered or misdelivered", now.broken)));
+    }
+    if now.boots != 1 {
+        return Some((Outcome::Hurt, format!("the guest booted {} times", now.boots)));
+    }
+    if now.sent <= before.sent {
+        return Some((Outcome::Hurt, format!("the guest sent nothing more ({})", now.sent)));
+    }
+    if now.lost > before.lost + WINDOW {
+        return Some((Outcome::Hurt, format!("{} frames lost", now.lost - before.lost)));
+    }
+    let mut r = before.replies;
+    for l in lines.iter().filter(|l| l.starts_with(REPORT)).skip(before.reports) {
+        let n = num(l, "replies");
+        if n <= r {
+            return Some((Outcome::Hurt, format!("replies went from {r} to {n}")));
+        }
+        r = n;
+    }
+    None
+}
+
+/// Stop the guest (a stop frame from the host: it drains and reports its
+/// final counts) and compare its counts with the host's.
+pub fn close(mut v: NetVm, faults: u64) -> Result<(), String> {
+    // SAFETY: kill(2) of our child, the peer: SIGUSR1 makes it send stops.
+    unsafe { libc::kill(v.peer.id() as i32, libc::SIGUSR1) };
+    let exited = v.vm.wait_exit(Duration::from_secs(20));
+    let host = crate::netlab::finish_peer(v.peer, &v.peer_out).map_err(|e| e.to_string())?;
+    let lines = v.vm.lines();
+    v.vm.kill();
+    let Some(last) = lines.iter().rfind(|l| l.starts_with(REPORT) && l.contains("final=1")) else {
+        return Err(format!("no final report from the guest (exit {exited:?})"));
+    };
+    let g = |k| num(last, k);
+    let h = |k: &str| host[k].as_u64().unwrap_or(u64::MAX);
+    let mut problems = Vec::new();
+    if h("unique") != g("sent") {
+        problems.push(format!("the guest sent {} frames, the host got {}", g("sent"), h("unique")));
+    }
+    if g("replies") + g("lost") != g("sent") {
+        problems.push(format!("replies {} + lost {} != sent {}", g("replies"), g("lost"), g("sent")));
+    }
+    let missing = h("replies").saturating_sub(g("replies") + g("dup"));
+    if missing < g("lost") || missing > faults * WINDOW {
+        problems.push(format!("{missing} replies missing, the guest counted {} lost ({faults} faults)", g("lost")));
+    }
+    if h("corrupt") + g("corrupt") + g("reordered") + g("bad_used") > 0 {
+        problems.push(format!("broken frames: guest {last}, host {host}"));
+    }
+    if problems.is_empty() {
+        let _ = std::fs::remove_dir_all(&v.vm.dir);
+        let _ = std::fs::remove_dir_all(v.peer_out.parent().unwrap_or(&v.vm.dir));
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// One fault against a running net VM: its row.
+pub fn one(v: &mut NetVm, fault: &Fault, rng: &mut Rng, deadline: Duration) -> Row {
+    let vm = &mut v.vm;
+    let (seen_events, seen_be) = (vm.events().len(), vm.blk.as_ref().map_or(0, |b| b.events().len()));
+    let before = seen(&vm.lines());
+    let delivered = inject(vm, fault, rng);
+    let ok = vm.progress(REPORT, before.reports, 2, deadline);
+    if let (Fault::BackendFailpoint(p, _), Some(b)) = (fault, &vm.blk) {
+        let _ = b.control(&format!("failpoint {p}=off"));
+    }
+    let mut events: Vec<Value> = vm.events().into_iter().skip(seen_events).collect();
+    if let Some(b) = &vm.blk {
+        events.extend(b.events().into_iter().skip(seen_be));
+    }
+    let fired = match fault {
+        Fault::BackendFailpoint(p, _) => events.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == *p),
+        _ => delivered,
+    };
+    let lines = vm.lines();
+    let (outcome, how) = if !ok {
+        (Outcome::Lost, if vm.alive() { "guest stopped making progress".into() } else { "VMM died".into() })
+    } else if let Some(hurt) = judge(&before, &lines) {
+        hurt
+    } else if !fired {
+        (Outcome::NotFired, "never hit while the guest ran".into())
+    } else {
+        let how: Vec<&str> =
+            events.iter().filter_map(|e| e["event"].as_str()).filter(|e| *e != "failpoint-fired").collect();
+        (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how.join("+") })
+    };
+    Row {
+        guest_ms: super::guest_pause(&lines, before.reports, "maxrtt_us", REPORT),
+        vmm_ms: super::vmm_pause(&events),
+        components: super::components(&events),
+        fault: fault.clone(),
+        outcome,
+        how,
+    }
+}
+
+/// Run the campaign's loop for `net`: fresh VMs of `per_vm` faults each.
+pub fn run(a: &super::CampaignArgs, cat: &[Fault], rng: &mut Rng) -> Result<Vec<Row>> {
+    let lab = lab().context("the campaign's network namespace")?;
+    let base = crate::guestrun::cache_dir().join(format!("campaign-net-{}", std::process::id()));
+    let mut rows: Vec<Row> = Vec::new();
+    let mut vm: Option<NetVm> = None;
+    let (mut in_vm, mut first_row) = (0, 0);
+    let finish = |v: NetVm, rows: &mut Vec<Row>, first_row: usize| {
+        let faults = rows[first_row..].iter().filter(|r| r.outcome != Outcome::NotFired).count() as u64;
+        if let Err(why) = close(v, faults.max(1)) {
+            eprintln!("           the counts disagree: {why}");
+            if let Some(last) = rows[first_row..].last_mut() {
+                last.how = format!("{why} (was {:?}: {})", last.outcome, last.how);
+                last.outcome = Outcome::Mismatch;
+            }
+        }
+    };
+    let started = Instant::now();
+    for i in 0..a.runs {
+        if vm.is_none() || in_vm >= a.per_vm {
+            if let Some(old) = vm.take() {
+                finish(old, &mut rows, first_row);
+            }
+            vm = Some(start(&lab, &base.join(format!("vm{i}"))).context("starting a campaign VM")?);
+            (in_vm, first_row) = (0, rows.len());
+        }
+        let v = vm.as_mut().expect("vm");
+        let fault = cat[(rng.next() % cat.len() as u64) as usize].clone();
+        let row = one(v, &fault, rng, Duration::from_secs(a.deadline));
+        eprintln!(
+            "[{:>4}/{}] {:<28} {:<10} guest {:>7} ms  {}",
+            i + 1,
+            a.runs,
+            fault.describe(),
+            format!("{:?}", row.outcome),
+            row.guest_ms.map(|m| format!("{m:.2}")).unwrap_or("-".into()),
+            row.how
+        );
+        let outcome = row.outcome;
+        rows.push(row);
+        in_vm += 1;
+        if !matches!(outcome, Outcome::Recovered | Outcome::NotFired) {
+            if let Some(old) = vm.take() {
+                finish(old, &mut rows, first_row);
+            }
+        }
+    }
+    if let Some(old) = vm.take() {
+        finish(old, &mut rows, first_row);
+    }
+    let _ = started;
+    Ok(rows)
+}
