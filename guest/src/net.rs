@@ -147,14 +147,17 @@ impl Net {
     }
 
     /// The next received frame, handed to `f` (a slot id that is not ours
-    /// or a length beyond the buffer is reported as `None`); the buffer
-    /// goes back to the device afterwards.
+    /// or a length beyond the buffer is reported as `None`, a buffer
+    /// returned without a frame as an empty one); the buffer goes back to
+    /// the device afterwards.
     fn received<R>(&mut self, f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {
         let (id, len) = self.next_used(RXQ)?;
-        let r = if id < self.qsize && (HDR..=BUF).contains(&len) {
+        let r = if id < self.qsize && len <= BUF {
             // SAFETY: the device is done with this buffer until we post it again.
             let b = unsafe { &*Self::buf(RXQ, id) };
-            f(Some(&b[HDR..len]))
+            // Shorter than a header: a frame the device dropped (Linux
+            // counts it as a length error); an empty frame here.
+            f(Some(if len < HDR { &[] } else { &b[HDR..len] }))
         } else {
             f(None)
         };

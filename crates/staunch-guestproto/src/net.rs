@@ -201,6 +201,41 @@ mod tests {
         assert_eq!(build(&mut b[..20], BROADCAST, BROADCAST, Kind::Request, 1, 0), 0);
     }
 
+    /// Random bytes and randomly damaged frames: an error or a frame that
+    /// checks, never a panic; a reply parses as its request's number.
+    #[test]
+    fn hostile_frames_never_panic() {
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut seen = Seen::new();
+        let mut ok = 0;
+        for _ in 0..5000 {
+            let mut b = [0u8; 256];
+            let n = build(&mut b, BROADCAST, [2, 0, 0, 0, 0, 1], Kind::Request, next(), (next() % 256) as usize);
+            let len = (next() % 257) as usize;
+            for _ in 0..(next() % 3) {
+                let at = (next() % 256) as usize;
+                b[at] = next() as u8;
+            }
+            if next() % 4 == 0 {
+                b.iter_mut().for_each(|v| *v = next() as u8);
+            }
+            if let Ok(f) = parse(&b[..len]) {
+                assert!(f.len <= len && f.len <= n.max(len));
+                answer(&mut b[..f.len], [2, 0, 0, 0, 0, 9]);
+                assert_eq!(parse(&b[..f.len]).map(|r| r.seq), Ok(f.seq));
+                ok += 1;
+            }
+            seen.first(next() % 10_000);
+        }
+        assert!(ok > 100, "{ok}");
+    }
+
     #[test]
     fn seen_tells_duplicates() {
         let mut s = Seen::default();

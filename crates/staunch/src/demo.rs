@@ -4,7 +4,8 @@
 //! a SIGSEGV (crash re-exec), a warm upgrade (re-exec on purpose), and a
 //! SIGKILL of the block backend (its spare takes over). The guest keeps
 //! writing and verifying blocks through all of it; at the end the host
-//! checks every block on the disk.
+//! checks every block on the disk. Then a second guest's network survives
+//! SIGKILLs of its `staunch net` backend ([`crate::demo_net`]).
 
 use crate::childvm::{ChildVm, Spec};
 use crate::guestrun::cache_dir;
@@ -214,8 +215,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     println!("   host check of the disk    : {}/{region} blocks hold their last write", region - bad_blocks as u64);
     println!("   console                   : {} lines with a byte lost or doubled", console.len());
     println!("   VMM exit status           : {code} (the guest powered off)");
+    let net_ok = crate::demo_net::run(t0)?;
     println!("   total demo time           : {:.2} s", t0.elapsed().as_secs_f64());
-    let ok = code == 0
+    let ok = net_ok
+        && code == 0
         && disk.is_ok()
         && console.is_empty()
         && field("mismatches") == "0"
@@ -224,7 +227,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     println!(
         "== {}",
         if ok {
-            "OK: the guest survived a device panic, a VMM crash, an upgrade and a block backend kill with its data intact"
+            "OK: the guest survived a device panic, a VMM crash, an upgrade and a block backend kill with its data intact, and the other guest's network two kills of its backend with every frame accounted for"
         } else {
             "FAILED"
         }

@@ -16,11 +16,13 @@ mod campaign;
 mod childbackend;
 mod childvm;
 mod demo;
+mod demo_net;
 mod guestrun;
 mod idle;
 mod netlab;
 mod netload;
 mod netpeer;
+mod netvm;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};

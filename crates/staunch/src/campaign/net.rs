@@ -14,48 +14,25 @@
 //! not get it counted lost.
 
 use super::{inject, Fault, Outcome, Rng, Row};
-use crate::childbackend::ChildBackend;
-use crate::childvm::{ChildVm, Spec};
 use crate::netlab::Lab;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use staunch_testguest::proto;
 use std::path::Path;
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub const REPORT: &str = "STAUNCH net sent=";
-const MAC: &str = "52:54:00:00:00:42";
-const TAP: &str = "stap0";
-/// Frames in flight: at most this many may be lost to one fault.
-const WINDOW: u64 = 8;
+use crate::netvm::WINDOW;
 
-/// A campaign VM: the guest, its backend (as the VM's `blk`, which the
-/// shared injector drives) and the host's peer.
-pub struct NetVm {
-    pub vm: ChildVm,
-    peer: Child,
-    peer_out: std::path::PathBuf,
-}
+pub use crate::netvm::{NetVm, REPORT};
 
 pub fn lab() -> Result<Lab> {
-    Lab::new("camp", &[TAP])
+    Lab::new("camp", &[crate::netvm::TAP])
 }
 
 pub fn start(lab: &Lab, dir: &Path) -> Result<NetVm> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    let peer_out = dir.join("peer.jsonl");
-    let peer = lab.echo_peer(&peer_out)?;
-    let backend = ChildBackend::start_net(dir, &lab.ns, TAP, true)?;
-    let args = vec!["--net".to_string(), format!("vhost-user={},mac={MAC}", backend.sock.display())];
     // A frame delayed by a hung backend (the watchdog ends it after 3 s)
     // is late, not lost: the guest waits longer than that.
-    let cmdline = "staunch.work=net-ping staunch.qd=8 staunch.report_ms=200 staunch.timeout_ms=5000";
-    let spec = Spec { vcpus: 1, mem_mib: 256, cmdline, disk_mib: 0, env: &[], backend: false, args: &args };
-    let mut vm = ChildVm::start(&dir.join("vm"), &spec)?;
-    vm.blk = Some(backend);
-    Ok(NetVm { vm, peer, peer_out })
+    NetVm::start(lab, dir, "staunch.work=net-ping staunch.qd=8 staunch.report_ms=200 staunch.timeout_ms=5000")
 }
 
 /// The guest's counts as its reports show them.
@@ -114,41 +91,9 @@ pub fn judge(before: &Seen, lines: &[String]) -> Option<(Outcome, String)> {
     None
 }
 
-/// Stop the guest (a stop frame from the host: it drains and reports its
-/// final counts) and compare its counts with the host's.
-pub fn close(mut v: NetVm, faults: u64) -> Result<(), String> {
-    // SAFETY: kill(2) of our child, the peer: SIGUSR1 makes it send stops.
-    unsafe { libc::kill(v.peer.id() as i32, libc::SIGUSR1) };
-    let exited = v.vm.wait_exit(Duration::from_secs(20));
-    let host = crate::netlab::finish_peer(v.peer, &v.peer_out).map_err(|e| e.to_string())?;
-    let lines = v.vm.lines();
-    v.vm.kill();
-    let Some(last) = lines.iter().rfind(|l| l.starts_with(REPORT) && l.contains("final=1")) else {
-        return Err(format!("no final report from the guest (exit {exited:?})"));
-    };
-    let g = |k| num(last, k);
-    let h = |k: &str| host[k].as_u64().unwrap_or(u64::MAX);
-    let mut problems = Vec::new();
-    if h("unique") != g("sent") {
-        problems.push(format!("the guest sent {} frames, the host got {}", g("sent"), h("unique")));
-    }
-    if g("replies") + g("lost") != g("sent") {
-        problems.push(format!("replies {} + lost {} != sent {}", g("replies"), g("lost"), g("sent")));
-    }
-    let missing = h("replies").saturating_sub(g("replies") + g("dup"));
-    if missing < g("lost") || missing > faults * WINDOW {
-        problems.push(format!("{missing} replies missing, the guest counted {} lost ({faults} faults)", g("lost")));
-    }
-    if h("corrupt") + g("corrupt") + g("reordered") + g("bad_used") > 0 {
-        problems.push(format!("broken frames: guest {last}, host {host}"));
-    }
-    if problems.is_empty() {
-        let _ = std::fs::remove_dir_all(&v.vm.dir);
-        let _ = std::fs::remove_dir_all(v.peer_out.parent().unwrap_or(&v.vm.dir));
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
+/// Stop the guest and check its final counts against the host's.
+pub fn close(v: NetVm, faults: u64) -> Result<(), String> {
+    v.finish(faults * crate::netvm::WINDOW).map(|_| ())
 }
 
 /// One fault against a running net VM: its row.
@@ -208,7 +153,6 @@ pub fn run(a: &super::CampaignArgs, cat: &[Fault], rng: &mut Rng) -> Result<Vec<
             }
         }
     };
-    let started = Instant::now();
     for i in 0..a.runs {
         if vm.is_none() || in_vm >= a.per_vm {
             if let Some(old) = vm.take() {
@@ -241,6 +185,5 @@ pub fn run(a: &super::CampaignArgs, cat: &[Fault], rng: &mut Rng) -> Result<Vec<
     if let Some(old) = vm.take() {
         finish(old, &mut rows, first_row);
     }
-    let _ = started;
     Ok(rows)
 }
