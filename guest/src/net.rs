@@ -82,6 +82,15 @@ impl Net {
         Ok(n)
     }
 
+    /// The link status the device reports now (1: up; -1: it reports
+    /// none), read at every report: a link that went down shows.
+    fn link(&self) -> i32 {
+        match self.status {
+            Some(_) => (mmio_read32(self.base + virtio::CONFIG + 4) >> 16) as i32,
+            None => -1,
+        }
+    }
+
     fn buf(q: usize, slot: usize) -> *mut [u8; BUF] {
         // SAFETY: only the address is taken.
         unsafe { addr_of_mut!(BUFS[q].0[slot % QSIZE]) }
@@ -218,11 +227,11 @@ struct Tally {
     rtt_sum: u64,
 }
 
-fn report(t: &mut Tally, last: bool) {
+fn report(t: &mut Tally, last: bool, link: i32) {
     let (alive, _) = crate::check_cpus();
     let mean = if t.replies > 0 { clock::cycles_to_us(t.rtt_sum / t.replies) } else { 0 };
     say!(
-        "net sent={} replies={} lost={} late={} dup={} reordered={} corrupt={} foreign={} bad_used={} final={} cpus={} maxrtt_us={} worstrtt_us={} meanrtt_us={} maxgap_us={}",
+        "net sent={} replies={} lost={} late={} dup={} reordered={} corrupt={} foreign={} bad_used={} link={} final={} cpus={} maxrtt_us={} worstrtt_us={} meanrtt_us={} maxgap_us={}",
         t.sent,
         t.replies,
         t.lost,
@@ -232,6 +241,7 @@ fn report(t: &mut Tally, last: bool) {
         t.corrupt,
         t.foreign,
         t.bad_used,
+        link,
         last as u8,
         alive,
         clock::cycles_to_us(core::mem::take(&mut t.maxrtt)),
@@ -366,11 +376,11 @@ pub fn ping(cmdline: &str, p: &Params) -> u8 {
             break;
         }
         if now >= next_report && idle {
-            report(&mut t, false);
+            report(&mut t, false, n.link());
             next_report = io::rdtsc() + every;
         }
     }
-    report(&mut t, true);
+    report(&mut t, true, n.link());
     let clean = t.lost == 0 && t.corrupt == 0 && t.bad_used == 0;
     if clean {
         exit_code::OK

@@ -3,6 +3,10 @@
 //! virtio-mmio, the same guest) with its in-process tap netdev and with
 //! `staunch net`, all on a Linux bridge in a namespace built for the run.
 //!
+//! With Debian's DPDK fetched (`scripts/dpdk.sh`), Staunch's VMM is also
+//! measured over `dpdk-testpmd` as the vhost-user backend (its vhost PMD
+//! forwarding to a tap PMD on the bridge).
+//!
 //! Round trips are timed by the host's load generator (`net-peer --ping`
 //! against the guest's `net-echo`), restart gaps by the guest (`net-ping`'s
 //! longest round trip in the report interval around each SIGKILL).
@@ -28,6 +32,42 @@ pub enum Setup {
     Staunch,
     QemuTap,
     QemuVu,
+    /// Staunch's VMM over dpdk-testpmd (vhost PMD to a tap PMD).
+    Dpdk,
+}
+
+/// dpdk-testpmd, where scripts/dpdk.sh unpacked it.
+fn testpmd() -> Option<PathBuf> {
+    let p = crate::guestrun::cache_dir().join("dpdk/root/usr/bin/dpdk-testpmd");
+    p.exists().then_some(p)
+}
+
+/// dpdk-testpmd serving vhost-user on `sock` (server mode: Staunch's VMM
+/// connects), forwarding to a tap PMD put on the lab's bridge. One
+/// polling core besides the main one (this host has two).
+fn start_testpmd(lab: &Lab, dir: &Path, sock: &Path) -> Result<Child> {
+    let bin = testpmd().context("no dpdk-testpmd (run scripts/dpdk.sh)")?;
+    let root = bin.parent().and_then(|p| p.parent()).and_then(|p| p.parent()).context("DPDK path")?;
+    let libs = root.join("usr/lib/x86_64-linux-gnu");
+    let mut c = lab.command(&bin);
+    c.env("LD_LIBRARY_PATH", format!("{}:{}", libs.display(), root.join("lib/x86_64-linux-gnu").display()));
+    c.args(["-l", "0-1", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix"]);
+    c.arg(format!("staunch-{}", std::process::id())).arg("-d").arg(libs.join("dpdk/pmds-23.0"));
+    c.arg("--vdev").arg(format!("net_vhost0,iface={},queues=1", sock.display()));
+    c.args(["--vdev", "net_tap0,iface=dtap0", "--", "--forward-mode=io", "--auto-start"]);
+    c.args(["--stats-period=3600", "--total-num-mbufs=16384"]);
+    let out = std::fs::File::create(dir.join("testpmd.log"))?;
+    let child = c.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn()?;
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("dpdk-testpmd did not listen (see {})", dir.join("testpmd.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lab.exec(&["ip", "link", "set", "dtap0", "master", crate::netlab::BRIDGE])?;
+    lab.exec(&["ip", "link", "set", "dtap0", "up"])?;
+    Ok(child)
 }
 
 impl Setup {
@@ -36,6 +76,7 @@ impl Setup {
             Setup::Staunch => "Staunch + staunch net",
             Setup::QemuTap => "QEMU, in-process tap netdev",
             Setup::QemuVu => "QEMU + staunch net",
+            Setup::Dpdk => "Staunch + dpdk-testpmd (vhost PMD)",
         }
     }
 }
@@ -43,6 +84,7 @@ impl Setup {
 /// A guest running under one setup, and its backend.
 pub struct Running {
     vm: Option<ChildVm>,
+    /// QEMU, or dpdk-testpmd (the backend of [`Setup::Dpdk`]).
     qemu: Option<Child>,
     log: PathBuf,
     pub backend: Option<ChildBackend>,
@@ -106,12 +148,20 @@ pub fn boot(setup: Setup, lab: &Lab, dir: &Path, qemu: Option<&Path>, cmdline: &
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let backend = match setup {
-        Setup::QemuTap => None,
+        Setup::QemuTap | Setup::Dpdk => None,
         _ => Some(ChildBackend::start_net(dir, &lab.ns, STAUNCH_TAP, o.spare)?),
     };
-    let sock = backend.as_ref().map(|b| b.sock.clone());
+    let mut testpmd = None;
+    let sock = match setup {
+        Setup::Dpdk => {
+            let s = dir.join("dpdk.sock");
+            testpmd = Some(start_testpmd(lab, dir, &s)?);
+            Some(s)
+        }
+        _ => backend.as_ref().map(|b| b.sock.clone()),
+    };
     let r = match setup {
-        Setup::Staunch => {
+        Setup::Staunch | Setup::Dpdk => {
             let args = vec![
                 "--net".to_string(),
                 format!("vhost-user={},mac={MAC}", sock.clone().unwrap_or_default().display()),
@@ -124,7 +174,7 @@ pub fn boot(setup: Setup, lab: &Lab, dir: &Path, qemu: Option<&Path>, cmdline: &
             let spec = Spec { vcpus: 1, mem_mib: 256, cmdline, disk_mib: 0, env, backend: false, args: &extra };
             let vm = ChildVm::start(&dir.join("vm"), &spec)?;
             let log = vm.log.clone();
-            Running { vm: Some(vm), qemu: None, log, backend }
+            Running { vm: Some(vm), qemu: testpmd, log, backend }
         }
         _ => {
             let q = qemu.context("no QEMU (run scripts/qemu.sh)")?;
@@ -258,7 +308,7 @@ fn one_round(row: &mut Row, lab: &Lab, dir: &Path, qemu: Option<&Path>, secs: f6
     row.values[0].push(thr.per_s * 2.0);
     row.values[1].push(lat.p50_us);
     row.values[2].push(lat.p99_us);
-    if row.setup != Setup::QemuTap {
+    if matches!(row.setup, Setup::Staunch | Setup::QemuVu) {
         let (gap, calm) = restart_gap(row.setup, lab, &dir.with_extension("gap"), qemu)?;
         row.values[3].push(gap);
         row.values[4].push(calm);
@@ -275,8 +325,18 @@ pub fn peers(qemu: Option<PathBuf>) -> (Vec<Setup>, Option<PathBuf>) {
     (setups, qemu)
 }
 
+/// The setups of `bench net`: those of [`peers`], and DPDK's if fetched.
+fn net_setups(qemu: Option<PathBuf>) -> (Vec<Setup>, Option<PathBuf>) {
+    let (mut setups, qemu) = peers(qemu);
+    match testpmd() {
+        Some(_) => setups.push(Setup::Dpdk),
+        None => eprintln!("peer: dpdk-testpmd not found (run scripts/dpdk.sh): its row is left out"),
+    }
+    (setups, qemu)
+}
+
 pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>, machine: &Machine) -> Result<i32> {
-    let (setups, qemu) = peers(qemu);
+    let (setups, qemu) = net_setups(qemu);
     let lab = lab("bnet")?;
     let dir = std::env::temp_dir().join(format!("staunch-bench-net-{}", std::process::id()));
     let (rounds, secs) = if quick { (1, 0.5) } else { (rounds, 5.0) };

@@ -7,7 +7,7 @@
 
 use crate::netlab::Lab;
 use crate::netvm::{NetVm, REPORT, TAP, WINDOW};
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use staunch_testguest::proto;
 use std::time::{Duration, Instant};
 

@@ -73,7 +73,8 @@ impl NetVm {
         }
         let missing = h("replies").saturating_sub(g("replies") + g("dup"));
         if missing < g("lost") || missing > may_lose {
-            problems.push(format!("{missing} replies missing, the guest counted {} lost (at most {may_lose})", g("lost")));
+            problems
+                .push(format!("{missing} replies missing, the guest counted {} lost (at most {may_lose})", g("lost")));
         }
         if h("corrupt") + g("corrupt") + g("reordered") + g("bad_used") > 0 {
             problems.push(format!("broken frames: guest {last}, host {host}"));

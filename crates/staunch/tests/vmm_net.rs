@@ -63,6 +63,9 @@ fn judge(vm: Vm, peer: Peer, deaths: u64) -> u64 {
     let h = |k: &str| host[k].as_u64().unwrap_or_else(|| panic!("no {k} in {host}"));
     eprintln!("vmm_net: guest: {last}\nvmm_net: host: {host}");
     assert!(g("sent") > 1000, "{last}");
+    // The link was up at every report (the guest reads its status each time).
+    let reports: Vec<&str> = r.stdout.lines().filter(|l| l.contains("STAUNCH net sent=")).collect();
+    assert!(reports.iter().all(|l| l.contains(" link=1 ")), "{}", r.stdout);
     // Every frame the guest posted reached the host (at least once).
     assert_eq!(h("unique"), g("sent"), "guest {last}\nhost {host}");
     assert_eq!((g("corrupt"), g("reordered"), g("bad_used")), (0, 0, 0), "{last}");
@@ -175,4 +178,47 @@ fn kvm_short_net_campaign() {
     let (x, y) = tally.expect("the campaign's tally line").split_once('/').expect("X/Y");
     assert_eq!(x, y, "{}", r.stdout);
     assert!(r.stdout.contains("data mismatches: 0;"), "{}", r.stdout);
+}
+
+/// VM to VM: two guests, each on its own `staunch net` and tap, on one
+/// bridge; one's `net-ping` is answered by the other's `net-echo`, and
+/// both backends are SIGKILLed while frames flow.
+#[test]
+fn kvm_net_vm_to_vm_through_a_bridge() {
+    require_kvm();
+    let d = tmpdir("vmm-net-v2v");
+    let (da, db) = (d.join("a"), d.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let ns = Netns::new("w");
+    ns.bridge(BRIDGE, &["stap0", "stap1"]);
+    let mut ba = Backend::net(&da, &ns.0, "stap0");
+    let mut bb = Backend::net(&db, &ns.0, "stap1");
+    let _ = ba.start(None);
+    let _ = bb.start(None);
+    let net = format!("vhost-user={},mac=52:54:00:00:00:0b", bb.sock.display());
+    let echo = Vm::start_with(&db, 1, &["--net", &net], "staunch.work=net-echo staunch.report_ms=3600000");
+    echo.wait_for("the echo guest's network", |l| l.contains("STAUNCH net mac=52:54:00:00:00:0b status=1"));
+    let ping = vm_on(&da, &ba, 12);
+    progress(&ping, "traffic");
+    for echo_side in [true, false, true] {
+        if echo_side {
+            bb.kill();
+        } else {
+            ba.kill();
+        }
+        progress(&ping, "traffic after a kill");
+    }
+    let r = ping.finish();
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    let last = r.stdout.lines().rfind(|l| l.contains("final=1")).expect("final report");
+    let g = |k| field(last, k);
+    eprintln!("vmm_net: vm to vm: {last}");
+    assert!(g("replies") > 1000, "{last}");
+    assert_eq!(g("replies") + g("lost"), g("sent"), "{last}");
+    // A frame inside a dying backend at most, per kill.
+    assert!(g("lost") <= 3, "{last}");
+    assert_eq!((g("corrupt"), g("reordered"), g("bad_used")), (0, 0, 0), "{last}");
+    assert!(r.stdout.lines().filter(|l| l.contains("net sent=")).all(|l| l.contains(" link=1 ")), "{}", r.stdout);
+    drop(echo);
 }
