@@ -147,6 +147,31 @@ mod tests {
         fn bytes(&mut self, n: usize) -> Vec<u8> {
             (0..n).map(|_| self.next() as u8).collect()
         }
+        /// A plausible ring laid out as the entry points expect: 64
+        /// descriptors pointing into memory (and sometimes not), mostly of
+        /// the lengths `lens`, chains that loop, flags that lie; avail
+        /// indices ahead and behind.
+        fn ring(&mut self, lens: [u32; 4]) -> Vec<u8> {
+            let mut mem = vec![0u8; 0x3000];
+            for i in 0..64 {
+                let at = i * 16;
+                let addr = if self.next().is_multiple_of(4) { self.next() } else { 0x4000 + (self.next() % 0xf0000) };
+                let len = if self.next().is_multiple_of(4) { self.next() as u32 } else { lens[i % 4] };
+                let flags = (self.next() % 8) as u16;
+                let next = (self.next() % 80) as u16;
+                mem[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+                mem[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+                mem[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
+                mem[at + 14..at + 16].copy_from_slice(&next.to_le_bytes());
+            }
+            let idx = (self.next() % 300) as u16;
+            mem[0x1002..0x1004].copy_from_slice(&idx.to_le_bytes());
+            for i in 0..256 {
+                let h = (self.next() % 70) as u16;
+                mem[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&h.to_le_bytes());
+            }
+            mem
+        }
     }
 
     /// Plausible rings: descriptors pointing into memory (and sometimes not),
@@ -157,25 +182,7 @@ mod tests {
         let mut taken = 0u64;
         for _ in 0..300 {
             let mut d = vec![rng.next() as u8 % 9, rng.next() as u8];
-            let mut mem = vec![0u8; 0x3000];
-            for i in 0..64 {
-                let at = i * 16;
-                let addr = if rng.next().is_multiple_of(4) { rng.next() } else { 0x4000 + (rng.next() % 0xf0000) };
-                let len = if rng.next().is_multiple_of(4) { rng.next() as u32 } else { [16u32, 4096, 1, 512][i % 4] };
-                let flags = (rng.next() % 8) as u16;
-                let next = (rng.next() % 80) as u16;
-                mem[at..at + 8].copy_from_slice(&addr.to_le_bytes());
-                mem[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
-                mem[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
-                mem[at + 14..at + 16].copy_from_slice(&next.to_le_bytes());
-            }
-            let idx = (rng.next() % 300) as u16;
-            mem[0x1002..0x1004].copy_from_slice(&idx.to_le_bytes());
-            for i in 0..256 {
-                let h = (rng.next() % 70) as u16;
-                mem[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&h.to_le_bytes());
-            }
-            d.extend(mem);
+            d.extend(rng.ring([16, 4096, 1, 512]));
             let tail = (rng.next() % 4096) as usize;
             d.extend(rng.bytes(tail));
             taken += blk_requests(&d) as u64;
@@ -191,25 +198,7 @@ mod tests {
         let mut taken = 0u64;
         for round in 0..200u32 {
             let mut d = vec![rng.next() as u8 % 9, (rng.next() as u8 & 0x7f) | if round % 2 == 0 { 0x80 } else { 0 }];
-            let mut mem = vec![0u8; 0x3000];
-            for i in 0..64 {
-                let at = i * 16;
-                let addr = if rng.next().is_multiple_of(4) { rng.next() } else { 0x4000 + (rng.next() % 0xf0000) };
-                let len = if rng.next().is_multiple_of(4) { rng.next() as u32 } else { [12u32, 2048, 1, 60][i % 4] };
-                let flags = (rng.next() % 8) as u16;
-                let next = (rng.next() % 80) as u16;
-                mem[at..at + 8].copy_from_slice(&addr.to_le_bytes());
-                mem[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
-                mem[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
-                mem[at + 14..at + 16].copy_from_slice(&next.to_le_bytes());
-            }
-            let idx = (rng.next() % 300) as u16;
-            mem[0x1002..0x1004].copy_from_slice(&idx.to_le_bytes());
-            for i in 0..256 {
-                let h = (rng.next() % 70) as u16;
-                mem[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&h.to_le_bytes());
-            }
-            d.extend(mem);
+            d.extend(rng.ring([12, 2048, 1, 60]));
             taken += net_chains(&d) as u64;
         }
         assert!(taken > 200, "{taken}");

@@ -85,6 +85,23 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Run {
     }
 }
 
+/// `staunch campaign TARGET` for a few runs: every fault that fired was
+/// recovered, and nothing mismatched.
+pub fn short_campaign(target: &str) -> Run {
+    let r = run(
+        staunch().args(["campaign", target, "--runs", "12", "--seed", "11", "--per-vm", "6"]),
+        None,
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    // "recovered X/Y (...) of fired catchable faults": every one that fired.
+    let tally = r.stdout.lines().find_map(|l| l.strip_prefix("recovered ")).and_then(|t| t.split_whitespace().next());
+    let (x, y) = tally.expect("the campaign's tally line").split_once('/').expect("X/Y");
+    assert_eq!(x, y, "{}", r.stdout);
+    assert!(r.stdout.contains("data mismatches: 0;"), "{}", r.stdout);
+    r
+}
+
 pub fn field(line: &str, key: &str) -> u64 {
     staunch_testguest::proto::field(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}")).parse().unwrap()
 }
@@ -147,6 +164,19 @@ impl Vm {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// Crash the VMM (SIGSEGV at the next port write) and wait until its
+    /// successor has resumed the VM.
+    pub fn crash_and_wait(&self) {
+        let resumed = |vm: &Vm| vm.events().iter().filter(|e| e["event"] == "resumed").count();
+        let seen = resumed(self);
+        assert_eq!(self.ctl(&["failpoint", "pio.write=segv"]).status, 0);
+        let t = Instant::now();
+        while resumed(self) <= seen {
+            assert!(t.elapsed() < Duration::from_secs(60), "no crash recovery: {:?}", self.events());
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn finish(mut self) -> Run {
@@ -365,6 +395,37 @@ impl Backend {
         let pid = self.primary();
         self.signal(libc::SIGKILL);
         self.taken_over(pid);
+    }
+
+    /// One fault of the serving process, waited out until its spare took
+    /// over: `kill` (SIGKILL), `hang` (SIGSTOP, then what a supervisor does:
+    /// SIGKILL 300 ms later), `upgrade` (to the file at `bin`), or a
+    /// failpoint's name (death there).
+    pub fn fault(&mut self, fault: &str) {
+        match fault {
+            "kill" => self.kill(),
+            "hang" => {
+                self.signal(libc::SIGSTOP);
+                std::thread::sleep(Duration::from_millis(300));
+                self.kill();
+            }
+            "upgrade" => self.upgrade(),
+            point => {
+                let pid = self.primary();
+                assert_eq!(self.control(&format!("failpoint {point}=kill")), "ok");
+                self.taken_over(pid);
+            }
+        }
+    }
+
+    /// The inflight regions (inodes) the frontends asked for, checked to be
+    /// one and the same, seen at least `n` times.
+    pub fn same_inflight_region(&self, n: usize) {
+        let be = self.events();
+        let inodes: Vec<u64> =
+            be.iter().filter(|e| e["event"] == "inflight-region").map(|e| e["inode"].as_u64().unwrap()).collect();
+        assert!(inodes.len() >= n, "{be:?}");
+        assert!(inodes.iter().all(|i| *i == inodes[0]), "{inodes:?}");
     }
 
     /// SIGKILL the backend and every spare: nothing listens any more.

@@ -117,20 +117,7 @@ fn linux_over_staunch_net_keeps_a_tcp_connection_through_kills() {
     std::thread::sleep(Duration::from_secs(3));
     let faults = ["kill", "net.tx", "net.rx", "hang", "upgrade", "kill"];
     for fault in faults {
-        match fault {
-            "kill" => b.kill(),
-            "hang" => {
-                b.signal(libc::SIGSTOP);
-                std::thread::sleep(Duration::from_millis(300));
-                b.kill();
-            }
-            "upgrade" => b.upgrade(),
-            point => {
-                let pid = b.primary();
-                assert_eq!(b.control(&format!("failpoint {point}=kill")), "ok");
-                b.taken_over(pid);
-            }
-        }
+        b.fault(fault);
         std::thread::sleep(Duration::from_secs(2));
     }
     stop.store(true, Ordering::Relaxed);

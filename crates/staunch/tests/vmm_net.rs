@@ -14,7 +14,7 @@ use common::*;
 use netns::{Netns, Peer};
 use serde_json::Value;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TAP: &str = "stap0";
 const BRIDGE: &str = "br0";
@@ -93,20 +93,7 @@ fn kvm_net_ping_survives_backend_faults() {
     progress(&vm, "traffic");
     let faults = ["kill", "net.tx", "net.rx", "hang", "upgrade", "kill"];
     for (i, fault) in faults.iter().enumerate() {
-        match *fault {
-            "kill" => b.kill(),
-            "hang" => {
-                b.signal(libc::SIGSTOP);
-                std::thread::sleep(Duration::from_millis(300));
-                b.kill();
-            }
-            "upgrade" => b.upgrade(),
-            point => {
-                let pid = b.primary();
-                assert_eq!(b.control(&format!("failpoint {point}=kill")), "ok");
-                b.taken_over(pid);
-            }
-        }
+        b.fault(fault);
         // A moment that differs from fault to fault.
         std::thread::sleep(Duration::from_millis(150 + 97 * i as u64));
         progress(&vm, &format!("traffic after {fault}"));
@@ -139,13 +126,7 @@ fn kvm_net_vmm_crash_and_upgrade_with_traffic_flowing() {
     progress(&vm, "traffic before the upgrade");
     assert_eq!(vm.ctl(&["upgrade"]).status, 0);
     progress(&vm, "traffic after the upgrade");
-    let seen = count(&vm.events(), "resumed");
-    assert_eq!(vm.ctl(&["failpoint", "pio.write=segv"]).status, 0);
-    let t = Instant::now();
-    while count(&vm.events(), "resumed") <= seen {
-        assert!(t.elapsed() < Duration::from_secs(60), "no crash recovery: {:?}", vm.events());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    vm.crash_and_wait();
     progress(&vm, "traffic after the VMM crashed");
     b.kill();
     progress(&vm, "traffic after the backend was killed under the new VMM");
@@ -155,11 +136,7 @@ fn kvm_net_vmm_crash_and_upgrade_with_traffic_flowing() {
     eprintln!("vmm_net: longest round trip in a report interval {worst} us (guest-measured)");
     // Each VMM generation connected to the backend with the same inflight
     // region (it travels in the VM's record).
-    let be = b.events();
-    let inodes: Vec<u64> =
-        be.iter().filter(|e| e["event"] == "inflight-region").map(|e| e["inode"].as_u64().unwrap()).collect();
-    assert!(inodes.len() >= 3, "{be:?}");
-    assert!(inodes.iter().all(|i| *i == inodes[0]), "{inodes:?}");
+    b.same_inflight_region(3);
 }
 
 /// The short version of `staunch campaign net` (its long runs are a
@@ -168,16 +145,7 @@ fn kvm_net_vmm_crash_and_upgrade_with_traffic_flowing() {
 #[test]
 fn kvm_short_net_campaign() {
     require_kvm();
-    let r = run(
-        staunch().args(["campaign", "net", "--runs", "12", "--seed", "11", "--per-vm", "6"]),
-        None,
-        Duration::from_secs(600),
-    );
-    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
-    let tally = r.stdout.lines().find_map(|l| l.strip_prefix("recovered ")).and_then(|t| t.split_whitespace().next());
-    let (x, y) = tally.expect("the campaign's tally line").split_once('/').expect("X/Y");
-    assert_eq!(x, y, "{}", r.stdout);
-    assert!(r.stdout.contains("data mismatches: 0;"), "{}", r.stdout);
+    short_campaign("net");
 }
 
 /// VM to VM: two guests, each on its own `staunch net` and tap, on one
