@@ -506,12 +506,16 @@ pub struct VhostUserDevice {
     /// Features the VMM implements itself (virtio-net's MAC and STATUS:
     /// the configuration space is the VMM's); never passed to the backend.
     own_features: u64,
+    /// The backend's features the guest may see: those the device as the
+    /// VMM builds it can honour (no control queue or queue pairs it does
+    /// not have, whatever the backend offers).
+    passed: u64,
 }
 
 impl VhostUserDevice {
-    pub fn new(link: Arc<Link>, device_type: u32, own_features: u64) -> VhostUserDevice {
+    pub fn new(link: Arc<Link>, device_type: u32, own_features: u64, passed: u64) -> VhostUserDevice {
         let sizes = vec![QUEUE_MAX; link.queues];
-        VhostUserDevice { link, device_type, sizes, own_features }
+        VhostUserDevice { link, device_type, sizes, own_features, passed }
     }
     pub fn link(&self) -> &Arc<Link> {
         &self.link
@@ -531,7 +535,7 @@ impl staunch_devices::virtio::VirtioDevice for VhostUserDevice {
     fn features(&self) -> u64 {
         // No ring features the transport does not know; the backend's
         // device features pass through.
-        (self.link.features() | self.own_features) & 0xffff_ffff
+        ((self.link.features() & self.passed) | self.own_features) & 0xffff_ffff
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &self.sizes

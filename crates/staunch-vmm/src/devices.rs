@@ -76,6 +76,11 @@ fn net_config(mac: [u8; 6]) -> Vec<u8> {
 }
 const NET_F_MAC: u64 = 1 << 5;
 const NET_F_STATUS: u64 = 1 << 16;
+/// What of a net backend's offer reaches the guest: checksum and
+/// segmentation offloads and mergeable buffers (bits 0-1, 7-15), which the
+/// backend implements. Not a control queue, more queue pairs, an MTU or
+/// announcements (the device has two queues and the configuration above).
+const NET_PASSED: u64 = 0b11 | (0x1ff << 7);
 const NET_S_LINK_UP: u16 = 1;
 
 /// A vhost-user device: one kick ioeventfd per queue on the transport's
@@ -88,13 +93,13 @@ pub(crate) fn vhost_user(
     call: Arc<EventFd>,
     events: Option<PathBuf>,
 ) -> Result<(Box<dyn VirtioDevice>, Arc<Link>), VmmError> {
-    let (socket, spec, device_type, own, saved) = match dev {
-        Dev::Blk(sock, saved) => (sock, LinkSpec { device: "blk", queues: 1, config: None }, 2, 0, saved),
+    let (socket, spec, device_type, own, passed, saved) = match dev {
+        Dev::Blk(sock, saved) => (sock, LinkSpec { device: "blk", queues: 1, config: None }, 2, 0, u64::MAX, saved),
         Dev::Net(n, saved) => {
             let config = Some(net_config(n.mac()?));
             // Receive and transmit.
             let spec = LinkSpec { device: "net", queues: 2, config };
-            (n.socket, spec, 1, NET_F_MAC | NET_F_STATUS, saved)
+            (n.socket, spec, 1, NET_F_MAC | NET_F_STATUS, NET_PASSED, saved)
         }
         Dev::File(_) => return Err(VmmError::Device("a file disk has no vhost-user backend".into())),
     };
@@ -108,7 +113,7 @@ pub(crate) fn vhost_user(
     }
     let link =
         Link::connect(&socket, spec, mem, kicks, call, events, saved).map_err(|e| VmmError::Device(e.to_string()))?;
-    Ok((Box::new(VhostUserDevice::new(link.clone(), device_type, own)), link))
+    Ok((Box::new(VhostUserDevice::new(link.clone(), device_type, own, passed)), link))
 }
 
 /// What a device hands to a successor: a disk file's descriptor, or a
@@ -151,4 +156,22 @@ pub(crate) fn status(slots: &[Slot]) -> serde_json::Value {
             Slot::File(_) => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_net_backend_offers_only_what_the_device_can_honour() {
+        for (bit, name) in [(0, "CSUM"), (1, "GUEST_CSUM"), (11, "HOST_TSO4"), (15, "MRG_RXBUF")] {
+            assert_ne!(NET_PASSED & (1 << bit), 0, "{name}");
+        }
+        for (bit, name) in [(3, "MTU"), (5, "MAC"), (16, "STATUS"), (17, "CTRL_VQ"), (21, "GUEST_ANNOUNCE"), (22, "MQ")]
+        {
+            assert_eq!(NET_PASSED & (1 << bit), 0, "{name}");
+        }
+        let c = net_config([2, 0x53, 1, 2, 3, 4]);
+        assert_eq!(c, [2, 0x53, 1, 2, 3, 4, 1, 0, 1, 0], "MAC, LINK_UP, one queue pair");
+    }
 }
