@@ -11,9 +11,10 @@ if [[ -x "$BIN" && -f "$D/.done" ]]; then
     echo "$BIN"
     exit 0
 fi
-private_apt "$D" \
-    "deb http://deb.debian.org/debian bookworm main" \
-    "deb http://deb.debian.org/debian-security bookworm-security main"
+# The machine's own apt sources for these suites (scripts/apt_sources.sh).
+src="$(debian_sources bookworm bookworm-security)"
+mapfile -t SOURCES <<<"$src"
+private_apt "$D" "${SOURCES[@]}"
 say "resolving dpdk (private apt state in $D)"
 apt-get "${APT[@]}" update >&2
 apt-get "${APT[@]}" -y install --download-only --no-install-recommends dpdk-dev >&2 || die "could not download dpdk"

@@ -12,7 +12,10 @@ if [[ -x "$BIN" && -f "$E/.version" && "$(cat "$E/.version")" == "$WANT" ]]; the
     echo "$BIN"
     exit 0
 fi
-private_apt "$E" "deb http://deb.debian.org/debian bookworm main"
+# The machine's own apt sources for these suites (scripts/apt_sources.sh).
+src="$(debian_sources bookworm)"
+mapfile -t SOURCES <<<"$src"
+private_apt "$E" "${SOURCES[@]}"
 say "fetching etcd-server $WANT (private apt state in $E)"
 apt-get "${APT[@]}" update >&2
 (cd "$E/archives" && apt-get "${APT[@]}" download "etcd-server=$WANT" >&2) || die "could not download etcd-server $WANT"

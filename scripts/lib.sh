@@ -16,3 +16,5 @@ private_apt() {
         -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o "Dir::Cache::archives=$dir/archives"
         -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
 }
+
+source "$ROOT/scripts/apt_sources.sh"

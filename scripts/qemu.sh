@@ -21,11 +21,10 @@ if [[ -x "$BIN" && -x "$QSD" && -f "$Q/.version" && "$(cat "$Q/.version")" == "$
     echo "$BIN"
     exit 0
 fi
-private_apt "$Q" \
-    "deb http://deb.debian.org/debian bookworm main" \
-    "deb http://deb.debian.org/debian bookworm-updates main" \
-    "deb http://deb.debian.org/debian-security bookworm-security main" \
-    "deb http://deb.debian.org/debian bookworm-backports main"
+# The machine's own apt sources for these suites (scripts/apt_sources.sh).
+src="$(debian_sources bookworm bookworm-updates bookworm-security bookworm-backports)"
+mapfile -t SOURCES <<<"$src"
+private_apt "$Q" "${SOURCES[@]}"
 say "resolving QEMU $WANT from bookworm-backports (private apt state in $Q)"
 apt-get "${APT[@]}" update >&2
 apt-get "${APT[@]}" -y install --download-only --no-install-recommends \
