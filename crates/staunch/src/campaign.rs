@@ -411,6 +411,47 @@ fn inject(v: &ChildVm, fault: &Fault, rng: &mut Rng) -> bool {
     }
 }
 
+/// The VMM's events and its backend's since the counts given.
+fn events_since(v: &ChildVm, vmm: usize, backend: usize) -> Vec<Value> {
+    let mut events: Vec<Value> = v.events().into_iter().skip(vmm).collect();
+    if let Some(b) = &v.blk {
+        events.extend(b.events().into_iter().skip(backend));
+    }
+    events
+}
+
+/// A fault's outcome: lost (no progress within the deadline), hurt (what
+/// the target's judge found), not fired (a failpoint never hit), or
+/// recovered, with how (the events that followed it).
+fn outcome(
+    v: &mut ChildVm,
+    progressed: bool,
+    hurt: Option<(Outcome, String)>,
+    fault: &Fault,
+    delivered: bool,
+    events: &[Value],
+) -> (Outcome, String) {
+    let fired = match fault {
+        Fault::Failpoint(p, _) | Fault::BackendFailpoint(p, _) => {
+            events.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == *p)
+        }
+        _ => delivered,
+    };
+    if !progressed {
+        let how = if v.alive() { "guest stopped making progress".to_string() } else { death(v) };
+        return (Outcome::Lost, how);
+    }
+    if let Some(hurt) = hurt {
+        return hurt;
+    }
+    if !fired {
+        return (Outcome::NotFired, "never hit while the guest ran".into());
+    }
+    let how: Vec<&str> =
+        events.iter().filter_map(|e| e["event"].as_str()).filter(|e| *e != "failpoint-fired").collect();
+    (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how.join("+") })
+}
+
 /// Why the VMM is gone, from its exit status.
 fn death(vm: &mut ChildVm) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -470,33 +511,10 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
             // The serving process may be a spare that never had it armed.
             let _ = b.control(&format!("failpoint {p}=off"));
         }
-        let mut events: Vec<Value> = v.events().into_iter().skip(seen_events).collect();
-        if let Some(b) = &v.blk {
-            events.extend(b.events().into_iter().skip(seen_blk));
-        }
-        let fired = match &fault {
-            Fault::Failpoint(p, _) | Fault::BackendFailpoint(p, _) => {
-                events.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == *p)
-            }
-            _ => delivered,
-        };
+        let events = events_since(v, seen_events, seen_blk);
         let lines = v.lines();
-        let (outcome, how) = if !ok {
-            let how = if v.alive() { "guest stopped making progress".to_string() } else { death(v) };
-            (Outcome::Lost, how)
-        } else if let Some(hurt) = judge(&before, &lines) {
-            hurt
-        } else if !fired {
-            (Outcome::NotFired, "never hit while the guest ran".into())
-        } else {
-            let how = events
-                .iter()
-                .filter_map(|e| e["event"].as_str())
-                .filter(|e| *e != "failpoint-fired")
-                .collect::<Vec<_>>()
-                .join("+");
-            (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how })
-        };
+        let hurt = judge(&before, &lines);
+        let (outcome, how) = outcome(v, ok, hurt, &fault, delivered, &events);
         let row = Row {
             guest_ms: guest_pause(&lines, before.reports, if backend { "maxio_us" } else { "maxgap_us" }, REPORT),
             vmm_ms: vmm_pause(&events),

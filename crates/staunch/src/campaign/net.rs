@@ -16,7 +16,6 @@
 use super::{inject, Fault, Outcome, Rng, Row};
 use crate::netlab::Lab;
 use anyhow::{Context, Result};
-use serde_json::Value;
 use staunch_testguest::proto;
 use std::path::Path;
 use std::time::Duration;
@@ -106,26 +105,10 @@ pub fn one(v: &mut NetVm, fault: &Fault, rng: &mut Rng, deadline: Duration) -> R
     if let (Fault::BackendFailpoint(p, _), Some(b)) = (fault, &vm.blk) {
         let _ = b.control(&format!("failpoint {p}=off"));
     }
-    let mut events: Vec<Value> = vm.events().into_iter().skip(seen_events).collect();
-    if let Some(b) = &vm.blk {
-        events.extend(b.events().into_iter().skip(seen_be));
-    }
-    let fired = match fault {
-        Fault::BackendFailpoint(p, _) => events.iter().any(|e| e["event"] == "failpoint-fired" && e["point"] == *p),
-        _ => delivered,
-    };
+    let events = super::events_since(vm, seen_events, seen_be);
     let lines = vm.lines();
-    let (outcome, how) = if !ok {
-        (Outcome::Lost, if vm.alive() { "guest stopped making progress".into() } else { "VMM died".into() })
-    } else if let Some(hurt) = judge(&before, &lines) {
-        hurt
-    } else if !fired {
-        (Outcome::NotFired, "never hit while the guest ran".into())
-    } else {
-        let how: Vec<&str> =
-            events.iter().filter_map(|e| e["event"].as_str()).filter(|e| *e != "failpoint-fired").collect();
-        (Outcome::Recovered, if how.is_empty() { "no visible effect".into() } else { how.join("+") })
-    };
+    let hurt = judge(&before, &lines);
+    let (outcome, how) = super::outcome(vm, ok, hurt, fault, delivered, &events);
     Row {
         guest_ms: super::guest_pause(&lines, before.reports, "maxrtt_us", REPORT),
         vmm_ms: super::vmm_pause(&events),
