@@ -18,6 +18,7 @@ mod childvm;
 mod demo;
 mod demo_net;
 mod guestrun;
+mod hostcli;
 mod idle;
 mod netlab;
 mod netload;
@@ -59,14 +60,23 @@ enum Cmd {
     Store(StoreArgs),
     /// Benchmarks, side by side with QEMU where it is installed.
     Bench(bench::BenchArgs),
-    /// Control a running VM through its control socket.
+    /// Define, start, stop and list the host's VMs (through the config
+    /// store), or control one VM through its control socket (--socket).
     Vm {
-        /// The VM's control socket (`vmm run --api-socket`).
+        /// The VM's control socket (`vmm run --api-socket`), for pause,
+        /// resume, status, upgrade, reboot, snapshot, failpoint.
         #[arg(long)]
-        socket: PathBuf,
+        socket: Option<PathBuf>,
+        /// The host's config store, for define, start, stop, undefine,
+        /// list, show (default: $STAUNCH_STORE, else /run/staunch/store.sock).
+        #[arg(long)]
+        store: Option<PathBuf>,
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// The host supervisor: runs the config store, and every VM's backends
+    /// and VMM as the store's definitions say, and keeps them running.
+    Host(hostcli::HostArgs),
     /// A vhost-user-blk backend: serves a disk file to a VMM (Staunch's or
     /// QEMU's) from its own restartable process.
     Blk(backends::BlkArgs),
@@ -143,6 +153,8 @@ enum VmCmd {
     /// Arm failpoints in the running VMM: `name=action[*count],...`
     /// (actions: panic, error, hang, corrupt, segv, abort, stack-overflow).
     Failpoint { spec: String },
+    #[command(flatten)]
+    Host(hostcli::StoreVerb),
 }
 
 #[derive(Args)]
@@ -374,6 +386,7 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
         VmCmd::Failpoint { spec } => ApiRequest::Failpoint { spec: spec.clone() },
         VmCmd::Reboot => ApiRequest::Reboot {},
         VmCmd::Snapshot { path } => ApiRequest::Snapshot { path: std::path::absolute(path)? },
+        VmCmd::Host(_) => unreachable!("served by the store"),
     };
     let before =
         request(socket, &ApiRequest::Status {}).with_context(|| format!("control socket {}", socket.display()))?;
@@ -410,8 +423,10 @@ fn vm_control(socket: &std::path::Path, cmd: VmCmd) -> Result<i32> {
 }
 
 fn serve(mut vm: RunningVm) -> Result<i32> {
+    let mut events;
     let exit = loop {
         let cfg = vm.config().clone();
+        events = cfg.events.clone();
         let exit = vm.wait(None);
         if let StopReason::HandedOver(pid) = exit.reason {
             staunch_vmm::handover::leave(pid);
@@ -427,6 +442,19 @@ fn serve(mut vm: RunningVm) -> Result<i32> {
             serde_json::json!({"rebuild_ms": t.elapsed().as_secs_f64() * 1e3, "outcome": "guest state discarded"}),
         );
     };
+    // Why this VM ended, for whoever supervises it (a death without this
+    // event was uncatchable: SIGKILL, OOM).
+    let reason = match exit.reason {
+        StopReason::PowerOff(_) => "poweroff",
+        StopReason::Reset => "reset",
+        StopReason::Requested => "requested",
+        _ => "error",
+    };
+    staunch_vmm::events::emit(
+        events.as_deref(),
+        "vm-exit",
+        serde_json::json!({"reason": reason, "detail": format!("{:?}", exit.reason)}),
+    );
     let first = exit.first_output.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "never".into());
     let summary =
         format!("first serial output after {first}, ran {:.2} s, {} exits", exit.runtime.as_secs_f64(), exit.exits);
@@ -497,7 +525,13 @@ fn main() {
             }
         }
         Cmd::Vmm { cmd: VmmCmd::Keep } => Ok(staunch_vmm::handover::keep()),
-        Cmd::Vm { socket, cmd } => vm_control(&socket, cmd),
+        Cmd::Vm { store, cmd: VmCmd::Host(verb), .. } => {
+            let store = store.or_else(|| std::env::var_os("STAUNCH_STORE").map(PathBuf::from));
+            hostcli::vm_store(&store.unwrap_or_else(|| "/run/staunch/store.sock".into()), verb)
+        }
+        Cmd::Vm { socket: Some(socket), cmd, .. } => vm_control(&socket, cmd),
+        Cmd::Vm { socket: None, .. } => Err(anyhow::anyhow!("this verb needs the VM's control socket: --socket PATH")),
+        Cmd::Host(a) => hostcli::host(a),
         Cmd::Vmm { cmd: VmmCmd::Restore { from } } => {
             RunningVm::restore_snapshot(&from).map_err(anyhow::Error::from).and_then(serve)
         }

@@ -1,0 +1,26 @@
+//! `staunch host`: the supervisor of a host (DESIGN.md, "The host"). It
+//! starts the config store and its standby, then every VM's backends and
+//! VMM as the store's definitions say, detects deaths (pidfd) and hangs
+//! (heartbeats), recovers in dependency order within restart budgets, and
+//! adopts what runs when it restarts itself.
+
+pub mod component;
+pub mod config;
+pub mod def;
+pub mod notify;
+pub mod probe;
+pub mod proc;
+mod reconcile;
+pub mod state;
+pub mod storeio;
+pub mod supervisor;
+
+pub use config::HostConfig;
+pub use supervisor::{HostError, Supervisor};
+
+/// How long ago a `host-status.json` was written.
+pub fn supervisor_age_ms(status: &serde_json::Value) -> u64 {
+    let t = status["time_ms"].as_u64().unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    now.saturating_sub(t)
+}

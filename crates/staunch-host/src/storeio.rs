@@ -1,0 +1,246 @@
+//! The store, as the supervisor and the CLI use it: definitions under
+//! `/staunch/vm/<name>/`, actual state under `/staunch/host/vm/<name>/`.
+//! [`Link`] is the supervisor's connection on its own thread: it re-reads
+//! the definitions when their watch fires (and every second), hands them to
+//! the main loop, and writes the status the main loop queues, so that a
+//! store that is down or hung never stalls the loop that repairs it.
+
+use crate::def::{DefError, Definitions, STATUS_ROOT, VM_ROOT, VmDef};
+use staunch_store::client::{Client, nul};
+use staunch_store::wire::Op;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreIoError {
+    #[error("config store {0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("config store: {0} {1}")]
+    Refused(String, String),
+    #[error("no VM named '{0}' is defined")]
+    NoSuchVm(String),
+    #[error("VM '{name}' is not defined correctly: {err}")]
+    Def { name: String, err: DefError },
+}
+
+type Result<T> = std::result::Result<T, StoreIoError>;
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> StoreIoError + '_ {
+    move |e| StoreIoError::Io(what.to_string(), e)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b.strip_suffix(&[0]).unwrap_or(b)).into_owned()
+}
+
+pub fn connect(socket: &Path) -> Result<Client> {
+    let mut c = Client::connect(socket).map_err(|e| StoreIoError::Io(socket.display().to_string(), e))?;
+    c.reconnect_for = Duration::from_secs(2);
+    Ok(c)
+}
+
+/// The children of `path` (none if it does not exist).
+pub fn children(c: &mut Client, path: &str) -> Result<Vec<String>> {
+    match c.request(Op::Directory, 0, &nul(&[path])).map_err(io(path))? {
+        Ok(b) => {
+            Ok(b.split(|x| *x == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into()).collect())
+        }
+        Err(e) if e == "ENOENT" => Ok(Vec::new()),
+        Err(e) => Err(StoreIoError::Refused(path.into(), e)),
+    }
+}
+
+pub fn read(c: &mut Client, path: &str) -> Result<Option<String>> {
+    match c.read_value(0, path).map_err(io(path))? {
+        Ok(b) => Ok(Some(text(&b))),
+        Err(e) if e == "ENOENT" => Ok(None),
+        Err(e) => Err(StoreIoError::Refused(path.into(), e)),
+    }
+}
+
+/// Every node below `root` with its value, by path relative to `root`.
+pub fn subtree(c: &mut Client, root: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![String::new()];
+    while let Some(rel) = todo.pop() {
+        let abs = if rel.is_empty() { root.to_string() } else { format!("{root}/{rel}") };
+        for k in children(c, &abs)? {
+            let r = if rel.is_empty() { k } else { format!("{rel}/{k}") };
+            out.insert(r.clone(), read(c, &format!("{root}/{r}"))?.unwrap_or_default());
+            todo.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Every defined VM, each with its definition or what is wrong with it.
+pub fn definitions(c: &mut Client) -> Result<Definitions> {
+    let mut out = BTreeMap::new();
+    for name in children(c, VM_ROOT)? {
+        let keys = subtree(c, &format!("{VM_ROOT}/{name}"))?;
+        let def = crate::def::check_name(&name).and_then(|()| VmDef::from_keys(&keys));
+        out.insert(name, def);
+    }
+    Ok(out)
+}
+
+/// Replace a VM's definition in one transaction (retried on conflict).
+pub fn define(c: &mut Client, name: &str, def: &VmDef) -> Result<()> {
+    crate::def::check_name(name).map_err(|err| StoreIoError::Def { name: name.into(), err })?;
+    let root = format!("{VM_ROOT}/{name}");
+    loop {
+        let tx = c
+            .transaction_start()
+            .map_err(io("transaction"))?
+            .map_err(|e| StoreIoError::Refused("transaction".into(), e))?;
+        let mut ok = true;
+        match c.request(Op::Rm, tx, &nul(&[&root])).map_err(io(&root))? {
+            Ok(_) => {}
+            Err(e) if e == "ENOENT" => {}
+            Err(e) if e == "EAGAIN" => ok = false,
+            Err(e) => return Err(StoreIoError::Refused(root, e)),
+        }
+        for (k, v) in def.to_keys() {
+            if !ok {
+                break;
+            }
+            let p = format!("{root}/{k}");
+            match c.write_value(tx, &p, v.as_bytes()).map_err(io(&p))? {
+                Ok(_) => {}
+                Err(e) if e == "EAGAIN" => ok = false,
+                Err(e) => return Err(StoreIoError::Refused(p, e)),
+            }
+        }
+        match c.transaction_end(tx, ok).map_err(io("transaction"))? {
+            Ok(_) if ok => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e == "EAGAIN" => {}
+            Err(e) => return Err(StoreIoError::Refused("transaction".into(), e)),
+        }
+    }
+}
+
+pub fn set_desired(c: &mut Client, name: &str, state: crate::def::Desired) -> Result<()> {
+    if read(c, &format!("{VM_ROOT}/{name}/kernel"))?.is_none() && children(c, &format!("{VM_ROOT}/{name}"))?.is_empty()
+    {
+        return Err(StoreIoError::NoSuchVm(name.into()));
+    }
+    let p = format!("{VM_ROOT}/{name}/state");
+    let v = if state == crate::def::Desired::Running { "running" } else { "stopped" };
+    c.write_value(0, &p, v.as_bytes()).map_err(io(&p))?.map_err(|e| StoreIoError::Refused(p, e))?;
+    Ok(())
+}
+
+pub fn undefine(c: &mut Client, name: &str) -> Result<()> {
+    let p = format!("{VM_ROOT}/{name}");
+    match c.request(Op::Rm, 0, &nul(&[&p])).map_err(io(&p))? {
+        Ok(_) => Ok(()),
+        Err(e) if e == "ENOENT" => Err(StoreIoError::NoSuchVm(name.into())),
+        Err(e) => Err(StoreIoError::Refused(p, e)),
+    }
+}
+
+/// The supervisor's view of a VM (`status/...`), as it last wrote it.
+pub fn status(c: &mut Client, name: &str) -> Result<BTreeMap<String, String>> {
+    subtree(c, &format!("{STATUS_ROOT}/{name}"))
+}
+
+/// What the definitions' reader hands the main loop.
+#[derive(Default)]
+struct Shared {
+    /// Definitions as last read, and a counter bumped on each read.
+    defs: Option<(u64, Definitions)>,
+    /// Status to write: path → value (None: remove).
+    writes: BTreeMap<String, Option<String>>,
+    connected: bool,
+}
+
+#[derive(Clone)]
+pub struct Link {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Link {
+    pub fn start(socket: PathBuf) -> Link {
+        let l = Link { shared: Arc::default() };
+        let s = l.shared.clone();
+        let _ = std::thread::Builder::new().name("store-link".into()).spawn(move || run(&socket, &s));
+        l
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The latest definitions, with their read counter.
+    pub fn definitions(&self) -> Option<(u64, Definitions)> {
+        self.lock().defs.clone()
+    }
+
+    pub fn write(&self, path: String, value: Option<String>) {
+        self.lock().writes.insert(path, value);
+    }
+
+    pub fn connected(&self) -> bool {
+        self.lock().connected
+    }
+}
+
+fn run(socket: &Path, shared: &Mutex<Shared>) {
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let Ok(mut c) = connect(socket) else {
+            lock().connected = false;
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        c.reconnect_for = Duration::from_millis(500);
+        if session(&mut c, shared).is_err() {
+            lock().connected = false;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn session(c: &mut Client, shared: &Mutex<Shared>) -> Result<()> {
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+    c.request(Op::Watch, 0, &nul(&[VM_ROOT, "defs"]))
+        .map_err(io("watch"))?
+        .map_err(|e| StoreIoError::Refused("watch".into(), e))?;
+    let mut dirty = true;
+    let mut last_read = Instant::now();
+    let mut reads = 0u64;
+    loop {
+        if dirty || last_read.elapsed() > Duration::from_secs(1) {
+            let defs = definitions(c)?;
+            reads += 1;
+            let mut s = lock();
+            s.defs = Some((reads, defs));
+            s.connected = true;
+            dirty = false;
+            last_read = Instant::now();
+        }
+        let writes = std::mem::take(&mut lock().writes);
+        for (p, v) in &writes {
+            let r = match v {
+                Some(v) => c.write_value(0, p, v.as_bytes()),
+                None => c.request(Op::Rm, 0, &nul(&[p])),
+            };
+            if let Err(e) = r {
+                // Not lost: queued again unless a newer value came meanwhile.
+                let failed = p.clone();
+                let mut s = lock();
+                for (p, v) in writes {
+                    s.writes.entry(p).or_insert(v);
+                }
+                return Err(StoreIoError::Io(failed, e));
+            }
+        }
+        if c.next_event(Duration::from_millis(50)).map_err(io("watch"))?.is_some() {
+            dirty = true;
+            while c.next_event(Duration::ZERO).map_err(io("watch"))?.is_some() {}
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The host's command line: `staunch host` (the supervisor, its status,
+//! tearing a host down) and the `staunch vm` verbs that write definitions
+//! and desired state to the store and show the supervisor's view.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use staunch_host::def::{Desired, VmDef, STATUS_ROOT, VM_ROOT};
+use staunch_host::storeio;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct HostArgs {
+    /// The host's configuration.
+    #[arg(long, global = true, default_value = "/etc/staunch/host.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<HostCmd>,
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Components with their health, restarts and last event; VMs with
+    /// their state.
+    Status,
+    /// Stop the supervisor and every component it runs (guests too).
+    Down,
+}
+
+pub fn host(a: HostArgs) -> Result<i32> {
+    let cfg = staunch_host::HostConfig::from_file(&a.config)?;
+    match a.cmd {
+        None => {
+            staunch_host::Supervisor::new(cfg)?.run()?;
+            Ok(0)
+        }
+        Some(HostCmd::Status) => status(&cfg),
+        Some(HostCmd::Down) => down(&cfg),
+    }
+}
+
+fn status(cfg: &staunch_host::HostConfig) -> Result<i32> {
+    let p = cfg.status_file();
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("{} (has `staunch host` run here?)", p.display()))?;
+    let st: serde_json::Value = serde_json::from_str(&text)?;
+    let pid = st["supervisor"].as_u64().unwrap_or(0) as u32;
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let age = staunch_host::supervisor_age_ms(&st);
+    println!("supervisor pid {pid}: {}, status written {age} ms ago", if alive { "running" } else { "NOT RUNNING" });
+    println!(
+        "{:<24} {:<14} {:<11} {:>8} {:>8} {:>5}  LAST EVENT",
+        "COMPONENT", "KIND", "HEALTH", "PID", "RESTARTS", "BOOTS"
+    );
+    for c in st["components"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<14} {:<11} {:>8} {:>8} {:>5}  {}",
+            c["id"].as_str().unwrap_or("?"),
+            c["kind"].as_str().unwrap_or("?"),
+            c["health"].as_str().unwrap_or("?"),
+            c["pid"].to_string(),
+            c["restarts"].to_string(),
+            c["boots"].to_string(),
+            c["last_event"].as_str().unwrap_or("")
+        );
+    }
+    println!("{:<24} {:<20} ERROR", "VM", "STATE");
+    for v in st["vms"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<20} {}",
+            v["name"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?"),
+            v["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(0)
+}
+
+fn down(cfg: &staunch_host::HostConfig) -> Result<i32> {
+    let Some(st) = staunch_host::state::load(&cfg.state_file())? else {
+        println!("nothing recorded in {}", cfg.state_file().display());
+        return Ok(0);
+    };
+    // The supervisor first, or it would restart what we stop.
+    if let Some(s) = st.supervisor.filter(|s| staunch_host::proc::open(*s).is_some()) {
+        staunch_host::proc::signal(s.pid, libc::SIGKILL);
+    }
+    for r in &st.components {
+        for id in std::iter::once(r.leader).chain(r.serving) {
+            if staunch_host::proc::open(id).is_some() {
+                staunch_host::proc::kill_group(id.pid);
+                staunch_host::proc::signal(id.pid, libc::SIGKILL);
+            }
+        }
+    }
+    std::fs::remove_file(cfg.state_file())?;
+    println!("stopped the supervisor and {} components", st.components.len());
+    Ok(0)
+}
+
+/// The `staunch vm` verbs served by the store (the others go to a VMM's
+/// control socket).
+#[derive(Subcommand, Clone)]
+pub enum StoreVerb {
+    /// Define (or redefine) a VM from a TOML file: kernel, cmdline, memory,
+    /// vcpus, [[disk]] path/readonly, [[nic]] tap/mac/netns, on_poweroff,
+    /// state.
+    Define { name: String, file: PathBuf },
+    /// Desired state: running.
+    Start { name: String },
+    /// Desired state: stopped.
+    Stop { name: String },
+    /// Remove the definition (the supervisor stops the VM).
+    Undefine { name: String },
+    /// Every defined VM with its desired and actual state.
+    List,
+    /// A VM's definition and the supervisor's view of it.
+    Show { name: String },
+}
+
+pub fn vm_store(store: &std::path::Path, verb: StoreVerb) -> Result<i32> {
+    let mut c = storeio::connect(store).context("is `staunch host` running? (--store names its socket)")?;
+    match verb {
+        StoreVerb::Define { name, file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+            let def = VmDef::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            def.validate().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            storeio::define(&mut c, &name, &def)?;
+            println!("defined {name} (desired state: {:?})", def.state);
+        }
+        StoreVerb::Start { name } => storeio::set_desired(&mut c, &name, Desired::Running)?,
+        StoreVerb::Stop { name } => storeio::set_desired(&mut c, &name, Desired::Stopped)?,
+        StoreVerb::Undefine { name } => storeio::undefine(&mut c, &name)?,
+        StoreVerb::List => {
+            println!("{:<24} {:<10} {:<20} ERROR", "VM", "DESIRED", "STATE");
+            for (name, def) in storeio::definitions(&mut c)? {
+                let st = storeio::status(&mut c, &name)?;
+                let desired = match &def {
+                    Ok(d) => format!("{:?}", d.state).to_lowercase(),
+                    Err(_) => "?".into(),
+                };
+                let mut err = st.get("error").cloned().unwrap_or_default();
+                if let (Err(e), true) = (&def, err.is_empty()) {
+                    err = e.to_string();
+                }
+                println!(
+                    "{name:<24} {desired:<10} {:<20} {err}",
+                    st.get("state").map_or("(not seen yet)", String::as_str)
+                );
+            }
+        }
+        StoreVerb::Show { name } => {
+            let keys = storeio::subtree(&mut c, &format!("{VM_ROOT}/{name}"))?;
+            if keys.is_empty() {
+                bail!("no VM named '{name}' is defined");
+            }
+            println!("definition ({VM_ROOT}/{name}):");
+            for (k, v) in &keys {
+                if !v.is_empty() {
+                    println!("  {k} = {v}");
+                }
+            }
+            println!("status ({STATUS_ROOT}/{name}):");
+            for (k, v) in storeio::status(&mut c, &name)? {
+                if k == "components" {
+                    let comps: serde_json::Value = serde_json::from_str(&v).unwrap_or_default();
+                    for comp in comps.as_array().into_iter().flatten() {
+                        println!(
+                            "  component {} health={} pid={} restarts={} boots={}",
+                            comp["id"].as_str().unwrap_or("?"),
+                            comp["health"].as_str().unwrap_or("?"),
+                            comp["pid"],
+                            comp["restarts"],
+                            comp["boots"]
+                        );
+                    }
+                } else {
+                    println!("  {k} = {v}");
+                }
+            }
+        }
+    }
+    Ok(0)
+}
