@@ -230,7 +230,9 @@ impl Supervisor {
         let Some(c) = self.comps.get_mut(id) else { return };
         let before = c.fds.len();
         c.fds.retain(|(_, fd)| proc::alive(fd));
-        let lost = before - c.fds.len();
+        // Every watched process is gone (a spare may already answer: the
+        // death is still a death, and its takeover a recovery).
+        let all_lost = before > c.fds.len() && c.fds.is_empty();
         // A spare or successor that took over answers with its own pid.
         if let Some(p) = &c.probe {
             let pid = p.pid.load(std::sync::atomic::Ordering::Relaxed);
@@ -247,7 +249,7 @@ impl Supervisor {
             }
         }
         let c = self.comps.get_mut(id).expect("still there");
-        if lost > 0 && c.fds.is_empty() && c.died.is_none() {
+        if all_lost && c.died.is_none() {
             c.died = Some(Instant::now());
             c.health = Health::Recovering;
             let leader = c.rec.leader.pid;
@@ -272,7 +274,16 @@ impl Supervisor {
             return;
         }
         let silent = c.probe.as_ref().and_then(|p| p.silent_for());
-        let answered = c.probe.as_ref().is_none_or(|p| p.answered());
+        let answered = match &c.rec.kind {
+            // A standby is ready once it follows the primary (it has no
+            // socket of its own to answer on).
+            Kind::Store { standby: true, .. } => {
+                let pid = c.rec.leader.pid;
+                c.health != Health::Starting || standby_follows(&self.cfg.run_dir.join("store-events.jsonl"), pid)
+            }
+            _ => c.probe.as_ref().is_some_and(|p| p.answered()),
+        };
+        let c = self.comps.get_mut(id).expect("still there");
         match c.health {
             Health::Starting if answered && silent.is_none() => {
                 c.health = Health::Healthy;
@@ -542,6 +553,10 @@ impl Supervisor {
 
 pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn standby_follows(events: &std::path::Path, pid: u32) -> bool {
+    staunch_events::read(events).iter().any(|e| e["event"] == "store-standby-following" && e["pid"] == pid)
 }
 
 /// The last event named `name` in an events file.
