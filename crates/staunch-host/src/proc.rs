@@ -110,13 +110,16 @@ pub fn signal(pid: u32, sig: i32) {
 }
 
 /// Every process of a component: it was started as its own session and
-/// group leader, and its spares and successors stay in that group.
-pub fn kill_group(leader: u32) {
-    if !real(leader) {
+/// group leader, and its spares and successors stay in that group, also
+/// after the leader died. Linux does not give a pid to a new process while
+/// a group of that id lives, so a leader's pid held by a process with
+/// another start time means the group is gone: nothing to kill.
+pub fn kill_group(leader: Identity) {
+    if !real(leader.pid) || start_time(leader.pid).is_some_and(|s| s != leader.start) {
         return;
     }
     // SAFETY: killpg(2) has no memory-safety preconditions.
-    unsafe { libc::killpg(leader as i32, libc::SIGKILL) };
+    unsafe { libc::killpg(leader.pid as i32, libc::SIGKILL) };
 }
 
 /// The pids of a process group that are alive, from /proc.
@@ -145,7 +148,7 @@ mod tests {
         let fd = open(id).expect("a live process opens");
         assert!(alive(&fd));
         assert!(open(Identity { start: id.start + 1, ..id }).is_none(), "another start time is another process");
-        kill_group(id.pid);
+        kill_group(id);
         let t = std::time::Instant::now();
         while alive(&fd) {
             assert!(t.elapsed().as_secs() < 5);

@@ -291,7 +291,7 @@ impl Supervisor {
                 self.note(id, "component-ready", json!({"component": id, "ready_ms": ms}));
             }
             Health::Starting if c.since.elapsed() > start_timeout => {
-                proc::kill_group(c.rec.leader.pid);
+                proc::kill_group(c.rec.leader);
                 self.note(
                     id,
                     "component-start-failed",
@@ -316,7 +316,7 @@ impl Supervisor {
                     for (i, _) in &c.fds {
                         proc::signal(i.pid, libc::SIGKILL);
                     }
-                    proc::kill_group(c.rec.leader.pid);
+                    proc::kill_group(c.rec.leader);
                 }
             }
             _ => {}
@@ -393,7 +393,7 @@ impl Supervisor {
         let id = "store";
         let mut s = self.comps.remove("store-standby").expect("present");
         let old = self.comps.remove(id).expect("present");
-        proc::kill_group(old.rec.leader.pid);
+        proc::kill_group(old.rec.leader);
         let Kind::Store { slot, .. } = s.rec.kind.clone() else { unreachable!("a store") };
         s.rec.kind = Kind::Store { standby: false, slot: slot.clone() };
         s.probe = old.probe;
@@ -423,7 +423,7 @@ impl Supervisor {
                 // The standby did not take over: start the primary again from
                 // its own log (it holds every acknowledged write).
                 if let Some(s) = self.comps.remove("store-standby") {
-                    proc::kill_group(s.rec.leader.pid);
+                    proc::kill_group(s.rec.leader);
                 }
                 let _ = slot;
                 self.restart(id, "restart from its log: the standby did not take over");
@@ -476,7 +476,7 @@ impl Supervisor {
             c.backoff = Some((now + delay, delay));
             c.health = Health::Backoff;
             c.fds.clear();
-            proc::kill_group(c.rec.leader.pid);
+            proc::kill_group(c.rec.leader);
             let n = c.budget.len();
             self.note(
                 id,
@@ -508,7 +508,7 @@ impl Supervisor {
     /// Start (or start again) the component's process.
     pub(crate) fn launch(&mut self, id: &str) -> Result<(), HostError> {
         let c = self.comps.get_mut(id).expect("present");
-        proc::kill_group(c.rec.leader.pid);
+        proc::kill_group(c.rec.leader);
         for (i, _) in &c.fds {
             proc::signal(i.pid, libc::SIGKILL);
         }

@@ -85,11 +85,9 @@ fn down(cfg: &staunch_host::HostConfig) -> Result<i32> {
         staunch_host::proc::signal(s.pid, libc::SIGKILL);
     }
     for r in &st.components {
-        for id in std::iter::once(r.leader).chain(r.serving) {
-            if staunch_host::proc::open(id).is_some() {
-                staunch_host::proc::kill_group(id.pid);
-                staunch_host::proc::signal(id.pid, libc::SIGKILL);
-            }
+        staunch_host::proc::kill_group(r.leader);
+        if let Some(s) = r.serving.filter(|s| staunch_host::proc::open(*s).is_some()) {
+            staunch_host::proc::signal(s.pid, libc::SIGKILL);
         }
     }
     std::fs::remove_file(cfg.state_file())?;
