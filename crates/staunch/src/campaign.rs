@@ -26,6 +26,7 @@
 //! a data mismatch even to a run already counted as lost. The pause is the
 //! guest's own (`maxgap_us`), with the VMM's figure beside it.
 
+mod host;
 mod net;
 
 use crate::childvm::{ChildVm, Spec};
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 pub struct CampaignArgs {
     /// What to attack: the VMM, the vhost-user block backend or the
     /// vhost-user network backend.
-    #[arg(value_parser = ["vmm", "blk", "net"])]
+    #[arg(value_parser = ["vmm", "blk", "net", "host"])]
     target: String,
     /// Number of injections.
     #[arg(long, default_value_t = 100)]
@@ -481,6 +482,9 @@ pub fn run(a: CampaignArgs) -> Result<i32> {
         cat.len(),
         if a.baseline { ", RECOVERY OFF (baseline)" } else { "" }
     );
+    if a.target == "host" {
+        return host::run(&a, &mut rng);
+    }
     if a.target == "net" {
         let rows = net::run(&a, &cat, &mut rng)?;
         return Ok(report(&a, &rows, 0, started));

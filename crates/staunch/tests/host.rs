@@ -290,3 +290,16 @@ fn host_config_errors_name_the_key() {
     assert_ne!(r.status, 0);
     assert!(r.stderr.contains("unknown field `heartbeat`"), "{}", r.stderr);
 }
+
+/// The host campaign, short: random faults into random components of a
+/// host with two VMs, judged by the guests, the store and the reconciled
+/// host (`staunch campaign host --runs 300` is the long version).
+#[test]
+fn kvm_short_host_campaign() {
+    require_kvm();
+    let r = run(staunch().args(["campaign", "host", "--runs", "10", "--seed", "5"]), None, Duration::from_secs(900));
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("(100.0 %) of faults other than a VMM SIGKILL"), "{}", r.stdout);
+    assert!(r.stdout.contains("data mismatches: 0;"), "{}", r.stdout);
+    assert!(r.stdout.contains("orphan processes after host down: 0"), "{}", r.stdout);
+}
