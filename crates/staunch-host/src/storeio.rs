@@ -163,10 +163,11 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn start(socket: PathBuf) -> Link {
+    /// Re-read the definitions when their watch fires and every `every`.
+    pub fn start(socket: PathBuf, every: Duration) -> Link {
         let l = Link { shared: Arc::default() };
         let s = l.shared.clone();
-        let _ = std::thread::Builder::new().name("store-link".into()).spawn(move || run(&socket, &s));
+        let _ = std::thread::Builder::new().name("store-link".into()).spawn(move || run(&socket, &s, every));
         l
     }
 
@@ -188,7 +189,7 @@ impl Link {
     }
 }
 
-fn run(socket: &Path, shared: &Mutex<Shared>) {
+fn run(socket: &Path, shared: &Mutex<Shared>, every: Duration) {
     let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         let Ok(mut c) = connect(socket) else {
@@ -197,14 +198,14 @@ fn run(socket: &Path, shared: &Mutex<Shared>) {
             continue;
         };
         c.reconnect_for = Duration::from_millis(500);
-        if session(&mut c, shared).is_err() {
+        if session(&mut c, shared, every).is_err() {
             lock().connected = false;
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-fn session(c: &mut Client, shared: &Mutex<Shared>) -> Result<()> {
+fn session(c: &mut Client, shared: &Mutex<Shared>, every: Duration) -> Result<()> {
     let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
     c.request(Op::Watch, 0, &nul(&[VM_ROOT, "defs"]))
         .map_err(io("watch"))?
@@ -213,7 +214,7 @@ fn session(c: &mut Client, shared: &Mutex<Shared>) -> Result<()> {
     let mut last_read = Instant::now();
     let mut reads = 0u64;
     loop {
-        if dirty || last_read.elapsed() > Duration::from_secs(1) {
+        if dirty || last_read.elapsed() > every {
             let defs = definitions(c)?;
             reads += 1;
             let mut s = lock();

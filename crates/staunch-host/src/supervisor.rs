@@ -86,7 +86,7 @@ impl Supervisor {
             Some(b) => b.clone(),
             None => std::env::current_exe().map_err(io("the supervisor's own binary"))?,
         };
-        let link = Link::start(cfg.store_socket());
+        let link = Link::start(cfg.store_socket(), Duration::from_millis(cfg.health.reconcile_ms));
         let mut s = Supervisor {
             events: cfg.events(),
             bin,

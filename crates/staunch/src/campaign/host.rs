@@ -25,7 +25,7 @@ const WRITES: u64 = 40_000;
 enum Fault {
     BlkKill,
     BlkHang,
-    BlkSegv,
+    BlkAbrt,
     BlkGroupKill,
     VmmHang,
     VmmSegv,
@@ -44,7 +44,7 @@ enum Fault {
 const CATALOG: [Fault; 14] = [
     Fault::BlkKill,
     Fault::BlkHang,
-    Fault::BlkSegv,
+    Fault::BlkAbrt,
     Fault::BlkGroupKill,
     Fault::VmmHang,
     Fault::VmmSegv,
@@ -63,7 +63,7 @@ impl Fault {
         match self {
             Fault::BlkKill => "blk: SIGKILL serving process",
             Fault::BlkHang => "blk: SIGSTOP (hang)",
-            Fault::BlkSegv => "blk: SIGSEGV",
+            Fault::BlkAbrt => "blk: SIGABRT",
             Fault::BlkGroupKill => "blk: SIGKILL every process",
             Fault::VmmHang => "vmm: SIGSTOP (hang)",
             Fault::VmmSegv => "vmm: SIGSEGV",
@@ -90,7 +90,7 @@ enum Outcome {
 struct Row {
     fault: Fault,
     outcome: Outcome,
-    /// The guest's own longest I/O across the fault (ms).
+    /// The guests' own longest request or pause across the fault (ms).
     guest_ms: Option<f64>,
     why: String,
 }
@@ -251,7 +251,16 @@ fn campaign(h: &mut Host, a: &super::CampaignArgs, rng: &mut Rng) -> Result<(Vec
     let deadline = Duration::from_secs(a.deadline.max(20));
     for i in 0..a.runs {
         // Two VMs run at all times; one whose guest finished is judged.
+        // A guest about to finish is left to finish, not faulted: its end
+        // would stop its components before the fault's evidence appears.
         vms.retain(|v| {
+            let near_end = reports(&h.serial(&v.name))
+                .last()
+                .and_then(|l| staunch_testguest::proto::field(l, "written")?.parse::<u64>().ok())
+                .is_some_and(|w| w + 8_000 >= WRITES);
+            if near_end {
+                let _ = wait(Duration::from_secs(120), || h.serial(&v.name).contains("final=1"));
+            }
             if h.serial(&v.name).contains("final=1") {
                 judge_vm(h, v, &mut checks);
                 false
@@ -287,8 +296,11 @@ fn campaign(h: &mut Host, a: &super::CampaignArgs, rng: &mut Rng) -> Result<(Vec
         let vm = &vms[(rng.next() % 2) as usize];
         let before: Vec<usize> = vms.iter().map(|v| reports(&h.serial(&v.name)).len()).collect();
         let restarts_before = count(h, "guest-restarted");
+        let evidence_before = evidence(h, fault, &vm.name);
+        let t = wall_ms();
         inject(h, fault, &vm.name)?;
-        let row = judge(h, fault, &vms, &before, restarts_before, &ids, deadline);
+        let j = Judging { vms: &vms, before: &before, restarts_before, evidence_before, ids: &ids, deadline, t };
+        let row = judge(h, fault, &vm.name, &j);
         eprintln!(
             "[{:>4}/{}] {:<38} {:?}  guest {} ms  {}",
             i + 1,
@@ -317,6 +329,10 @@ fn campaign(h: &mut Host, a: &super::CampaignArgs, rng: &mut Rng) -> Result<(Vec
     Ok((rows, checks))
 }
 
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
 fn count(h: &Host, event: &str) -> usize {
     h.events().iter().filter(|e| e["event"] == event).count()
 }
@@ -327,7 +343,7 @@ fn inject(h: &mut Host, f: Fault, vm: &str) -> Result<()> {
     match f {
         Fault::BlkKill => signal(h.pid(&blk), libc::SIGKILL),
         Fault::BlkHang => signal(h.pid(&blk), libc::SIGSTOP),
-        Fault::BlkSegv => signal(h.pid(&blk), libc::SIGSEGV),
+        Fault::BlkAbrt => signal(h.pid(&blk), libc::SIGABRT),
         Fault::BlkGroupKill => {
             if let Some(l) = h.component(&blk)["leader"].as_u64() {
                 // SAFETY: killpg(2) of the backend's own group.
@@ -363,17 +379,50 @@ fn inject(h: &mut Host, f: Fault, vm: &str) -> Result<()> {
     Ok(())
 }
 
-/// Every component healthy again and every guest reporting progress (two
-/// more reports, or its end) within the deadline.
-fn judge(
-    h: &Host,
-    f: Fault,
-    vms: &[Vm],
-    before: &[usize],
+/// The sign that the fault was dealt with, as counts of the events that
+/// show it (the supervisor's, or the VMM's own for a crash it recovered
+/// itself): each must grow.
+fn evidence(h: &Host, f: Fault, vm: &str) -> Vec<usize> {
+    let blk = format!("vm/{vm}/blk0");
+    let vmm = format!("vm/{vm}/vmm");
+    let ev = h.events();
+    let n = |event: &str, comp: &str| ev.iter().filter(|e| e["event"] == event && e["component"] == comp).count();
+    let resumed = || {
+        let p = h.run.join("vm").join(vm).join("vmm-events.jsonl");
+        staunch_events::read(&p).iter().filter(|e| e["event"] == "resumed").count()
+    };
+    let blk_back = || n("component-recovered", &blk) + n("component-restarted", &blk);
+    match f {
+        Fault::BlkKill | Fault::BlkAbrt => vec![blk_back()],
+        Fault::BlkHang => vec![n("component-hung", &blk)],
+        Fault::BlkGroupKill => vec![n("component-restarted", &blk)],
+        Fault::VmmHang => vec![n("component-hung", &vmm)],
+        Fault::VmmSegv | Fault::VmmFailpoint => vec![resumed()],
+        Fault::VmmKill => vec![n("guest-restarted", &vmm)],
+        Fault::StoreKill | Fault::StoreHang => vec![n("store-failover", "store")],
+        Fault::StandbyKill => vec![n("component-started", "store-standby")],
+        Fault::SupervisorKill => vec![ev.iter().filter(|e| e["event"] == "component-adopted").count()],
+        Fault::CascadeStoreBlk => vec![n("store-failover", "store"), blk_back()],
+        Fault::CascadeBlkVmm => vec![blk_back(), resumed()],
+    }
+}
+
+struct Judging<'a> {
+    vms: &'a [Vm],
+    before: &'a [usize],
     restarts_before: usize,
-    ids: &[String],
+    evidence_before: Vec<usize>,
+    ids: &'a [String],
     deadline: Duration,
-) -> Row {
+    /// Wall-clock ms of the injection.
+    t: u64,
+}
+
+/// Within the deadline: the fault's evidence, every component healthy
+/// again in a status written after the injection, and every guest
+/// reporting progress (two more reports, or its end).
+fn judge(h: &Host, f: Fault, vm: &str, j: &Judging) -> Row {
+    let (vms, before, ids, deadline) = (j.vms, j.before, j.ids, j.deadline);
     let t = Instant::now();
     // Let the fault take effect before asking whether all is well again.
     std::thread::sleep(Duration::from_millis(150));
@@ -390,10 +439,15 @@ fn judge(
             vms.iter().filter(|v| h.serial(&v.name).contains("final=1")).map(|v| format!("vm/{}/", v.name)).collect();
         ids.iter().filter(|i| !done.iter().any(|d| i.starts_with(d.as_str()))).cloned().collect::<Vec<_>>()
     };
-    let ok =
-        wait(deadline.saturating_sub(t.elapsed()), || h.all_healthy(&live()) && (0..vms.len()).all(progressed)).is_ok();
-    let restarted = count(h, "guest-restarted") > restarts_before;
-    // The guest's own figure: the longest I/O in the reports since.
+    let dealt = || evidence(h, f, vm).iter().zip(&j.evidence_before).all(|(a, b)| a > b);
+    let fresh = || h.status()["time_ms"].as_u64().unwrap_or(0) > j.t + 100;
+    let ok = wait(deadline.saturating_sub(t.elapsed()), || {
+        dealt() && fresh() && h.all_healthy(&live()) && (0..vms.len()).all(progressed)
+    })
+    .is_ok();
+    let restarted = count(h, "guest-restarted") > j.restarts_before;
+    // The guests' own figure: their longest request or pause (by their
+    // clock, which runs on while the VMM is stopped) in the reports since.
     let guest_ms = vms
         .iter()
         .zip(before)
@@ -401,13 +455,20 @@ fn judge(
             reports(&h.serial(&v.name))
                 .into_iter()
                 .skip(*b)
-                .filter_map(|l| staunch_testguest::proto::field(l, "maxio_us")?.parse::<f64>().ok())
+                .flat_map(|l| {
+                    ["maxio_us", "maxgap_us"]
+                        .into_iter()
+                        .filter_map(|k| staunch_testguest::proto::field(l, k)?.parse::<f64>().ok())
+                })
                 .collect::<Vec<_>>()
         })
         .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
         .map(|us| us / 1e3);
     let (outcome, why) = match (ok, restarted) {
-        (false, _) => (Outcome::Lost, format!("not healthy with progress within {deadline:?}: {}", h.status())),
+        (false, _) => (
+            Outcome::Lost,
+            format!("within {deadline:?}: dealt with {}, healthy {}: {}", dealt(), h.all_healthy(&live()), h.status()),
+        ),
         (true, true) => (Outcome::GuestRestart, "guest booted again from its disk (rung 4)".into()),
         (true, false) => (Outcome::Recovered, String::new()),
     };
@@ -454,7 +515,7 @@ fn check_disk(disk: &Path, writes: u64) -> Result<(), String> {
 
 fn report(rows: &[Row], c: &Checks, orphans: usize, a: &super::CampaignArgs) -> i32 {
     println!();
-    println!("| component: fault | injections | recovered (no guest restart) | guest restarts (rung 4) | lost | guest's longest I/O p50 ms | max |");
+    println!("| component: fault | injections | recovered (no guest restart) | guest restarts (rung 4) | lost | guests' longest stall p50 ms | max |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let line = |name: &str, rs: Vec<&Row>| {
         let n = |o| rs.iter().filter(|r| r.outcome == o).count();
