@@ -199,7 +199,9 @@ impl Supervisor {
             self.notifier.send("READY=1\nSTATUS=supervising");
             self.emit("host-ready", json!({"component": "host", "components": self.comps.len()}));
         }
+        // systemd's watchdog runs once the service is up (READY=1).
         if let Some(every) = self.notifier.watchdog_every
+            && self.ready
             && self.last_watchdog.elapsed() >= every
         {
             self.notifier.send("WATCHDOG=1");
