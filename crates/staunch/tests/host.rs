@@ -303,3 +303,16 @@ fn kvm_short_host_campaign() {
     assert!(r.stdout.contains("data mismatches: 0;"), "{}", r.stdout);
     assert!(r.stdout.contains("orphan processes after host down: 0"), "{}", r.stdout);
 }
+
+/// The shipped systemd unit supervises the supervisor the way the docs say
+/// (and kills only it), and the shipped host.toml is a valid config.
+#[test]
+fn shipped_unit_and_host_config_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let unit = std::fs::read_to_string(root.join("dist/staunch-host.service")).unwrap();
+    for line in ["Type=notify", "Restart=always", "KillMode=process", "WatchdogSec=5s", "NotifyAccess=main"] {
+        assert!(unit.lines().any(|l| l.trim() == line), "{line} missing from the unit");
+    }
+    let cfg = staunch_host::HostConfig::from_file(&root.join("dist/host.toml")).unwrap();
+    assert_eq!(cfg.health.hang_ms, 100);
+}
