@@ -109,32 +109,11 @@ pub fn ping(target: &Target, within: Duration) -> std::io::Result<(u32, serde_js
         Target::Store(sock) => {
             use staunch_store::wire::{self, Op};
             let mut s = UnixStream::connect(sock)?;
-            let pid = peer_pid(&s)?;
+            let pid = staunch_store::repl::peer_pid(&s)?;
             s.set_read_timeout(Some(within))?;
             s.write_all(&wire::encode(Op::Read as u32, 1, 0, b"/\0"))?;
             wire::read_msg(&mut s).map_err(|e| std::io::Error::other(e.to_string()))?;
             Ok((pid, serde_json::Value::Null))
         }
     }
-}
-
-/// The process at the other end of a unix socket (SO_PEERCRED).
-fn peer_pid(s: &UnixStream) -> std::io::Result<u32> {
-    use std::os::fd::AsRawFd;
-    let mut c = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt(2) writes at most `len` bytes into `c`.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut c as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(c.pid as u32)
 }

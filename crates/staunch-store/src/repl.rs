@@ -83,9 +83,8 @@ pub fn decode_changes(payload: &[u8]) -> std::io::Result<Changes> {
     bincode::deserialize(payload).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// A pidfd for the process at the other end of `s` (the primary): it turns
-/// readable when that process has exited, zombie or not.
-pub fn peer_pidfd(s: &UnixStream) -> std::io::Result<OwnedFd> {
+/// The process at the other end of a unix socket (SO_PEERCRED).
+pub fn peer_pid(s: &UnixStream) -> std::io::Result<u32> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt(2) writes at most `len` bytes into `cred`.
@@ -101,8 +100,15 @@ pub fn peer_pidfd(s: &UnixStream) -> std::io::Result<OwnedFd> {
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(cred.pid as u32)
+}
+
+/// A pidfd for the process at the other end of `s` (the primary): it turns
+/// readable when that process has exited, zombie or not.
+pub fn peer_pidfd(s: &UnixStream) -> std::io::Result<OwnedFd> {
+    let pid = peer_pid(s)?;
     // SAFETY: pidfd_open(2) with a pid and no flags.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, cred.pid, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
