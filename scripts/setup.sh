@@ -15,7 +15,9 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 if ((${#need_pkgs[@]})); then
     [[ "$(id -u)" == 0 ]] || die "need root to install: ${need_pkgs[*]}"
     say "installing ${need_pkgs[*]}"
-    apt-get install -y -q "${need_pkgs[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${need_pkgs[@]}" >&2; }
+    # Wait for another apt (a second setup, unattended upgrades) rather than fail.
+    lock=(-o DPkg::Lock::Timeout=300)
+    apt-get "${lock[@]}" install -y -q "${need_pkgs[@]}" >&2 || { apt-get "${lock[@]}" update -q >&2 && apt-get "${lock[@]}" install -y -q "${need_pkgs[@]}" >&2; }
 fi
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >&2 || true
 if [[ -e /dev/kvm ]]; then
