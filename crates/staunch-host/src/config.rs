@@ -48,6 +48,11 @@ pub struct HealthSection {
     /// How often each component is asked.
     #[serde(default = "d_beat")]
     pub heartbeat_ms: u64,
+    /// A silent component that is not stopped (it runs, or waits for a
+    /// CPU on a loaded host) is hung only after this long; a stopped one
+    /// (SIGSTOP) after `hang_ms`.
+    #[serde(default = "d_confirm")]
+    pub hang_confirm_ms: u64,
     /// A component that has not answered once this long after its start
     /// failed to start.
     #[serde(default = "d_start")]
@@ -87,6 +92,9 @@ fn d_hang() -> u64 {
 fn d_beat() -> u64 {
     20
 }
+fn d_confirm() -> u64 {
+    300
+}
 fn d_start() -> u64 {
     30_000
 }
@@ -119,6 +127,7 @@ impl Default for HealthSection {
         HealthSection {
             hang_ms: d_hang(),
             heartbeat_ms: d_beat(),
+            hang_confirm_ms: d_confirm(),
             start_timeout_ms: d_start(),
             grace_ms: d_grace(),
             reconcile_ms: d_reconcile(),

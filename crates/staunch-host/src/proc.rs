@@ -25,6 +25,14 @@ pub fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Stopped by a signal (SIGSTOP, SIGTSTP) or a tracer: it cannot answer
+/// until continued.
+pub fn stopped(pid: u32) -> bool {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next());
+    matches!(state, Some("T" | "t"))
+}
+
 pub fn identity(pid: u32) -> Option<Identity> {
     Some(Identity { pid, start: start_time(pid)? })
 }

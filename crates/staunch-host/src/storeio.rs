@@ -90,11 +90,17 @@ pub fn definitions(c: &mut Client) -> Result<Definitions> {
 pub fn define(c: &mut Client, name: &str, def: &VmDef) -> Result<()> {
     crate::def::check_name(name).map_err(|err| StoreIoError::Def { name: name.into(), err })?;
     let root = format!("{VM_ROOT}/{name}");
+    let t = Instant::now();
     loop {
-        let tx = c
-            .transaction_start()
-            .map_err(io("transaction"))?
-            .map_err(|e| StoreIoError::Refused("transaction".into(), e))?;
+        // A store failing over resets the connection: start again on the
+        // new one (the client reconnects), for as long as that may take.
+        let tx = match c.transaction_start() {
+            Err(_) if t.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            r => r.map_err(io("transaction"))?.map_err(|e| StoreIoError::Refused("transaction".into(), e))?,
+        };
         let mut ok = true;
         match c.request(Op::Rm, tx, &nul(&[&root])).map_err(io(&root))? {
             Ok(_) => {}

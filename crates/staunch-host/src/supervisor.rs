@@ -217,6 +217,9 @@ impl Supervisor {
     fn check(&mut self, id: &str) {
         let hang = Duration::from_millis(self.cfg.health.hang_ms);
         let start_timeout = Duration::from_millis(self.cfg.health.start_timeout_ms);
+        // A silent process that is stopped is hung at the threshold; one
+        // that runs may only be slow on a loaded host, and gets longer.
+        let confirm = Duration::from_millis(self.cfg.health.hang_confirm_ms.max(self.cfg.health.hang_ms));
         let grace = self.grace();
         let Some(c) = self.comps.get_mut(id) else { return };
         if c.health == Health::Backoff {
@@ -301,7 +304,11 @@ impl Supervisor {
                     "after_ms": start_timeout.as_millis() as u64}),
                 );
             }
-            Health::Healthy if silent.is_some_and(|s| s >= hang) => self.hung(id, silent.unwrap_or_default()),
+            Health::Healthy
+                if silent.is_some_and(|s| s >= hang && (s >= confirm || proc::stopped(c.serving_pid()))) =>
+            {
+                self.hung(id, silent.unwrap_or_default())
+            }
             Health::Hung => {
                 let since = c.hung.unwrap_or_else(Instant::now);
                 if silent.is_none() {

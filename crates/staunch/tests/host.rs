@@ -58,8 +58,9 @@ fn kvm_host_recovers_backends_and_vmms_of_two_vms() {
     h.wait("both VMs stopped", Duration::from_secs(30), |h| {
         h.vm_state("a") == "stopped" && h.vm_state("b") == "stopped"
     });
-    let list = h.vm(&["list"]);
-    assert!(list.stdout.lines().any(|l| l.starts_with("a ") && l.contains("stopped")), "{}", list.stdout);
+    h.wait("the store's copy of a's state: stopped", Duration::from_secs(30), |h| {
+        h.vm(&["list"]).stdout.lines().any(|l| l.starts_with("a ") && l.contains("stopped"))
+    });
 }
 
 /// The store and the supervisor: the store primary SIGKILLed (the standby
@@ -145,7 +146,7 @@ fn kvm_host_vmm_sigkill_is_a_cold_restart_and_crash_loops_back_off() {
     assert_eq!(lost["rung"], 4, "{lost}");
     let r = h.wait_event("guest-restarted", "vm/a/vmm", 1);
     assert_eq!(r["rung"], 4, "{r}");
-    assert_eq!(h.count("component-recovered"), 0, "a guest restart is not a recovery");
+    assert_eq!(h.count_for("component-recovered", "vm/a/vmm"), 0, "a guest restart is not a recovery");
     h.wait_healthy(&["vm/a/vmm"]);
     h.wait("the second boot", Duration::from_secs(60), |h| h.serial("a").contains("STAUNCH ready"));
     assert!(h.run.join("vm/a/serial.1.log").exists(), "the first boot's console is kept");
