@@ -67,11 +67,11 @@ impl Probe {
         while !self.stop.load(Ordering::Relaxed) {
             let t0 = now_ns();
             if Duration::from_nanos(t0 - prev) > beat + hang {
-                // We did not run for longer than the threshold: whatever
-                // the component did meanwhile, our silence is not its.
+                // Our sleep overran by more than the threshold: we did not
+                // run, so whatever the component did meanwhile, the
+                // silence is ours, not its.
                 self.failing_since.store(0, Ordering::Relaxed);
             }
-            prev = t0;
             match ping(target, hang) {
                 Ok((pid, info)) => {
                     self.pid.store(pid, Ordering::Relaxed);
@@ -83,6 +83,7 @@ impl Probe {
                     let _ = self.failing_since.compare_exchange(0, t0, Ordering::Relaxed, Ordering::Relaxed);
                 }
             }
+            prev = now_ns();
             std::thread::sleep(beat);
         }
     }
