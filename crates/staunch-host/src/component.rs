@@ -80,6 +80,18 @@ pub struct Record {
     pub def: Option<VmDef>,
 }
 
+impl Record {
+    /// Every process of the component: its group (spares and successors
+    /// stay in the leader's group), and the serving process if it is still
+    /// the one recorded.
+    pub fn kill(&self) {
+        crate::proc::kill_group(self.leader);
+        if let Some(s) = self.serving.filter(|s| crate::proc::open(*s).is_some()) {
+            crate::proc::signal(s.pid, libc::SIGKILL);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
@@ -116,6 +128,14 @@ impl Component {
     pub fn id(&self) -> String {
         id_of(&self.rec.kind)
     }
+    /// Every process of the component, also those only its pidfds know.
+    pub fn kill(&self) {
+        self.rec.kill();
+        for (i, _) in &self.fds {
+            crate::proc::signal(i.pid, libc::SIGKILL);
+        }
+    }
+
     pub fn serving_pid(&self) -> u32 {
         self.rec.serving.map_or(self.rec.leader.pid, |s| s.pid)
     }

@@ -12,15 +12,9 @@ pub mod probe;
 pub mod proc;
 mod reconcile;
 pub mod state;
+pub mod status;
 pub mod storeio;
 pub mod supervisor;
 
 pub use config::HostConfig;
 pub use supervisor::{HostError, Supervisor};
-
-/// How long ago a `host-status.json` was written.
-pub fn supervisor_age_ms(status: &serde_json::Value) -> u64 {
-    let t = status["time_ms"].as_u64().unwrap_or(0);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-    now.saturating_sub(t)
-}

@@ -115,10 +115,7 @@ impl Supervisor {
                 if let Some(p) = &c.probe {
                     p.stop();
                 }
-                proc::kill_group(c.rec.leader);
-                for (i, _) in &c.fds {
-                    proc::signal(i.pid, libc::SIGKILL);
-                }
+                c.kill();
             }
         }
         self.emit("vm-stopped", json!({"component": format!("vm/{name}"), "why": why, "components": ids}));

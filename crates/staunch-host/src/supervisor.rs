@@ -322,10 +322,7 @@ impl Supervisor {
                         "recover_ms": ms, "by": self.comps[id].serving_pid(), "outcome": "answering again"}),
                     );
                 } else if since.elapsed() > grace {
-                    for (i, _) in &c.fds {
-                        proc::signal(i.pid, libc::SIGKILL);
-                    }
-                    proc::kill_group(c.rec.leader);
+                    c.kill();
                 }
             }
             _ => {}
@@ -517,10 +514,7 @@ impl Supervisor {
     /// Start (or start again) the component's process.
     pub(crate) fn launch(&mut self, id: &str) -> Result<(), HostError> {
         let c = self.comps.get_mut(id).expect("present");
-        proc::kill_group(c.rec.leader);
-        for (i, _) in &c.fds {
-            proc::signal(i.pid, libc::SIGKILL);
-        }
+        c.kill();
         if let Some(p) = c.probe.take() {
             p.stop();
         }

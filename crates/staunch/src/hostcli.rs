@@ -45,7 +45,7 @@ fn status(cfg: &staunch_host::HostConfig) -> Result<i32> {
     let st: serde_json::Value = serde_json::from_str(&text)?;
     let pid = st["supervisor"].as_u64().unwrap_or(0) as u32;
     let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-    let age = staunch_host::supervisor_age_ms(&st);
+    let age = staunch_host::status::age_ms(&st);
     println!("supervisor pid {pid}: {}, status written {age} ms ago", if alive { "running" } else { "NOT RUNNING" });
     println!(
         "{:<24} {:<14} {:<11} {:>8} {:>8} {:>5}  LAST EVENT",
@@ -85,10 +85,7 @@ fn down(cfg: &staunch_host::HostConfig) -> Result<i32> {
         staunch_host::proc::signal(s.pid, libc::SIGKILL);
     }
     for r in &st.components {
-        staunch_host::proc::kill_group(r.leader);
-        if let Some(s) = r.serving.filter(|s| staunch_host::proc::open(*s).is_some()) {
-            staunch_host::proc::signal(s.pid, libc::SIGKILL);
-        }
+        r.kill();
     }
     std::fs::remove_file(cfg.state_file())?;
     println!("stopped the supervisor and {} components", st.components.len());

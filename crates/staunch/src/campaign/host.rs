@@ -108,19 +108,10 @@ impl Host {
         staunch_events::read(&self.run.join("events.jsonl"))
     }
     fn status(&self) -> Value {
-        std::fs::read_to_string(self.run.join("host-status.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null)
+        staunch_host::status::read(&self.run.join("host-status.json"))
     }
     fn component(&self, id: &str) -> Value {
-        self.status()["components"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["id"] == id)
-            .cloned()
-            .unwrap_or(Value::Null)
+        staunch_host::status::component(&self.status(), id)
     }
     fn pid(&self, id: &str) -> Option<u32> {
         self.component(id)["pid"].as_u64().map(|p| p as u32)

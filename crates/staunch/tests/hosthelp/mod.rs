@@ -130,20 +130,11 @@ impl Host {
     }
 
     pub fn status(&self) -> Value {
-        std::fs::read_to_string(self.run.join("host-status.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null)
+        staunch_host::status::read(&self.run.join("host-status.json"))
     }
 
     pub fn component(&self, id: &str) -> Value {
-        self.status()["components"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["id"] == id)
-            .cloned()
-            .unwrap_or(Value::Null)
+        staunch_host::status::component(&self.status(), id)
     }
 
     pub fn healthy(&self, id: &str) -> bool {
