@@ -78,6 +78,12 @@ pub struct Record {
     pub boots: u64,
     /// VMMs: the definition the running guest was started with.
     pub def: Option<VmDef>,
+    /// The binary the serving process runs, and the rolling upgrade
+    /// generation it belongs to (0: none asked for yet).
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Record {
@@ -122,6 +128,9 @@ pub struct Component {
     /// Backoff: until when, and the delay that got us there.
     pub backoff: Option<(Instant, Duration)>,
     pub last_event: String,
+    /// A planned renewal (rejuvenation, upgrade) is replacing its process:
+    /// the old one's exit is expected, not a death.
+    pub renewing: bool,
 }
 
 impl Component {

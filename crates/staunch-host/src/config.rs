@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -29,6 +30,65 @@ pub struct HostConfig {
     pub health: HealthSection,
     #[serde(default)]
     pub restart: RestartSection,
+    #[serde(default)]
+    pub rejuvenate: RejuvenateSection,
+}
+
+/// Proactive rejuvenation (RootHammer): a component whose serving process
+/// has run for its kind's period is renewed: a VMM by a warm upgrade, a
+/// backend by an upgrade through its spare, the store by a failover to its
+/// standby (the standby by a fresh one). One at a time on the host, at
+/// least `spacing_ms` apart, never while a recovery is in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejuvenateSection {
+    /// "off" or a period: "24h", "90m", "30s", "500ms".
+    #[serde(default = "off")]
+    pub vmm: String,
+    #[serde(default = "off")]
+    pub backend: String,
+    #[serde(default = "off")]
+    pub store: String,
+    #[serde(default = "d_spacing")]
+    pub spacing_ms: u64,
+    /// A renewal not done in this long failed (and a rolling upgrade halts).
+    #[serde(default = "d_renew_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl RejuvenateSection {
+    /// The period for a kind of component ("vmm", "backend", "store").
+    pub fn period(&self, kind: &str) -> Option<Duration> {
+        let v = match kind {
+            "vmm" => &self.vmm,
+            "backend" => &self.backend,
+            _ => &self.store,
+        };
+        parse_period(v).ok().flatten()
+    }
+}
+
+/// "off" (None) or a number with a unit: ms, s, m, h, d.
+pub fn parse_period(v: &str) -> Result<Option<Duration>, String> {
+    let v = v.trim();
+    if v == "off" {
+        return Ok(None);
+    }
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("'{v}' is not \"off\" or a period such as \"24h\""))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("'{v}': the unit must be ms, s, m, h or d")),
+    };
+    if n == 0 {
+        return Err(format!("'{v}': a period must be above 0 (or \"off\")"));
+    }
+    Ok(Some(Duration::from_millis(n.saturating_mul(ms))))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +143,15 @@ pub struct RestartSection {
     pub backoff_max_ms: u64,
 }
 
+fn off() -> String {
+    "off".into()
+}
+fn d_spacing() -> u64 {
+    5000
+}
+fn d_renew_timeout() -> u64 {
+    30_000
+}
 fn yes() -> bool {
     true
 }
@@ -120,6 +189,17 @@ fn d_backoff_max() -> u64 {
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection { standby: true }
+    }
+}
+impl Default for RejuvenateSection {
+    fn default() -> Self {
+        RejuvenateSection {
+            vmm: off(),
+            backend: off(),
+            store: off(),
+            spacing_ms: d_spacing(),
+            timeout_ms: d_renew_timeout(),
+        }
     }
 }
 impl Default for HealthSection {
@@ -170,6 +250,16 @@ impl HostConfig {
         if self.restart.backoff_ms == 0 || self.restart.backoff_max_ms < self.restart.backoff_ms {
             return bad("restart.backoff_max_ms", "must be at least restart.backoff_ms, which must be above 0");
         }
+        let r = &self.rejuvenate;
+        for (key, v) in [("rejuvenate.vmm", &r.vmm), ("rejuvenate.backend", &r.backend), ("rejuvenate.store", &r.store)]
+        {
+            if let Err(e) = parse_period(v) {
+                return bad(key, &e);
+            }
+        }
+        if r.timeout_ms == 0 {
+            return bad("rejuvenate.timeout_ms", "must be above 0");
+        }
         if let Some(b) = &self.binary
             && !b.is_file()
         {
@@ -215,5 +305,13 @@ mod tests {
         assert!(e.contains("health.heartbeat_ms"), "{e}");
         assert!(parse("run_dir = \"x\"").unwrap_err().to_string().contains("run_dir"));
         assert!(parse("").unwrap_err().to_string().contains("run_dir"));
+        let e = parse("run_dir = \"/x\"\n[rejuvenate]\nvmm = \"soon\"").unwrap_err().to_string();
+        assert!(e.contains("rejuvenate.vmm"), "{e}");
+        let e = parse("run_dir = \"/x\"\n[rejuvenate]\nstore = \"0s\"").unwrap_err().to_string();
+        assert!(e.contains("rejuvenate.store"), "{e}");
+        let c = parse("run_dir = \"/x\"\n[rejuvenate]\nvmm = \"24h\"\nbackend = \"90s\"").unwrap();
+        assert_eq!(c.rejuvenate.period("vmm"), Some(Duration::from_secs(86_400)));
+        assert_eq!(c.rejuvenate.period("backend"), Some(Duration::from_secs(90)));
+        assert_eq!(c.rejuvenate.period("store"), None);
     }
 }

@@ -11,6 +11,7 @@ pub mod notify;
 pub mod probe;
 pub mod proc;
 mod reconcile;
+pub mod renew;
 pub mod state;
 pub mod status;
 pub mod storeio;

@@ -25,6 +25,16 @@ pub fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// How long process `pid` has run (its start time against the system's
+/// uptime, both in clock ticks since boot).
+pub fn age(pid: u32) -> Option<std::time::Duration> {
+    let start = start_time(pid)?;
+    let up: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(std::time::Duration::from_secs_f64((up - start as f64 / hz).max(0.0)))
+}
+
 /// Stopped by a signal (SIGSTOP, SIGTSTP) or a tracer: it cannot answer
 /// until continued.
 pub fn stopped(pid: u32) -> bool {

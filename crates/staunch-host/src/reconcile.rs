@@ -124,7 +124,16 @@ impl Supervisor {
 
     fn start_new(&mut self, kind: Kind, def: Option<VmDef>) {
         let id = id_of(&kind);
-        let rec = Record { kind, leader: Identity { pid: 0, start: 0 }, serving: None, restarts: 0, boots: 0, def };
+        let rec = Record {
+            kind,
+            leader: Identity { pid: 0, start: 0 },
+            serving: None,
+            restarts: 0,
+            boots: 0,
+            def,
+            binary: None,
+            generation: 0,
+        };
         let c = self.component(rec, Vec::new());
         self.comps.insert(id.clone(), c);
         match self.launch(&id) {
@@ -166,7 +175,7 @@ impl Supervisor {
             .map(|c| {
                 json!({"id": c.id(), "kind": c.rec.kind.name(), "health": c.health, "pid": c.serving_pid(),
                        "leader": c.rec.leader.pid, "restarts": c.rec.restarts, "boots": c.rec.boots,
-                       "last_event": c.last_event})
+                       "generation": c.rec.generation, "binary": c.rec.binary, "last_event": c.last_event})
             })
             .collect();
         let names: std::collections::BTreeSet<String> = self

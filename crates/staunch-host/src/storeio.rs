@@ -153,11 +153,71 @@ pub fn status(c: &mut Client, name: &str) -> Result<BTreeMap<String, String>> {
     subtree(c, &format!("{STATUS_ROOT}/{name}"))
 }
 
+/// Where a host-wide rolling upgrade is asked for: `binary` (the path every
+/// component should run) and `generation` (bumped on each request, so that
+/// asking again for the same path, with a new file there, rolls again).
+pub const UPGRADE_ROOT: &str = "/staunch/upgrade";
+
+/// A rolling upgrade as the store asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    pub binary: PathBuf,
+    pub generation: u64,
+}
+
+fn upgrade(c: &mut Client) -> Result<Option<Upgrade>> {
+    let generation = read(c, &format!("{UPGRADE_ROOT}/generation"))?.and_then(|g| g.trim().parse().ok());
+    let binary = read(c, &format!("{UPGRADE_ROOT}/binary"))?;
+    Ok(match (binary, generation) {
+        (Some(b), Some(generation)) if !b.is_empty() => Some(Upgrade { binary: b.into(), generation }),
+        _ => None,
+    })
+}
+
+/// Ask for a rolling upgrade of every component to `binary`: the next
+/// generation, written in one transaction. Returns it.
+pub fn request_upgrade(c: &mut Client, binary: &Path) -> Result<u64> {
+    let t = Instant::now();
+    loop {
+        let tx = match c.transaction_start() {
+            Err(_) if t.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            r => r.map_err(io("transaction"))?.map_err(|e| StoreIoError::Refused("transaction".into(), e))?,
+        };
+        let gp = format!("{UPGRADE_ROOT}/generation");
+        let now = match c.read_value(tx, &gp).map_err(io(&gp))? {
+            Ok(b) => text(&b).trim().parse::<u64>().unwrap_or(0),
+            Err(e) if e == "ENOENT" => 0,
+            Err(e) => return Err(StoreIoError::Refused(gp, e)),
+        };
+        let next = now + 1;
+        let bp = format!("{UPGRADE_ROOT}/binary");
+        let mut ok = true;
+        for (p, v) in [(&bp, binary.display().to_string()), (&gp, next.to_string())] {
+            match c.write_value(tx, p, v.as_bytes()).map_err(io(p))? {
+                Ok(_) => {}
+                Err(e) if e == "EAGAIN" => ok = false,
+                Err(e) => return Err(StoreIoError::Refused(p.clone(), e)),
+            }
+        }
+        match c.transaction_end(tx, ok).map_err(io("transaction"))? {
+            Ok(_) if ok => return Ok(next),
+            Ok(_) => {}
+            Err(e) if e == "EAGAIN" => {}
+            Err(e) => return Err(StoreIoError::Refused("transaction".into(), e)),
+        }
+    }
+}
+
 /// What the definitions' reader hands the main loop.
 #[derive(Default)]
 struct Shared {
     /// Definitions as last read, and a counter bumped on each read.
     defs: Option<(u64, Definitions)>,
+    /// The rolling upgrade asked for, as last read.
+    upgrade: Option<Upgrade>,
     /// Status to write: path → value (None: remove).
     writes: BTreeMap<String, Option<String>>,
     connected: bool,
@@ -184,6 +244,10 @@ impl Link {
     /// The latest definitions, with their read counter.
     pub fn definitions(&self) -> Option<(u64, Definitions)> {
         self.lock().defs.clone()
+    }
+
+    pub fn upgrade(&self) -> Option<Upgrade> {
+        self.lock().upgrade.clone()
     }
 
     pub fn write(&self, path: String, value: Option<String>) {
@@ -216,15 +280,20 @@ fn session(c: &mut Client, shared: &Mutex<Shared>, every: Duration) -> Result<()
     c.request(Op::Watch, 0, &nul(&[VM_ROOT, "defs"]))
         .map_err(io("watch"))?
         .map_err(|e| StoreIoError::Refused("watch".into(), e))?;
+    c.request(Op::Watch, 0, &nul(&[UPGRADE_ROOT, "upgrade"]))
+        .map_err(io("watch"))?
+        .map_err(|e| StoreIoError::Refused("watch".into(), e))?;
     let mut dirty = true;
     let mut last_read = Instant::now();
     let mut reads = 0u64;
     loop {
         if dirty || last_read.elapsed() > every {
             let defs = definitions(c)?;
+            let up = upgrade(c)?;
             reads += 1;
             let mut s = lock();
             s.defs = Some((reads, defs));
+            s.upgrade = up;
             s.connected = true;
             dirty = false;
             last_read = Instant::now();

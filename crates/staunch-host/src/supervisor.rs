@@ -58,6 +58,18 @@ pub struct Supervisor {
     pub(crate) notifier: crate::notify::Notifier,
     pub(crate) ready: bool,
     pub(crate) last_watchdog: Instant,
+    /// Rolling upgrade: the generation asked for (its binary is `bin`),
+    /// one refused (not a file), one halted at a failure, one done.
+    pub(crate) upgrade: Option<crate::storeio::Upgrade>,
+    pub(crate) refused: Option<u64>,
+    pub(crate) halted: Option<u64>,
+    pub(crate) upgraded: Option<u64>,
+    pub(crate) renewal: Option<crate::renew::Renewal>,
+    pub(crate) last_renewal: Option<Instant>,
+    /// Components whose timed renewal failed: not tried again before.
+    pub(crate) renew_retry: BTreeMap<String, Instant>,
+    /// When a component was last renewed or took its role (a failover).
+    pub(crate) renewed_at: BTreeMap<String, Instant>,
     _lock: std::fs::File,
 }
 
@@ -102,6 +114,14 @@ impl Supervisor {
             notifier,
             ready: false,
             last_watchdog: Instant::now(),
+            upgrade: None,
+            refused: None,
+            halted: None,
+            upgraded: None,
+            renewal: None,
+            last_renewal: None,
+            renew_retry: BTreeMap::new(),
+            renewed_at: BTreeMap::new(),
             cfg,
             _lock: lock,
         };
@@ -157,6 +177,7 @@ impl Supervisor {
             budget: Default::default(),
             backoff: None,
             last_event: String::new(),
+            renewing: false,
         }
     }
 
@@ -173,6 +194,7 @@ impl Supervisor {
                 self.check(&id);
             }
             self.reconcile();
+            self.renew();
             self.publish();
             self.persist();
             self.notify();
@@ -258,13 +280,19 @@ impl Supervisor {
             c.died = Some(Instant::now());
             c.health = Health::Recovering;
             let leader = c.rec.leader.pid;
-            self.emit("component-died", json!({"component": id, "fault": "process exited", "pid": leader}));
+            // A planned renewal's old process leaves: no death.
+            if !c.renewing {
+                self.emit("component-died", json!({"component": id, "fault": "process exited", "pid": leader}));
+            }
         }
         let c = self.comps.get_mut(id).expect("still there");
         if let Some(d) = c.died {
             if !c.fds.is_empty() {
                 c.died = None;
                 c.health = Health::Healthy;
+                if c.renewing {
+                    return;
+                }
                 let by = c.serving_pid();
                 let ms = d.elapsed().as_secs_f64() * 1e3;
                 self.note(
@@ -407,6 +435,7 @@ impl Supervisor {
         s.budget = old.budget;
         s.rec.restarts = old.rec.restarts + 1;
         self.store_slot = slot;
+        self.renewed_at.insert(id.to_string(), Instant::now());
         let by = s.rec.leader.pid;
         self.comps.insert(id.to_string(), s);
         let ms = old.died.or(old.hung).map(|d| d.elapsed().as_secs_f64() * 1e3);
@@ -415,7 +444,7 @@ impl Supervisor {
         self.note(
             id,
             "store-failover",
-            json!({"component": id, "rung": 2, "by": by, "recover_ms": ms,
+            json!({"component": id, "rung": 2, "by": by, "recover_ms": ms, "planned": old.renewing,
             "gap_ms_by_the_store": gap, "outcome": "the standby serves; a new standby is started"}),
         );
     }
@@ -537,7 +566,13 @@ impl Supervisor {
             what: format!("starting {id}"),
             err: std::io::Error::other("exited at once"),
         });
-        let rec = Record { leader: ident, serving: None, ..c.rec.clone() };
+        let rec = Record {
+            leader: ident,
+            serving: None,
+            binary: Some(self.bin.clone()),
+            generation: self.upgrade.as_ref().map_or(0, |u| u.generation),
+            ..c.rec.clone()
+        };
         let mut n = self.component(rec, fd.map(|fd| vec![(ident, fd)]).unwrap_or_default());
         let old = self.comps.remove(id).expect("present");
         n.started_ms = old.started_ms;

@@ -1,8 +1,10 @@
 //! A backend's control socket and its hang watchdog.
 //!
 //! The control socket speaks one line per request: `ping` (answered
-//! `pong pid=N`, a supervisor's liveness probe) and `failpoint SPEC` (arm
-//! failpoints in the serving process, as the VMM's control socket does).
+//! `pong pid=N`, a supervisor's liveness probe), `failpoint SPEC` (arm
+//! failpoints in the serving process, as the VMM's control socket does)
+//! and `upgrade [BINARY]` (SIGUSR2's upgrade through the spare, to another
+//! binary if named: a supervisor's rolling upgrade and rejuvenation).
 //!
 //! The watchdog looks at every queue worker: one whose current request has
 //! run longer than the limit is hung (a device model stuck in a system call, an
@@ -52,7 +54,14 @@ fn answer(s: UnixStream) -> std::io::Result<()> {
             Ok(()) => "ok".into(),
             Err(e) => format!("error {e}"),
         },
-        (other, _) => format!("error unknown request '{other}' (ping, failpoint SPEC)"),
+        ("upgrade", bin) => {
+            let bin = (!bin.trim().is_empty()).then(|| PathBuf::from(bin.trim()));
+            match crate::process::request_upgrade(bin) {
+                Ok(()) => "ok upgrading".into(),
+                Err(e) => format!("error {e}"),
+            }
+        }
+        (other, _) => format!("error unknown request '{other}' (ping, failpoint SPEC, upgrade [BINARY])"),
     };
     (&s).write_all(format!("{reply}\n").as_bytes())
 }

@@ -68,6 +68,35 @@ pub struct Role {
 
 static UPGRADE_FD: AtomicI32 = AtomicI32::new(-1);
 
+/// The binary an upgrade asked for over the control socket (None: the
+/// file now at our own path).
+static UPGRADE_BIN: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+fn upgrade_bin(own: &Path) -> PathBuf {
+    UPGRADE_BIN.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| own.to_path_buf())
+}
+
+/// Upgrade the serving process, as SIGUSR2 does, to `binary` (or to the
+/// file now at its own path): a fresh spare from that file takes the
+/// session over. Refused before anything changes if the file cannot be
+/// executed.
+pub fn request_upgrade(binary: Option<PathBuf>) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(b) = &binary {
+        let m = std::fs::metadata(b).map_err(|e| format!("{}: {e}", b.display()))?;
+        if !m.is_file() || m.permissions().mode() & 0o111 == 0 {
+            return Err(format!("{} is not an executable file", b.display()));
+        }
+    }
+    let fd = UPGRADE_FD.load(Ordering::Relaxed);
+    if fd < 0 {
+        return Err("not serving yet".into());
+    }
+    *UPGRADE_BIN.lock().unwrap_or_else(|p| p.into_inner()) = binary;
+    on_usr2(0);
+    Ok(())
+}
+
 extern "C" fn on_usr2(_: libc::c_int) {
     let fd = UPGRADE_FD.load(Ordering::Relaxed);
     if fd >= 0 {
@@ -154,7 +183,7 @@ fn keep_spare(k: Keeper) {
         std::thread::sleep(Duration::from_millis(20));
     }
     loop {
-        let mut cmd = std::process::Command::new(&k.bin);
+        let mut cmd = std::process::Command::new(upgrade_bin(&k.bin));
         cmd.args(&k.args).env_remove("STAUNCH_FAILPOINTS").stdin(std::process::Stdio::null());
         // The spare's channel: ours stays close-on-exec, its end is passed.
         let chan = match k.sink.as_ref().map(|_| handoff::pair()).transpose() {
@@ -349,6 +378,7 @@ pub fn run(
         let _ = first.recv_timeout(Duration::from_secs(2));
     }
     let live = backend::serve_from(&listener, device, &opts, &upgrade, resumed);
+    let bin = upgrade_bin(&bin);
     // Upgrade. Through the spare: a fresh one, started from the file now
     // at our path, gets the session; we stop the rings (nothing stays in
     // flight), keep the connection open and exit, and it takes over with

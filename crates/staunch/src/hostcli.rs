@@ -24,6 +24,17 @@ enum HostCmd {
     Status,
     /// Stop the supervisor and every component it runs (guests too).
     Down,
+    /// Roll every component of the host over to BINARY, one at a time in
+    /// dependency order (store standby, store, backends, VMMs), without
+    /// restarting a guest: warm upgrades, upgrades through spares, a store
+    /// failover. Halts at the first component that fails to take it.
+    Upgrade {
+        #[arg(long)]
+        binary: PathBuf,
+        /// Wait until every component runs it (or the upgrade halts).
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 pub fn host(a: HostArgs) -> Result<i32> {
@@ -35,6 +46,7 @@ pub fn host(a: HostArgs) -> Result<i32> {
         }
         Some(HostCmd::Status) => status(&cfg),
         Some(HostCmd::Down) => down(&cfg),
+        Some(HostCmd::Upgrade { binary, wait }) => upgrade(&cfg, &binary, wait),
     }
 }
 
@@ -48,18 +60,19 @@ fn status(cfg: &staunch_host::HostConfig) -> Result<i32> {
     let age = staunch_host::status::age_ms(&st);
     println!("supervisor pid {pid}: {}, status written {age} ms ago", if alive { "running" } else { "NOT RUNNING" });
     println!(
-        "{:<24} {:<14} {:<11} {:>8} {:>8} {:>5}  LAST EVENT",
-        "COMPONENT", "KIND", "HEALTH", "PID", "RESTARTS", "BOOTS"
+        "{:<24} {:<14} {:<11} {:>8} {:>8} {:>5} {:>4}  LAST EVENT",
+        "COMPONENT", "KIND", "HEALTH", "PID", "RESTARTS", "BOOTS", "GEN"
     );
     for c in st["components"].as_array().into_iter().flatten() {
         println!(
-            "{:<24} {:<14} {:<11} {:>8} {:>8} {:>5}  {}",
+            "{:<24} {:<14} {:<11} {:>8} {:>8} {:>5} {:>4}  {}",
             c["id"].as_str().unwrap_or("?"),
             c["kind"].as_str().unwrap_or("?"),
             c["health"].as_str().unwrap_or("?"),
             c["pid"].to_string(),
             c["restarts"].to_string(),
             c["boots"].to_string(),
+            c["generation"].to_string(),
             c["last_event"].as_str().unwrap_or("")
         );
     }
@@ -73,6 +86,47 @@ fn status(cfg: &staunch_host::HostConfig) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+fn upgrade(cfg: &staunch_host::HostConfig, binary: &std::path::Path, wait: bool) -> Result<i32> {
+    let bin = std::fs::canonicalize(binary).with_context(|| binary.display().to_string())?;
+    if !bin.is_file() {
+        bail!("{} is not a file", bin.display());
+    }
+    let mut c = storeio::connect(&cfg.store_socket()).context("is `staunch host` running?")?;
+    let generation = storeio::request_upgrade(&mut c, &bin)?;
+    println!("asked for generation {generation}: every component to run {}", bin.display());
+    if !wait {
+        return Ok(0);
+    }
+    let t = std::time::Instant::now();
+    let mut shown = usize::MAX;
+    loop {
+        let evs = staunch_events::read(&cfg.events());
+        let ours = |e: &&serde_json::Value| e["generation"] == generation;
+        if let Some(e) = evs.iter().filter(ours).find(|e| e["event"] == "host-upgrade-done") {
+            println!(
+                "done in {:.1} s: {} components on generation {generation}",
+                t.elapsed().as_secs_f64(),
+                e["components"]
+            );
+            return Ok(0);
+        }
+        if let Some(e) = evs
+            .iter()
+            .filter(ours)
+            .find(|e| e["event"] == "host-upgrade-halted" || e["event"] == "host-upgrade-refused")
+        {
+            println!("{}: {}", e["event"].as_str().unwrap_or("?"), e);
+            return Ok(1);
+        }
+        let n = evs.iter().filter(ours).filter(|e| e["event"] == "component-rejuvenated").count();
+        if n != shown {
+            eprintln!("{n} components upgraded ({:.1} s)", t.elapsed().as_secs_f64());
+            shown = n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }
 
 fn down(cfg: &staunch_host::HostConfig) -> Result<i32> {

@@ -129,6 +129,77 @@ fn kvm_host_store_failovers_cascade_and_supervisor_adoption() {
     assert_eq!(h.count("guest-restarted"), 0);
 }
 
+/// The serving process of each component, by the file it runs.
+fn exe(pid: u32) -> std::path::PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default()
+}
+
+/// A rolling upgrade of every component to another binary (standby, store,
+/// backend, VMM, one at a time: a fresh standby, a failover, an upgrade
+/// through the spare, a warm upgrade), then proactive rejuvenation on a
+/// 2 s timer after the supervisor was restarted with that policy (it
+/// adopts, and keeps the upgraded binary). The guest is never restarted
+/// and verifies every write.
+#[test]
+fn kvm_host_rolling_upgrade_and_rejuvenation() {
+    require_kvm();
+    let mut h = Host::start("host-upgrade", "");
+    // Long enough to outlast the upgrade and two rounds of rejuvenation.
+    let writes = 400_000;
+    let da = h.blk_vm("a", writes, "");
+    let all = ["store", "store-standby", "vm/a/blk0", "vm/a/vmm"];
+    h.wait_healthy(&all);
+    h.progress("a");
+
+    let next = h.dir.join("staunch-next");
+    std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &next).unwrap();
+    let up = run(
+        staunch().args(["host", "upgrade", "--wait", "--config"]).arg(&h.config).arg("--binary").arg(&next),
+        None,
+        Duration::from_secs(120),
+    );
+    assert_eq!(up.status, 0, "{}\n{}\n{:?}", up.stdout, up.stderr, h.events());
+    h.wait_healthy(&all);
+    for id in all {
+        assert_eq!(exe(h.pid(id)), next, "{id} runs the new binary: {}", h.status());
+        assert_eq!(h.component(id)["generation"], 1, "{id}");
+    }
+    let order: Vec<String> = h
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "component-rejuvenated" && e["why"] == "upgrade")
+        .map(|e| e["component"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(order, ["store-standby", "store", "vm/a/blk0", "vm/a/vmm"], "dependency order");
+    h.progress("a");
+
+    // Rejuvenation by age, under a supervisor that adopted everything.
+    h.kill_supervisor();
+    let cfg = std::fs::read_to_string(&h.config).unwrap();
+    let policy = "[rejuvenate]\nvmm = \"2s\"\nbackend = \"2s\"\nstore = \"2s\"\nspacing_ms = 200\n";
+    std::fs::write(&h.config, format!("{cfg}{policy}")).unwrap();
+    h.start_supervisor();
+    // (Each store failover starts a fresh standby: it may never get old.)
+    for id in ["store", "vm/a/blk0", "vm/a/vmm"] {
+        let e = h.wait_event("component-rejuvenated", id, 2);
+        assert_eq!(e["why"], "timer", "{e}");
+    }
+    h.wait_healthy(&all);
+    for id in all {
+        assert_eq!(exe(h.pid(id)), next, "{id} still runs the upgraded binary");
+    }
+    h.judge_blk("a", &da, writes);
+    // Until the guest powered off (a renewal may be cut short by it).
+    let mut evs: Vec<_> = h.events().into_iter().take_while(|e| e["event"] != "vm-stopped").collect();
+    // The VMM's exit at the guest's poweroff, just before.
+    if evs.last().is_some_and(|e| e["event"] == "component-died" && e["component"] == "vm/a/vmm") {
+        evs.pop();
+    }
+    for bad in ["guest-restarted", "guest-lost", "component-died", "component-rejuvenate-failed"] {
+        assert!(!evs.iter().any(|e| e["event"] == bad), "{bad}: {evs:?}");
+    }
+}
+
 /// An uncatchable VMM death (SIGKILL) loses the guest's CPU state: the
 /// supervisor boots the guest again from its disk and reports a guest
 /// restart (rung 4), never a recovery. A definition whose VMM dies at
