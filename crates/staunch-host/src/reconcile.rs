@@ -242,6 +242,10 @@ impl Supervisor {
             supervisor: proc::identity(std::process::id()),
             store_slot: self.store_slot.clone(),
             components: self.comps.values().map(|c| c.rec.clone()).collect(),
+            binary: Some(self.bin.clone()),
+            generation: self.upgrade.as_ref().map(|u| u.generation),
+            binary_generation: self.upgrade.as_ref().map(|u| u.binary.clone()),
+            halted: self.halted,
         };
         if let Err(e) = crate::state::save(&self.cfg.state_file(), &st) {
             tracing::error!("cannot save the host state: {e}");

@@ -15,6 +15,7 @@
 use crate::component::{Health, Kind, VmPaths};
 use crate::probe::{Target, ping};
 use crate::proc;
+use crate::storeio::Upgrade;
 use crate::supervisor::{Supervisor, last_event, wall_ms};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Write};
@@ -32,6 +33,30 @@ pub enum Why {
 }
 
 /// A renewal in progress.
+/// A new binary being asked for its version before any component runs it.
+pub struct Preflight {
+    pub upgrade: Upgrade,
+    pub started: Instant,
+    pub rx: Receiver<Result<String, String>>,
+}
+
+/// What `BINARY --version` says, if it says it is staunch. Read from its
+/// output, not its exit status (the supervisor reaps every child).
+fn version_of(bin: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut c = std::process::Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let mut out = String::new();
+    let _ = c.stdout.take().expect("piped").take(4096).read_to_string(&mut out);
+    let out = out.trim().to_string();
+    if out.starts_with("staunch ") { Ok(out) } else { Err(format!("`--version` said {out:?}, not staunch's version")) }
+}
+
 pub struct Renewal {
     pub id: String,
     pub why: Why,
@@ -89,27 +114,58 @@ impl Supervisor {
         }
     }
 
-    /// A new generation in the store: the binary every component is to run.
+    /// A new generation in the store: the binary every component is to run,
+    /// once it has shown it runs (`BINARY --version` answers `staunch ...`;
+    /// asked on a thread: the loop never waits for it).
     fn take_upgrade(&mut self) {
+        if let Some(p) = &self.preflight {
+            let verdict = match p.rx.try_recv() {
+                Ok(v) => v,
+                Err(TryRecvError::Empty) if p.started.elapsed() < Duration::from_secs(10) => return,
+                Err(_) => Err("no answer to --version within 10 s".into()),
+            };
+            let p = self.preflight.take().expect("checked");
+            match verdict {
+                Ok(version) => self.accept_upgrade(p.upgrade, &version),
+                Err(e) => self.refuse_upgrade(&p.upgrade, &e),
+            }
+            return;
+        }
         let Some(u) = self.link.upgrade() else { return };
-        if self.upgrade.as_ref().is_some_and(|w| w.generation >= u.generation) || self.refused == Some(u.generation) {
+        let seen = self.upgrade.as_ref().map_or(0, |w| w.generation).max(self.refused.unwrap_or(0));
+        if u.generation <= seen {
             return;
         }
         if !u.binary.is_file() {
-            self.refused = Some(u.generation);
-            self.emit(
-                "host-upgrade-refused",
-                json!({"component": "host", "generation": u.generation, "binary": u.binary,
-                       "fault": "not a file", "outcome": "every component runs on its old binary"}),
-            );
-            return;
+            return self.refuse_upgrade(&u, "not a file");
         }
+        let (tx, rx) = channel();
+        let bin = u.binary.clone();
+        let _ = std::thread::Builder::new().name("preflight".into()).spawn(move || {
+            let _ = tx.send(version_of(&bin));
+        });
+        self.preflight = Some(Preflight { upgrade: u, started: Instant::now(), rx });
+    }
+
+    fn refuse_upgrade(&mut self, u: &Upgrade, why: &str) {
+        self.refused = Some(u.generation);
+        self.emit(
+            "host-upgrade-refused",
+            json!({"component": "host", "generation": u.generation, "binary": u.binary,
+                   "fault": why, "outcome": "every component keeps its binary"}),
+        );
+    }
+
+    fn accept_upgrade(&mut self, u: Upgrade, version: &str) {
+        self.prev_bin = Some(self.bin.clone());
         self.bin = u.binary.clone();
+        self.dirty = true;
         let behind = self.comps.values().filter(|c| c.rec.generation < u.generation).count();
         if behind > 0 {
             self.emit(
                 "host-upgrade-started",
-                json!({"component": "host", "generation": u.generation, "binary": u.binary, "components": behind}),
+                json!({"component": "host", "generation": u.generation, "binary": u.binary,
+                       "version": version, "components": behind}),
             );
         }
         self.upgrade = Some(u);
@@ -247,6 +303,9 @@ impl Supervisor {
         match asked {
             Ok(true) if replaced => self.renewed(),
             Err(e) => self.renewal_failed(&e),
+            _ if c.health == Health::Backoff => {
+                self.renewal_failed("its new process dies at every start (restart budget exhausted)")
+            }
             _ if r_elapsed(&self.renewal) > timeout => {
                 let state = format!(
                     "health {:?}, serving {}, watching {:?}, asked {asked:?}",
@@ -308,11 +367,18 @@ impl Supervisor {
                    "outcome": "the component is judged as usual from here"}),
         );
         if r.why == Why::Upgrade {
+            // What starts from now on (repairs too) starts from the binary
+            // that worked.
             self.halted = Some(r.generation);
+            if let Some(b) = self.prev_bin.clone() {
+                self.bin = b;
+            }
+            self.dirty = true;
             self.emit(
                 "host-upgrade-halted",
                 json!({"component": "host", "generation": r.generation, "at": r.id, "fault": why,
-                       "outcome": "the rest keep their binary; ask again to retry"}),
+                       "binary_now": self.bin,
+                       "outcome": "the rest keep their binary; new processes start from the old one; ask again to retry"}),
             );
         }
     }

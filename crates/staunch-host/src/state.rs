@@ -16,6 +16,16 @@ pub struct HostState {
     /// The data directory of the store primary (its log is the newest).
     pub store_slot: String,
     pub components: Vec<Record>,
+    /// The binary new processes start from, the rolling upgrade generation
+    /// accepted (with its binary) and one halted at a failure.
+    #[serde(default)]
+    pub binary: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub generation: Option<u64>,
+    #[serde(default)]
+    pub binary_generation: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub halted: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

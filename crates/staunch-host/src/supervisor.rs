@@ -65,6 +65,10 @@ pub struct Supervisor {
     pub(crate) halted: Option<u64>,
     pub(crate) upgraded: Option<u64>,
     pub(crate) renewal: Option<crate::renew::Renewal>,
+    pub(crate) preflight: Option<crate::renew::Preflight>,
+    /// The binary before the current generation (a halted upgrade goes
+    /// back to it).
+    pub(crate) prev_bin: Option<PathBuf>,
     pub(crate) last_renewal: Option<Instant>,
     /// Components whose timed renewal failed: not tried again before.
     pub(crate) renew_retry: BTreeMap<String, Instant>,
@@ -119,6 +123,8 @@ impl Supervisor {
             halted: None,
             upgraded: None,
             renewal: None,
+            preflight: None,
+            prev_bin: None,
             last_renewal: None,
             renew_retry: BTreeMap::new(),
             renewed_at: BTreeMap::new(),
@@ -140,6 +146,14 @@ impl Supervisor {
     fn adopt(&mut self) -> Result<(), HostError> {
         let Some(st) = crate::state::load(&self.cfg.state_file())? else { return Ok(()) };
         self.store_slot = st.store_slot;
+        // Where a rolling upgrade stood: its binary, and a halt.
+        if let Some(b) = st.binary.filter(|b| b.is_file() && st.generation.is_some()) {
+            self.bin = b;
+        }
+        if let (Some(g), Some(b)) = (st.generation, st.binary_generation) {
+            self.upgrade = Some(crate::storeio::Upgrade { binary: b, generation: g });
+        }
+        self.halted = st.halted;
         for rec in st.components {
             let mut fds = Vec::new();
             for id in std::iter::once(rec.leader).chain(rec.serving) {
@@ -402,10 +416,12 @@ impl Supervisor {
         let c = &self.comps[id];
         match c.rec.kind.clone() {
             Kind::Store { standby: false, slot } => self.store_primary_dead(id, &slot),
-            Kind::Store { standby: true, .. } => {
-                self.comps.remove(id);
-                self.emit("component-removed", json!({"component": id, "outcome": "a new standby is started"}));
-                self.dirty = true;
+            Kind::Store { standby: true, slot } => {
+                // A fresh standby copies the primary from scratch; within
+                // the restart budget like any component (one that dies at
+                // every start backs off).
+                let _ = std::fs::remove_dir_all(self.cfg.run_dir.join("store").join(&slot));
+                self.restart(id, "a fresh standby follows the primary");
             }
             Kind::Blk { .. } | Kind::Net { .. } => self.restart(id, "restart + replay: its frontend reconnects"),
             Kind::Vmm { vm } => self.vmm_dead(id, &vm),

@@ -116,17 +116,17 @@ fn host_gap(l: &[Line], t: Instant) -> f64 {
 
 /// One recovery, as the guest and the host saw it.
 #[derive(Clone, Copy)]
-struct Seen {
+pub(crate) struct Seen {
     /// From the guest's own clock (`maxgap_us`); None: not reported.
-    guest_ms: Option<f64>,
+    pub(crate) guest_ms: Option<f64>,
     /// From the host's reading of the report lines.
-    host_ms: f64,
+    pub(crate) host_ms: f64,
 }
 
 /// What a VM of the benchmark runs: enough to start it again after a
 /// failed round.
 #[derive(Clone)]
-struct VmSpec {
+pub(crate) struct VmSpec {
     dir: PathBuf,
     mem: u64,
     vcpus: u8,
@@ -135,14 +135,14 @@ struct VmSpec {
 }
 
 impl VmSpec {
-    fn new(dir: PathBuf, mem: u64, vcpus: u8) -> VmSpec {
+    pub(crate) fn new(dir: PathBuf, mem: u64, vcpus: u8) -> VmSpec {
         VmSpec { dir, mem, vcpus, cmdline: COUNTER.into(), extra: vec![] }
     }
 }
 
-struct LiveVm {
+pub(crate) struct LiveVm {
     child: Child,
-    sock: PathBuf,
+    pub(crate) sock: PathBuf,
     events: PathBuf,
     lines: Lines,
 }
@@ -186,7 +186,7 @@ impl LiveVm {
 
     /// Run `act`, wait for `kind`, let the guest print again; returns what
     /// the guest and the host saw, and the VMM's events on the way.
-    fn around(&self, kind: &str, act: impl FnOnce() -> Result<()>) -> Result<(Seen, Vec<Value>)> {
+    pub(crate) fn around(&self, kind: &str, act: impl FnOnce() -> Result<()>) -> Result<(Seen, Vec<Value>)> {
         let seen = self.events().len();
         let t = Instant::now();
         act()?;
@@ -238,7 +238,7 @@ impl LiveVm {
 }
 
 /// Number `key` of the last `kind` event in `evs`.
-fn num(evs: &[Value], kind: &str, key: &str) -> Result<f64> {
+pub(crate) fn num(evs: &[Value], kind: &str, key: &str) -> Result<f64> {
     evs.iter().rev().find(|e| e["event"] == kind).with_context(|| format!("no {kind} event"))?[key]
         .as_f64()
         .with_context(|| format!("the {kind} event has no {key}"))
@@ -272,12 +272,12 @@ fn end(child: &mut Child) {
 
 /// The rounds of one row on one side, failures included.
 #[derive(Default)]
-struct Side {
-    guest: Vec<f64>,
-    host: Vec<f64>,
-    vmm: Vec<f64>,
-    ok: usize,
-    failed: usize,
+pub(crate) struct Side {
+    pub(crate) guest: Vec<f64>,
+    pub(crate) host: Vec<f64>,
+    pub(crate) vmm: Vec<f64>,
+    pub(crate) ok: usize,
+    pub(crate) failed: usize,
     /// Successful rounds whose guest did not report `maxgap_us`.
     unreported: usize,
 }
@@ -298,7 +298,7 @@ impl Side {
         eprintln!("  FAILED round ({what}): {e:#}");
     }
 
-    fn record(&mut self, what: &str, r: Result<(Seen, Option<f64>)>) {
+    pub(crate) fn record(&mut self, what: &str, r: Result<(Seen, Option<f64>)>) {
         match r {
             Ok((s, v)) => self.ok(s, v),
             Err(e) => self.fail(what, &e),
@@ -321,7 +321,7 @@ struct Row {
 
 /// `rounds` rounds of `one` on the VM `spec` describes: started for the
 /// first round and again after a failed one (the old one ended first).
-fn on_vm(
+pub(crate) fn on_vm(
     machine: &Machine,
     spec: &VmSpec,
     what: &str,
@@ -467,7 +467,7 @@ fn stats(v: &[f64]) -> (String, String) {
     (format!("{:.2}", s[s.len() / 2]), format!("{:.2}", s[s.len() - 1]))
 }
 
-fn median(v: &[f64]) -> Option<f64> {
+pub(crate) fn median(v: &[f64]) -> Option<f64> {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s.get(s.len() / 2).copied()
@@ -567,7 +567,7 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>, machine: &Machine)
 
 /// One saved-VM reboot: the outage from the snapshot request to the
 /// restored guest's first line (the VMM's figure: its save time).
-fn snapshot_restore(d: &Path, mem: u64, used: u64) -> Result<(Seen, Option<f64>)> {
+pub(crate) fn snapshot_restore(d: &Path, mem: u64, used: u64) -> Result<(Seen, Option<f64>)> {
     let spec = VmSpec { cmdline: format!("{COUNTER} staunch.touch={used}"), ..VmSpec::new(d.to_path_buf(), mem, 1) };
     let mut vm = LiveVm::start(&spec)?;
     let file = d.join("vm.snap");
@@ -592,7 +592,7 @@ fn snapshot_restore(d: &Path, mem: u64, used: u64) -> Result<(Seen, Option<f64>)
 }
 
 /// One cold boot: process start to the guest's first line.
-fn cold_boot() -> Result<(Seen, Option<f64>)> {
+pub(crate) fn cold_boot() -> Result<(Seen, Option<f64>)> {
     let t = Instant::now();
     let mut c = Command::new("/proc/self/exe");
     c.args(["vmm", "run", "--serial", "stdio", "--mem", "1024", "--kernel"]).arg(test_guest()?);

@@ -35,9 +35,37 @@ enum HostCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// RootHammer's availability model from downtimes measured here (warm
+    /// upgrade, saved VM, cold reboot of the test guest), beside
+    /// RootHammer's published figures. Needs /dev/kvm and an idle machine;
+    /// no supervisor or config.
+    Availability {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The VMM rejuvenation period.
+        #[arg(long, default_value_t = 28.0)]
+        t_vmm_days: f64,
+        /// The guest OS rejuvenation period.
+        #[arg(long, default_value_t = 7.0)]
+        t_os_days: f64,
+        /// The guest OS's reboot time (default: the test guest's boot,
+        /// measured).
+        #[arg(long)]
+        os_reboot_s: Option<f64>,
+        #[arg(long)]
+        allow_busy: bool,
+    },
 }
 
 pub fn host(a: HostArgs) -> Result<i32> {
+    if let Some(HostCmd::Availability { rounds, t_vmm_days, t_os_days, os_reboot_s, allow_busy }) = a.cmd {
+        if t_vmm_days <= 0.0 || t_os_days <= 0.0 || t_os_days > t_vmm_days {
+            bail!("--t-vmm-days and --t-os-days must be above 0, and T_os at most T_vmm");
+        }
+        let machine = crate::idle::Machine::check(allow_busy)?;
+        let model = crate::availability::Model { t_vmm_days, t_os_days, os_reboot_s };
+        return crate::availability::run(rounds, &model, &machine);
+    }
     let cfg = staunch_host::HostConfig::from_file(&a.config)?;
     match a.cmd {
         None => {
@@ -47,6 +75,7 @@ pub fn host(a: HostArgs) -> Result<i32> {
         Some(HostCmd::Status) => status(&cfg),
         Some(HostCmd::Down) => down(&cfg),
         Some(HostCmd::Upgrade { binary, wait }) => upgrade(&cfg, &binary, wait),
+        Some(HostCmd::Availability { .. }) => unreachable!("handled above"),
     }
 }
 

@@ -4,6 +4,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod availability;
 mod backends;
 mod bench;
 mod bench_blk;

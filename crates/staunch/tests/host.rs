@@ -101,7 +101,7 @@ fn kvm_host_store_failovers_cascade_and_supervisor_adoption() {
     h.wait_healthy(&["store", "store-standby", "vm/a/blk0"]);
 
     h.signal(h.pid("store-standby"), libc::SIGKILL);
-    h.wait_event("component-started", "store-standby", 5);
+    h.wait_event("component-restarted", "store-standby", 1);
     h.wait_healthy(&["store", "store-standby"]);
     h.progress("a");
 
@@ -198,6 +198,40 @@ fn kvm_host_rolling_upgrade_and_rejuvenation() {
     for bad in ["guest-restarted", "guest-lost", "component-died", "component-rejuvenate-failed"] {
         assert!(!evs.iter().any(|e| e["event"] == bad), "{bad}: {evs:?}");
     }
+}
+
+/// A binary that does not say it is staunch is refused before anything
+/// runs it; one that answers `--version` but cannot serve halts the
+/// rolling upgrade at its first component (the store's standby), and what
+/// starts afterwards starts from the old binary again.
+#[test]
+fn host_upgrade_refuses_or_halts_on_a_bad_binary() {
+    let h = Host::start("host-badup", "[rejuvenate]\ntimeout_ms = 3000\n");
+    h.wait_healthy(&["store", "store-standby"]);
+    let up = |bin: &std::path::Path| {
+        run(
+            staunch().args(["host", "upgrade", "--wait", "--config"]).arg(&h.config).arg("--binary").arg(bin),
+            None,
+            Duration::from_secs(60),
+        )
+    };
+    let r = up(std::path::Path::new("/bin/true"));
+    assert_eq!(r.status, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("host-upgrade-refused"), "{}", r.stdout);
+    assert_eq!(h.count("component-rejuvenating"), 0, "nothing was touched");
+
+    let bad = h.dir.join("staunch-broken");
+    let real = env!("CARGO_BIN_EXE_staunch");
+    std::fs::write(&bad, format!("#!/bin/sh\n[ \"$1\" = --version ] && exec {real} --version\nexit 3\n")).unwrap();
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let r = up(&bad);
+    assert_eq!(r.status, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("host-upgrade-halted"), "{}", r.stdout);
+    let halted = h.events().into_iter().find(|e| e["event"] == "host-upgrade-halted").unwrap();
+    assert_eq!(halted["at"], "store-standby", "{halted}");
+    h.wait_healthy(&["store", "store-standby"]);
+    assert_eq!(exe(h.pid("store-standby")).to_str(), Some(real), "the standby runs the old binary again");
+    assert_eq!(exe(h.pid("store")).to_str(), Some(real), "the primary was never touched");
 }
 
 /// An uncatchable VMM death (SIGKILL) loses the guest's CPU state: the

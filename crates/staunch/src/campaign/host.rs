@@ -391,7 +391,7 @@ fn evidence(h: &Host, f: Fault, vm: &str) -> Vec<usize> {
         Fault::VmmSegv | Fault::VmmFailpoint => vec![resumed()],
         Fault::VmmKill => vec![n("guest-restarted", &vmm)],
         Fault::StoreKill | Fault::StoreHang => vec![n("store-failover", "store")],
-        Fault::StandbyKill => vec![n("component-started", "store-standby")],
+        Fault::StandbyKill => vec![n("component-started", "store-standby") + n("component-restarted", "store-standby")],
         Fault::SupervisorKill => vec![ev.iter().filter(|e| e["event"] == "component-adopted").count()],
         Fault::CascadeStoreBlk => vec![n("store-failover", "store"), blk_back()],
         Fault::CascadeBlkVmm => vec![blk_back(), resumed()],
