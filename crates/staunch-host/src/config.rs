@@ -113,6 +113,11 @@ pub struct HealthSection {
     /// (SIGSTOP) after `hang_ms`.
     #[serde(default = "d_confirm")]
     pub hang_confirm_ms: u64,
+    /// A backend that answers but whose current request has not completed
+    /// for this long makes no progress: hung. Longer than a hang: a flush
+    /// to a slow disk may take this long legitimately.
+    #[serde(default = "d_stall")]
+    pub stall_ms: u64,
     /// A component that has not answered once this long after its start
     /// failed to start.
     #[serde(default = "d_start")]
@@ -164,6 +169,9 @@ fn d_beat() -> u64 {
 fn d_confirm() -> u64 {
     300
 }
+fn d_stall() -> u64 {
+    1000
+}
 fn d_start() -> u64 {
     30_000
 }
@@ -208,6 +216,7 @@ impl Default for HealthSection {
             hang_ms: d_hang(),
             heartbeat_ms: d_beat(),
             hang_confirm_ms: d_confirm(),
+            stall_ms: d_stall(),
             start_timeout_ms: d_start(),
             grace_ms: d_grace(),
             reconcile_ms: d_reconcile(),

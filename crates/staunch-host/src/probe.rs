@@ -58,6 +58,13 @@ impl Probe {
         (f != 0).then(|| Duration::from_nanos(now_ns().saturating_sub(f)))
     }
 
+    /// A backend's current request has run this long without completing,
+    /// by its last answer (None: idle, or it does not say).
+    pub fn stuck(&self) -> Option<Duration> {
+        let info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        info["stuck_ms"].as_u64().filter(|s| *s > 0).map(Duration::from_millis)
+    }
+
     pub fn answered(&self) -> bool {
         self.last_ok.load(Ordering::Relaxed) != 0
     }
@@ -105,7 +112,11 @@ pub fn ping(target: &Target, within: Duration) -> std::io::Result<(u32, serde_js
             BufReader::new(s).read_line(&mut line)?;
             let pid = line.trim().strip_prefix("pong pid=").and_then(|p| p.split_whitespace().next()?.parse().ok());
             let pid = pid.ok_or_else(|| std::io::Error::other(format!("unexpected reply {line:?}")))?;
-            Ok((pid, serde_json::Value::Null))
+            // Progress: `stuck_ms=S done=D` (an older backend says neither).
+            let field = |k: &str| {
+                line.split_whitespace().find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok())
+            };
+            Ok((pid, serde_json::json!({"stuck_ms": field("stuck_ms"), "done": field("done")})))
         }
         Target::Store(sock) => {
             use staunch_store::wire::{self, Op};

@@ -139,7 +139,7 @@ impl Supervisor {
         match self.launch(&id) {
             Ok(()) => {
                 let pid = self.comps[&id].rec.leader.pid;
-                self.note(&id, "component-started", json!({"component": id, "pid": pid}));
+                self.note(&id, "component-started", json!({"component": id, "process": pid}));
             }
             Err(e) => self.note(&id, "component-start-failed", json!({"component": id, "fault": e.to_string()})),
         }

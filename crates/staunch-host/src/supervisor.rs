@@ -256,6 +256,7 @@ impl Supervisor {
         // A silent process that is stopped is hung at the threshold; one
         // that runs may only be slow on a loaded host, and gets longer.
         let confirm = Duration::from_millis(self.cfg.health.hang_confirm_ms.max(self.cfg.health.hang_ms));
+        let stall = Duration::from_millis(self.cfg.health.stall_ms);
         let grace = self.grace();
         let Some(c) = self.comps.get_mut(id) else { return };
         if c.health == Health::Backoff {
@@ -296,7 +297,7 @@ impl Supervisor {
             let leader = c.rec.leader.pid;
             // A planned renewal's old process leaves: no death.
             if !c.renewing {
-                self.emit("component-died", json!({"component": id, "fault": "process exited", "pid": leader}));
+                self.emit("component-died", json!({"component": id, "fault": "process exited", "process": leader}));
             }
         }
         let c = self.comps.get_mut(id).expect("still there");
@@ -321,6 +322,9 @@ impl Supervisor {
             return;
         }
         let silent = c.probe.as_ref().and_then(|p| p.silent_for());
+        // A backend that answers but whose current request has run this
+        // long without completing makes no progress: hung as well.
+        let stuck = c.probe.as_ref().and_then(|p| p.stuck()).filter(|s| *s >= stall);
         let answered = match &c.rec.kind {
             // A standby is ready once it follows the primary (it has no
             // socket of its own to answer on).
@@ -349,11 +353,14 @@ impl Supervisor {
             Health::Healthy
                 if silent.is_some_and(|s| s >= hang && (s >= confirm || proc::stopped(c.serving_pid()))) =>
             {
-                self.hung(id, silent.unwrap_or_default())
+                self.hung(id, silent.unwrap_or_default(), "hang")
+            }
+            Health::Healthy if stuck.is_some() => {
+                self.hung(id, stuck.unwrap_or_default(), "no progress: a request in flight, none completed")
             }
             Health::Hung => {
                 let since = c.hung.unwrap_or_else(Instant::now);
-                if silent.is_none() {
+                if silent.is_none() && stuck.is_none() {
                     c.health = Health::Healthy;
                     c.hung = None;
                     let ms = since.elapsed().as_secs_f64() * 1e3;
@@ -380,7 +387,7 @@ impl Supervisor {
     }
 
     /// A heartbeat unanswered past the threshold while the process lives.
-    fn hung(&mut self, id: &str, silent: Duration) {
+    fn hung(&mut self, id: &str, silent: Duration, fault: &str) {
         let c = self.comps.get_mut(id).expect("judged");
         c.health = Health::Hung;
         c.hung = Some(Instant::now());
@@ -406,7 +413,7 @@ impl Supervisor {
         self.note(
             id,
             "component-hung",
-            json!({"component": id, "fault": "hang", "pid": pid,
+            json!({"component": id, "fault": fault, "process": pid,
             "detect_ms": ms, "action": action}),
         );
     }

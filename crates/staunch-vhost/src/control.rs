@@ -1,7 +1,8 @@
 //! A backend's control socket and its hang watchdog.
 //!
 //! The control socket speaks one line per request: `ping` (answered
-//! `pong pid=N`, a supervisor's liveness probe), `failpoint SPEC` (arm
+//! `pong pid=N stuck_ms=S done=D`, a supervisor's liveness and progress
+//! probe: the longest a current request has run, requests completed), `failpoint SPEC` (arm
 //! failpoints in the serving process, as the VMM's control socket does)
 //! and `upgrade [BINARY]` (SIGUSR2's upgrade through the spare, to another
 //! binary if named: a supervisor's rolling upgrade and rejuvenation).
@@ -49,7 +50,10 @@ fn answer(s: UnixStream) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(s.try_clone()?).take(4096).read_line(&mut line)?;
     let reply = match line.trim().split_once(' ').unwrap_or((line.trim(), "")) {
-        ("ping", _) => format!("pong pid={}", std::process::id()),
+        ("ping", _) => {
+            let (stuck, done) = progress();
+            format!("pong pid={} stuck_ms={} done={done}", std::process::id(), stuck.as_millis())
+        }
         ("failpoint", spec) => match staunch_fault::configure(spec) {
             Ok(()) => "ok".into(),
             Err(e) => format!("error {e}"),
@@ -66,9 +70,10 @@ fn answer(s: UnixStream) -> std::io::Result<()> {
     (&s).write_all(format!("{reply}\n").as_bytes())
 }
 
-/// When a worker's current request began (CLOCK_MONOTONIC ns; 0 when idle).
+/// When a worker's current request began (CLOCK_MONOTONIC ns; 0 when
+/// idle), and how many requests it completed.
 #[derive(Default)]
-pub struct Busy(AtomicU64);
+pub struct Busy(AtomicU64, AtomicU64);
 
 impl Busy {
     pub fn enter(&self) {
@@ -77,10 +82,25 @@ impl Busy {
     pub fn leave(&self) {
         self.0.store(0, Ordering::Relaxed);
     }
+    /// A request went to the used ring.
+    pub fn completed(&self) {
+        self.1.fetch_add(1, Ordering::Relaxed);
+    }
     fn since(&self) -> Option<Duration> {
         let t = self.0.load(Ordering::Relaxed);
         (t != 0).then(|| Duration::from_nanos(now_ns().saturating_sub(t)))
     }
+}
+
+/// For a supervisor's heartbeat: how long the longest-running current
+/// request has run without completing (zero when every worker is idle),
+/// and the requests completed by the workers that serve now.
+pub fn progress() -> (Duration, u64) {
+    let Some(w) = WATCH.get() else { return (Duration::ZERO, 0) };
+    let v = w.workers.lock().unwrap_or_else(|p| p.into_inner());
+    let live: Vec<_> = v.iter().filter_map(|(_, b)| b.upgrade()).collect();
+    let stuck = live.iter().filter_map(|b| b.since()).max().unwrap_or_default();
+    (stuck, live.iter().map(|b| b.1.load(Ordering::Relaxed)).sum())
 }
 
 fn now_ns() -> u64 {

@@ -296,6 +296,7 @@ impl State {
         if let Some(qi) = &qi {
             qi.post_put(head, self.q.next_used());
         }
+        self.busy.completed();
         Ok(true)
     }
 }

@@ -14,7 +14,8 @@ const WRITES: u64 = 60_000;
 
 /// Backends and VMMs of two VMs: a backend's serving process SIGKILLed
 /// (its spare takes over) and SIGSTOPped (hung: killed, its spare takes
-/// over), a backend's whole process group SIGKILLed (restarted; the VMM
+/// over), stuck in a request while still answering (no progress: killed,
+/// its spare replays the request), a backend's whole process group SIGKILLed (restarted; the VMM
 /// reconnects and replays), a VMM SIGSTOPped (hung: SIGABRT, its crash path
 /// hands the guest to its spare). No guest restarts; every write verified.
 #[test]
@@ -44,6 +45,16 @@ fn kvm_host_recovers_backends_and_vmms_of_two_vms() {
     let e = h.wait_event("component-restarted", "vm/a/blk0", 1);
     assert_eq!(e["rung"], 2, "{e}");
     h.progress("a");
+
+    // Alive and answering, but a request never completes: no progress
+    // (before the backend's own 3 s watchdog would end it).
+    let ctl = h.run.join("vm/b/blk0.ctl");
+    let mut s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    std::io::Write::write_all(&mut s, b"failpoint vhost.request=hang\n").unwrap();
+    let stalled = h.wait_event("component-hung", "vm/b/blk0", 2);
+    assert!(stalled["fault"].as_str().unwrap().starts_with("no progress"), "{stalled}");
+    h.wait_event("component-recovered", "vm/b/blk0", 2);
+    h.progress("b");
 
     h.signal(h.pid("vm/b/vmm"), libc::SIGSTOP);
     h.wait_event("component-hung", "vm/b/vmm", 1);
