@@ -131,6 +131,9 @@ pub struct Component {
     /// A planned renewal (rejuvenation, upgrade) is replacing its process:
     /// the old one's exit is expected, not a death.
     pub renewing: bool,
+    /// Standbys: when last looked at, and since when seen stopped.
+    pub looked: Option<Instant>,
+    pub stopped_since: Option<Instant>,
 }
 
 impl Component {

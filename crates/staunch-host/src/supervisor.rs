@@ -192,6 +192,8 @@ impl Supervisor {
             backoff: None,
             last_event: String::new(),
             renewing: false,
+            looked: None,
+            stopped_since: None,
         }
     }
 
@@ -358,9 +360,11 @@ impl Supervisor {
             Health::Healthy if stuck.is_some() => {
                 self.hung(id, stuck.unwrap_or_default(), "no progress: a request in flight, none completed")
             }
+            Health::Healthy if matches!(c.rec.kind, Kind::Store { standby: true, .. }) => self.check_standby(id),
             Health::Hung => {
                 let since = c.hung.unwrap_or_else(Instant::now);
-                if silent.is_none() && stuck.is_none() {
+                // (A standby answers nothing: only its death ends its hang.)
+                if c.probe.is_some() && silent.is_none() && stuck.is_none() {
                     c.health = Health::Healthy;
                     c.hung = None;
                     let ms = since.elapsed().as_secs_f64() * 1e3;
@@ -386,6 +390,33 @@ impl Supervisor {
         self.dirty = true;
     }
 
+    /// The standby has no socket to ask: it is hung when it is stopped for
+    /// `hang_ms`, or when the primary dropped it (`store-standby-lost`: it
+    /// stopped acknowledging records). Looked at every 100 ms.
+    fn check_standby(&mut self, id: &str) {
+        let hang = Duration::from_millis(self.cfg.health.hang_ms);
+        let events = self.cfg.run_dir.join("store-events.jsonl");
+        let c = self.comps.get_mut(id).expect("judged");
+        if c.looked.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        c.looked = Some(Instant::now());
+        let pid = c.rec.leader.pid;
+        if proc::stopped(pid) {
+            let since = *c.stopped_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= hang {
+                return self.hung(id, since.elapsed(), "hang: stopped");
+            }
+        } else {
+            c.stopped_since = None;
+        }
+        let lost =
+            staunch_events::read(&events).iter().any(|e| e["event"] == "store-standby-lost" && e["standby_pid"] == pid);
+        if lost {
+            self.hung(id, Duration::ZERO, "the primary dropped it: it stopped acknowledging records");
+        }
+    }
+
     /// A heartbeat unanswered past the threshold while the process lives.
     fn hung(&mut self, id: &str, silent: Duration, fault: &str) {
         let c = self.comps.get_mut(id).expect("judged");
@@ -403,6 +434,10 @@ impl Supervisor {
             Kind::Blk { .. } | Kind::Net { .. } => {
                 proc::signal(pid, libc::SIGKILL);
                 "SIGKILL of the serving process: its spare takes over"
+            }
+            Kind::Store { standby: true, .. } => {
+                proc::signal(pid, libc::SIGKILL);
+                "SIGKILL: a fresh standby follows the primary"
             }
             Kind::Store { .. } => {
                 proc::signal(pid, libc::SIGKILL);

@@ -621,10 +621,13 @@ fn replicate(s: &mut Shared, seq: u64, changes: &crate::tree::Changes) {
         let ok = crate::repl::send(f, &msg).is_ok()
             && matches!(crate::repl::recv(f), Ok(ReplMsg::Ack { seq: a }) if a == seq);
         if !ok {
+            // Which standby (a supervisor replaces that one, not its successor).
+            let standby = crate::repl::peer_pid(f).ok();
             crate::emit(
                 events.as_deref(),
                 "store-standby-lost",
-                serde_json::json!({"component": "store", "seq": seq, "outcome": "primary continues without a standby"}),
+                serde_json::json!({"component": "store", "seq": seq, "standby_pid": standby,
+                                   "outcome": "primary continues without a standby"}),
             );
         }
         ok

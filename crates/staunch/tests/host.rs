@@ -77,7 +77,7 @@ fn kvm_host_recovers_backends_and_vmms_of_two_vms() {
 /// The store and the supervisor: the store primary SIGKILLed (the standby
 /// serves, a new standby starts), SIGSTOPped (hung: killed, standby
 /// serves), killed together with a backend (a cascade), its standby
-/// killed; then the supervisor SIGKILLed and started again, adopting every
+/// killed and SIGSTOPped; then the supervisor SIGKILLed and started again, adopting every
 /// component without restarting any. Acknowledged definitions survive; the
 /// guest notices nothing.
 #[test]
@@ -113,6 +113,16 @@ fn kvm_host_store_failovers_cascade_and_supervisor_adoption() {
 
     h.signal(h.pid("store-standby"), libc::SIGKILL);
     h.wait_event("component-restarted", "store-standby", 1);
+    h.wait_healthy(&["store", "store-standby"]);
+
+    // A stopped standby answers nothing and acknowledges nothing: hung,
+    // replaced by a fresh one (a write meanwhile makes the primary drop it).
+    h.signal(h.pid("store-standby"), libc::SIGSTOP);
+    let w = h.define("keep2", &format!("kernel = \"{}\"\nstate = \"stopped\"\n", h.kernel.display()));
+    assert_eq!(w.status, 0, "{}", w.stderr);
+    let hung = h.wait_event("component-hung", "store-standby", 1);
+    assert!(hung["fault"].as_str().unwrap().contains("stopped") || hung["fault"].as_str().unwrap().contains("dropped"));
+    h.wait_event("component-restarted", "store-standby", 2);
     h.wait_healthy(&["store", "store-standby"]);
     h.progress("a");
 
