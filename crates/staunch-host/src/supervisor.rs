@@ -360,7 +360,7 @@ impl Supervisor {
             Health::Healthy if stuck.is_some() => {
                 self.hung(id, stuck.unwrap_or_default(), "no progress: a request in flight, none completed")
             }
-            Health::Healthy if matches!(c.rec.kind, Kind::Store { standby: true, .. }) => self.check_standby(id),
+            Health::Healthy if matches!(c.rec.kind, Kind::Store { .. }) => self.check_store(id),
             Health::Hung => {
                 let since = c.hung.unwrap_or_else(Instant::now);
                 // (A standby answers nothing: only its death ends its hang.)
@@ -390,10 +390,13 @@ impl Supervisor {
         self.dirty = true;
     }
 
+    /// What the store says of itself (looked at every 100 ms). The primary
+    /// is as good as hung when its scrub found damage no copy could repair
+    /// (`store-unsound`: it refuses to serve; its standby's copy is whole).
     /// The standby has no socket to ask: it is hung when it is stopped for
     /// `hang_ms`, or when the primary dropped it (`store-standby-lost`: it
-    /// stopped acknowledging records). Looked at every 100 ms.
-    fn check_standby(&mut self, id: &str) {
+    /// stopped acknowledging records).
+    fn check_store(&mut self, id: &str) {
         let hang = Duration::from_millis(self.cfg.health.hang_ms);
         let events = self.cfg.run_dir.join("store-events.jsonl");
         let c = self.comps.get_mut(id).expect("judged");
@@ -401,7 +404,15 @@ impl Supervisor {
             return;
         }
         c.looked = Some(Instant::now());
-        let pid = c.rec.leader.pid;
+        let pid = c.serving_pid();
+        if !matches!(c.rec.kind, Kind::Store { standby: true, .. }) {
+            let unsound =
+                staunch_events::read(&events).iter().any(|e| e["event"] == "store-unsound" && e["pid"] == pid);
+            if unsound {
+                self.hung(id, Duration::ZERO, "unsound: its scrub found damage no copy of its own could repair");
+            }
+            return;
+        }
         if proc::stopped(pid) {
             let since = *c.stopped_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= hang {

@@ -39,9 +39,18 @@ enum Fault {
     CascadeStoreBlk,
     /// A backend and its VM's VMM at once.
     CascadeBlkVmm,
+    /// A panic in the backend's device model (failpoint): its microreset.
+    BlkPanic,
+    /// A request that never completes while the backend answers pings.
+    BlkStall,
+    StandbyHang,
+    /// A node corrupted in the primary's memory, then a scrub.
+    StoreCorrupt,
+    /// A node corrupted in the standby's copy, then a scrub.
+    StandbyCorrupt,
 }
 
-const CATALOG: [Fault; 14] = [
+const CATALOG: [Fault; 19] = [
     Fault::BlkKill,
     Fault::BlkHang,
     Fault::BlkAbrt,
@@ -56,6 +65,11 @@ const CATALOG: [Fault; 14] = [
     Fault::SupervisorKill,
     Fault::CascadeStoreBlk,
     Fault::CascadeBlkVmm,
+    Fault::BlkPanic,
+    Fault::BlkStall,
+    Fault::StandbyHang,
+    Fault::StoreCorrupt,
+    Fault::StandbyCorrupt,
 ];
 
 impl Fault {
@@ -75,6 +89,11 @@ impl Fault {
             Fault::SupervisorKill => "supervisor: SIGKILL, restarted",
             Fault::CascadeStoreBlk => "cascade: store + blk SIGKILL",
             Fault::CascadeBlkVmm => "cascade: blk SIGKILL + vmm SIGSEGV",
+            Fault::BlkPanic => "blk: failpoint vhost.request=panic",
+            Fault::BlkStall => "blk: failpoint vhost.request=hang",
+            Fault::StandbyHang => "store: SIGSTOP standby (hang)",
+            Fault::StoreCorrupt => "store: corrupt memory + scrub",
+            Fault::StandbyCorrupt => "store: corrupt standby + scrub",
         }
     }
 }
@@ -101,6 +120,8 @@ struct Host {
     config: PathBuf,
     kernel: PathBuf,
     supervisor: Option<Child>,
+    /// The last acknowledged write (a node to corrupt).
+    last_ack: Option<String>,
 }
 
 impl Host {
@@ -193,7 +214,14 @@ pub fn run(a: &super::CampaignArgs, rng: &mut Rng) -> Result<i32> {
     let run = dir.join("run");
     let config = dir.join("host.toml");
     std::fs::write(&config, format!("run_dir = \"{}\"\n", run.display()))?;
-    let mut h = Host { kernel: crate::guestrun::test_guest()?, dir: dir.clone(), run, config, supervisor: None };
+    let mut h = Host {
+        kernel: crate::guestrun::test_guest()?,
+        dir: dir.clone(),
+        run,
+        config,
+        supervisor: None,
+        last_ack: None,
+    };
     h.start_supervisor()?;
     let res = campaign(&mut h, a, rng);
     h.kill_supervisor();
@@ -281,6 +309,7 @@ fn campaign(h: &mut Host, a: &super::CampaignArgs, rng: &mut Rng) -> Result<(Vec
             .ok()
             .and_then(|mut c| c.write_value(0, &key, i.to_string().as_bytes()).ok());
         if let Some(Ok(_)) = ack {
+            h.last_ack = Some(key.clone());
             acked.insert(key, i.to_string());
         }
         let fault = CATALOG[(rng.next() % CATALOG.len() as u64) as usize];
@@ -366,6 +395,21 @@ fn inject(h: &mut Host, f: Fault, vm: &str) -> Result<()> {
             signal(b, libc::SIGKILL);
             signal(v, libc::SIGSEGV);
         }
+        Fault::BlkPanic | Fault::BlkStall => {
+            let action = if f == Fault::BlkPanic { "panic" } else { "hang" };
+            let ctl = h.run.join("vm").join(vm).join("blk0.ctl");
+            let mut s = std::os::unix::net::UnixStream::connect(&ctl)?;
+            std::io::Write::write_all(&mut s, format!("failpoint vhost.request={action}\n").as_bytes())?;
+        }
+        Fault::StandbyHang => signal(h.pid("store-standby"), libc::SIGSTOP),
+        Fault::StoreCorrupt | Fault::StandbyCorrupt => {
+            use staunch_store::{client::nul, wire::Op};
+            let what = if f == Fault::StoreCorrupt { "corrupt-memory" } else { "corrupt-standby" };
+            let mut c = staunch_host::storeio::connect(&h.run.join("store.sock"))?;
+            let key = h.last_ack.clone().unwrap_or_else(|| "/campaign".into());
+            c.request(Op::Control, 0, &nul(&[what, &key]))?.map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+            c.request(Op::Control, 0, &nul(&["scrub"]))?.map_err(|e| anyhow::anyhow!("scrub: {e}"))?;
+        }
     }
     Ok(())
 }
@@ -395,6 +439,16 @@ fn evidence(h: &Host, f: Fault, vm: &str) -> Vec<usize> {
         Fault::SupervisorKill => vec![ev.iter().filter(|e| e["event"] == "component-adopted").count()],
         Fault::CascadeStoreBlk => vec![n("store-failover", "store"), blk_back()],
         Fault::CascadeBlkVmm => vec![blk_back(), resumed()],
+        Fault::BlkPanic => {
+            let p = h.run.join("vm").join(vm).join("blk0-events.jsonl");
+            vec![staunch_events::read(&p).iter().filter(|e| e["event"] == "microreset").count()]
+        }
+        Fault::BlkStall => vec![n("component-hung", &blk)],
+        Fault::StandbyHang => vec![n("component-hung", "store-standby")],
+        Fault::StoreCorrupt | Fault::StandbyCorrupt => {
+            let p = h.run.join("store-events.jsonl");
+            vec![staunch_events::read(&p).iter().filter(|e| e["event"] == "store-repaired").count()]
+        }
     }
 }
 
