@@ -491,6 +491,18 @@ fn judge(h: &Host, f: Fault, vm: &str, j: &Judging) -> Row {
     })
     .is_ok();
     let restarted = count(h, "guest-restarted") > j.restarts_before;
+    // One more report from each guest still running: the one that carries
+    // a long request is printed after it completed, which may be after
+    // the progress above was seen.
+    if ok {
+        let now: Vec<usize> = vms.iter().map(|v| reports(&h.serial(&v.name)).len()).collect();
+        let _ = wait(Duration::from_secs(3), || {
+            vms.iter().zip(&now).all(|(v, n)| {
+                let log = h.serial(&v.name);
+                reports(&log).len() > *n || log.contains("final=1")
+            })
+        });
+    }
     // The guests' own figure: their longest request or pause (by their
     // clock, which runs on while the VMM is stopped) in the reports since.
     let guest_ms = vms
