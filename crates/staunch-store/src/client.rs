@@ -1,7 +1,7 @@
 //! A synchronous XenStore client over the unix socket, for the other
 //! components and the tests. It survives the store's restarts and
-//! failovers: on a broken connection it reconnects with backoff (1 ms,
-//! doubling to 100 ms, for up to `reconnect_for`), registers its watches
+//! failovers: on a broken connection it reconnects with backoff (every
+//! 1-2 ms for the first 250 ms, a failover's time, then doubling to 100 ms, for up to `reconnect_for`), registers its watches
 //! again (each fires once on registration, so nothing changed in the gap
 //! goes unnoticed), and retries idempotent requests. A request inside a
 //! transaction is not retried: the store aborted that transaction, so the
@@ -67,7 +67,10 @@ impl Client {
                 Err(e) if t.elapsed() >= self.reconnect_for => return Err(e),
                 Err(_) => {
                     std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_millis(100));
+                    // A standby takes over within milliseconds: poll
+                    // closely at first, then back off.
+                    let cap = if t.elapsed() < Duration::from_millis(250) { 2 } else { 100 };
+                    wait = (wait * 2).min(Duration::from_millis(cap));
                 }
             }
         }

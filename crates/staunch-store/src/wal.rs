@@ -77,6 +77,10 @@ pub struct Wal {
     log: File,
     seq: u64,
     bytes: u64,
+    /// A standby's installed snapshot is not on disk for sure yet: the next
+    /// `sync` makes it so (the primary waits for the standby's first
+    /// acknowledgement, not for three fsyncs).
+    unsynced: bool,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
@@ -105,7 +109,7 @@ impl Wal {
             log.sync_data().map_err(io(&log_path))?;
         }
         log.seek(SeekFrom::End(0)).map_err(io(&log_path))?;
-        Ok((Wal { dir: dir.to_path_buf(), log, seq: l.seq, bytes: l.valid }, l.tree, l.replayed))
+        Ok((Wal { dir: dir.to_path_buf(), log, seq: l.seq, bytes: l.valid, unsynced: false }, l.tree, l.replayed))
     }
 
     /// Read `dir` back without changing it (a scrub's look at the disk):
@@ -144,7 +148,18 @@ impl Wal {
         self.write_record(seq, payload, false)
     }
 
+    /// The log file, for a thread that syncs it in the background.
+    pub fn log_file(&self) -> Result<File, WalError> {
+        self.log.try_clone().map_err(io(&Self::log_path(&self.dir)))
+    }
+
     pub fn sync(&mut self) -> Result<(), WalError> {
+        if self.unsynced {
+            let snap = Self::snapshot_path(&self.dir);
+            File::open(&snap).and_then(|f| f.sync_all()).map_err(io(&snap))?;
+            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+            self.unsynced = false;
+        }
         let p = Self::log_path(&self.dir);
         self.log.sync_data().map_err(io(&p))
     }
@@ -179,7 +194,7 @@ impl Wal {
     /// Write `tree` as the new snapshot and empty the log.
     pub fn compact(&mut self, tree: &Tree) -> Result<(), WalError> {
         let b = encode_snapshot(tree, self.seq)?;
-        self.replace_with(&b)
+        self.replace_with(&b, true)
     }
 
     /// Replace everything with a snapshot as the primary encoded it (at
@@ -187,24 +202,32 @@ impl Wal {
     pub fn install(&mut self, snapshot: &[u8]) -> Result<Tree, WalError> {
         let (tree, seq) = decode_snapshot(snapshot).map_err(|e| WalError::BadSnapshot("(replicated)".into(), e))?;
         self.seq = seq;
-        self.replace_with(snapshot)?;
+        self.replace_with(snapshot, false)?;
+        self.unsynced = true;
         Ok(tree)
     }
 
     /// Write `b` (an encoded snapshot at `self.seq`) in place of the old
-    /// snapshot, then empty the log.
-    fn replace_with(&mut self, b: &[u8]) -> Result<(), WalError> {
+    /// snapshot, then empty the log; durably unless `sync` is false (a
+    /// standby's install: its `sync` before serving makes it durable).
+    fn replace_with(&mut self, b: &[u8], sync: bool) -> Result<(), WalError> {
         let (tmp, dst) = (self.dir.join("store.snap.tmp"), Self::snapshot_path(&self.dir));
         let f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all_at(b, 0).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+        if sync {
+            f.sync_all().map_err(io(&tmp))?;
+        }
         fault::hit(&fault::STORE_COMPACT_SNAPSHOT).map_err(|e| WalError::Injected(e.to_string()))?;
         std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        if sync {
+            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        }
         fault::hit(&fault::STORE_COMPACT_RENAMED).map_err(|e| WalError::Injected(e.to_string()))?;
         let lp = Self::log_path(&self.dir);
         self.log.set_len(0).map_err(io(&lp))?;
-        self.log.sync_all().map_err(io(&lp))?;
+        if sync {
+            self.log.sync_all().map_err(io(&lp))?;
+        }
         self.bytes = 0;
         Ok(())
     }

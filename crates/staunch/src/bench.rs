@@ -22,8 +22,9 @@ pub struct BenchArgs {
     /// backends (staunch blk, qemu-storage-daemon) under Staunch and QEMU;
     /// io: the I/O engines a block backend could use, on this host's disk;
     /// net: virtio-net through staunch net vs QEMU's tap netdev; tail:
-    /// R-VMM's tail latency under faults (Table VI).
-    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store", "blk", "io", "net", "tail"])]
+    /// R-VMM's tail latency under faults (Table VI); host: the host
+    /// supervisor's recoveries (hangs, deaths, store failover) by the guest.
+    #[arg(default_value = "main", value_parser = ["main", "recovery", "overhead", "store", "blk", "io", "net", "tail", "host"])]
     which: String,
     /// Exits per PIO / MMIO benchmark.
     #[arg(long, default_value_t = 20_000)]
@@ -387,6 +388,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         "io" => return crate::bench_io::run(a.quick, a.rounds, &machine),
         "net" => return crate::bench_net::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
         "tail" => return crate::bench_tail::run(a.quick, a.rounds, a.qemu.clone().or_else(default_qemu), &machine),
+        "host" => return crate::bench_host::run(a.quick, a.rounds, &machine),
         _ => {}
     }
     let (a, ctx) = prepare(a, true)?;

@@ -8,6 +8,7 @@ mod availability;
 mod backends;
 mod bench;
 mod bench_blk;
+mod bench_host;
 mod bench_io;
 mod bench_net;
 mod bench_recovery;

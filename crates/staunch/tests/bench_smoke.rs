@@ -191,3 +191,21 @@ fn kvm_tail_bench_quick_prints_table() {
         assert_eq!(faults > 0, ["(c)", "(d)", "(e)"].contains(&row), "{line}");
     }
 }
+
+#[test]
+fn kvm_host_bench_quick_prints_table() {
+    require_kvm();
+    let r = run(staunch().args(["bench", "host", "--quick", "--allow-busy"]), None, Duration::from_secs(300));
+    assert_eq!(r.status, 0, "{}\n{}", r.stdout, r.stderr);
+    for row in
+        ["| a backend hangs", "| a backend's serving process dies", "| the VMM hangs", "| the store primary dies"]
+    {
+        let line =
+            r.stdout.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no row {row}:\n{}", r.stdout));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], "1 / 0", "rounds: {line}");
+        let worst: f64 = cells[3].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(worst > 0.0, "{line}");
+    }
+    assert!(r.stdout.contains("not found: 0."), "no acknowledged write may be lost:\n{}", r.stdout);
+}
