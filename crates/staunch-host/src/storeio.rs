@@ -86,14 +86,13 @@ pub fn definitions(c: &mut Client) -> Result<Definitions> {
     Ok(out)
 }
 
-/// Replace a VM's definition in one transaction (retried on conflict).
-pub fn define(c: &mut Client, name: &str, def: &VmDef) -> Result<()> {
-    crate::def::check_name(name).map_err(|err| StoreIoError::Def { name: name.into(), err })?;
-    let root = format!("{VM_ROOT}/{name}");
+/// Run `body` in a transaction until it commits: again after a conflict
+/// (`EAGAIN` inside or at the end) and across a store failover, which
+/// resets the connection (the client reconnects), for up to 5 s. `body`
+/// returns None when it met a conflict (the attempt is aborted).
+fn in_transaction<T>(c: &mut Client, mut body: impl FnMut(&mut Client, u32) -> Result<Option<T>>) -> Result<T> {
     let t = Instant::now();
     loop {
-        // A store failing over resets the connection: start again on the
-        // new one (the client reconnects), for as long as that may take.
         let tx = match c.transaction_start() {
             Err(_) if t.elapsed() < Duration::from_secs(5) => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -101,31 +100,46 @@ pub fn define(c: &mut Client, name: &str, def: &VmDef) -> Result<()> {
             }
             r => r.map_err(io("transaction"))?.map_err(|e| StoreIoError::Refused("transaction".into(), e))?,
         };
-        let mut ok = true;
-        match c.request(Op::Rm, tx, &nul(&[&root])).map_err(io(&root))? {
-            Ok(_) => {}
-            Err(e) if e == "ENOENT" => {}
-            Err(e) if e == "EAGAIN" => ok = false,
-            Err(e) => return Err(StoreIoError::Refused(root, e)),
-        }
-        for (k, v) in def.to_keys() {
-            if !ok {
-                break;
+        let v = body(c, tx)?;
+        match c.transaction_end(tx, v.is_some()).map_err(io("transaction"))? {
+            Ok(_) => {
+                if let Some(v) = v {
+                    return Ok(v);
+                }
             }
-            let p = format!("{root}/{k}");
-            match c.write_value(tx, &p, v.as_bytes()).map_err(io(&p))? {
-                Ok(_) => {}
-                Err(e) if e == "EAGAIN" => ok = false,
-                Err(e) => return Err(StoreIoError::Refused(p, e)),
-            }
-        }
-        match c.transaction_end(tx, ok).map_err(io("transaction"))? {
-            Ok(_) if ok => return Ok(()),
-            Ok(_) => {}
             Err(e) if e == "EAGAIN" => {}
             Err(e) => return Err(StoreIoError::Refused("transaction".into(), e)),
         }
     }
+}
+
+/// Write `value` at `path` in transaction `tx`; false on a conflict.
+fn write_in(c: &mut Client, tx: u32, path: &str, value: &str) -> Result<bool> {
+    match c.write_value(tx, path, value.as_bytes()).map_err(io(path))? {
+        Ok(_) => Ok(true),
+        Err(e) if e == "EAGAIN" => Ok(false),
+        Err(e) => Err(StoreIoError::Refused(path.into(), e)),
+    }
+}
+
+/// Replace a VM's definition in one transaction.
+pub fn define(c: &mut Client, name: &str, def: &VmDef) -> Result<()> {
+    crate::def::check_name(name).map_err(|err| StoreIoError::Def { name: name.into(), err })?;
+    let root = format!("{VM_ROOT}/{name}");
+    in_transaction(c, |c, tx| {
+        match c.request(Op::Rm, tx, &nul(&[&root])).map_err(io(&root))? {
+            Ok(_) => {}
+            Err(e) if e == "ENOENT" => {}
+            Err(e) if e == "EAGAIN" => return Ok(None),
+            Err(e) => return Err(StoreIoError::Refused(root.clone(), e)),
+        }
+        for (k, v) in def.to_keys() {
+            if !write_in(c, tx, &format!("{root}/{k}"), &v)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
 }
 
 pub fn set_desired(c: &mut Client, name: &str, state: crate::def::Desired) -> Result<()> {
@@ -177,38 +191,18 @@ fn upgrade(c: &mut Client) -> Result<Option<Upgrade>> {
 /// Ask for a rolling upgrade of every component to `binary`: the next
 /// generation, written in one transaction. Returns it.
 pub fn request_upgrade(c: &mut Client, binary: &Path) -> Result<u64> {
-    let t = Instant::now();
-    loop {
-        let tx = match c.transaction_start() {
-            Err(_) if t.elapsed() < Duration::from_secs(5) => {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-            r => r.map_err(io("transaction"))?.map_err(|e| StoreIoError::Refused("transaction".into(), e))?,
-        };
-        let gp = format!("{UPGRADE_ROOT}/generation");
+    let (gp, bp) = (format!("{UPGRADE_ROOT}/generation"), format!("{UPGRADE_ROOT}/binary"));
+    in_transaction(c, |c, tx| {
         let now = match c.read_value(tx, &gp).map_err(io(&gp))? {
             Ok(b) => text(&b).trim().parse::<u64>().unwrap_or(0),
             Err(e) if e == "ENOENT" => 0,
-            Err(e) => return Err(StoreIoError::Refused(gp, e)),
+            Err(e) if e == "EAGAIN" => return Ok(None),
+            Err(e) => return Err(StoreIoError::Refused(gp.clone(), e)),
         };
         let next = now + 1;
-        let bp = format!("{UPGRADE_ROOT}/binary");
-        let mut ok = true;
-        for (p, v) in [(&bp, binary.display().to_string()), (&gp, next.to_string())] {
-            match c.write_value(tx, p, v.as_bytes()).map_err(io(p))? {
-                Ok(_) => {}
-                Err(e) if e == "EAGAIN" => ok = false,
-                Err(e) => return Err(StoreIoError::Refused(p.clone(), e)),
-            }
-        }
-        match c.transaction_end(tx, ok).map_err(io("transaction"))? {
-            Ok(_) if ok => return Ok(next),
-            Ok(_) => {}
-            Err(e) if e == "EAGAIN" => {}
-            Err(e) => return Err(StoreIoError::Refused("transaction".into(), e)),
-        }
-    }
+        let ok = write_in(c, tx, &bp, &binary.display().to_string())? && write_in(c, tx, &gp, &next.to_string())?;
+        Ok(ok.then_some(next))
+    })
 }
 
 /// What the definitions' reader hands the main loop.

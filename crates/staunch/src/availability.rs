@@ -18,11 +18,10 @@
 //! them one at a time, so `D` is one VM's downtime whatever the number of
 //! VMs; RootHammer's `D(n)` grows with `n` (one Xen for all VMs).
 
-use crate::bench_recovery::{cold_boot, median, num, on_vm, snapshot_restore, Side, VmSpec};
+use crate::bench_recovery::{cold_boot, median, on_vm, snapshot_restore, warm_upgrade, Side, VmSpec};
 use crate::guestrun::cache_dir;
 use crate::idle::Machine;
 use anyhow::Result;
-use staunch_vmm::api::{request, ApiRequest};
 
 /// RootHammer's published availabilities (TDSC), T_vmm = 28 days.
 const PUBLISHED: [(&str, f64); 3] = [("warm", 0.99993), ("saved", 0.99977), ("cold", 0.99986)];
@@ -57,14 +56,7 @@ pub fn run(rounds: usize, model: &Model, machine: &Machine) -> Result<i32> {
     let dir = cache_dir().join(format!("availability-{}", std::process::id()));
     eprintln!("warm upgrade, 256 MiB, {rounds} rounds ...");
     let spec = VmSpec::new(dir.join("warm"), 256, 1);
-    let warm = on_vm(machine, &spec, "warm upgrade", rounds, |vm| {
-        let (s, evs) = vm.around("resumed", || {
-            let r = request(&vm.sock, &ApiRequest::Upgrade { binary: None })?;
-            anyhow::ensure!(r.ok, "upgrade refused: {:?}", r.error);
-            Ok(())
-        })?;
-        Ok((s, Some(num(&evs, "resumed", "guest_pause_ms")?)))
-    });
+    let warm = on_vm(machine, &spec, "warm upgrade", rounds, warm_upgrade);
     eprintln!("saved VM (snapshot to a file + restore), 256 MiB, {rounds} rounds ...");
     let mut saved = Side::default();
     for _ in 0..rounds {

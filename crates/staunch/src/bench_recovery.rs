@@ -494,14 +494,7 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>, machine: &Machine)
             side
         });
         eprintln!("{what}: Staunch ...");
-        let staunch = on_vm(machine, &VmSpec::new(dir.join("up"), mem, vcpus), &what, rounds, |vm| {
-            let (s, evs) = vm.around("resumed", || {
-                let r = request(&vm.sock, &ApiRequest::Upgrade { binary: None })?;
-                anyhow::ensure!(r.ok, "upgrade refused: {:?}", r.error);
-                Ok(())
-            })?;
-            Ok((s, Some(num(&evs, "resumed", "guest_pause_ms")?)))
-        });
+        let staunch = on_vm(machine, &VmSpec::new(dir.join("up"), mem, vcpus), &what, rounds, warm_upgrade);
         rows.push(Row { what, staunch, qemu: peer, guest_clock: true });
     }
 
@@ -563,6 +556,17 @@ pub fn run(quick: bool, rounds: usize, qemu: Option<PathBuf>, machine: &Machine)
     let _ = std::fs::remove_dir_all(&dir);
     print_table(&rows, machine);
     Ok(0)
+}
+
+/// One warm upgrade of a running VM: what the guest saw, and the VMM's
+/// own figure (its `resumed` event's `guest_pause_ms`).
+pub(crate) fn warm_upgrade(vm: &LiveVm) -> Result<(Seen, Option<f64>)> {
+    let (s, evs) = vm.around("resumed", || {
+        let r = request(&vm.sock, &ApiRequest::Upgrade { binary: None })?;
+        anyhow::ensure!(r.ok, "upgrade refused: {:?}", r.error);
+        Ok(())
+    })?;
+    Ok((s, Some(num(&evs, "resumed", "guest_pause_ms")?)))
 }
 
 /// One saved-VM reboot: the outage from the snapshot request to the

@@ -62,8 +62,17 @@ fn kvm_blk_backend_serves_the_guest() {
     let mut b = Backend::new(&d);
     let _ = b.start(None);
     let vm = vm_on(&d, &b, 2);
-    // The VMM reports its link to the backend.
-    let st = vm.ctl(&["status"]);
+    // The VMM reports its link to the backend ("connected": null is "busy
+    // right now": the status never waits for the device's lock, so ask
+    // until a sample finds it free).
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = vm.ctl(&["status"]);
+        if st.stdout.contains("\"connected\":true") || t.elapsed() > Duration::from_secs(10) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(st.stdout.contains("\"connected\":true"), "{}", st.stdout);
     assert!(st.stdout.contains("blk.sock"), "{}", st.stdout);
     let ev = judge(vm, &b);

@@ -187,14 +187,7 @@ fn kvm_host_nic_vm_survives_its_net_backend_faults() {
     h.wait_event("component-hung", "vm/n/net0", 1);
     h.wait_event("component-recovered", "vm/n/net0", 2);
     progress(&h, "traffic after a hang of the net backend");
-    let next = h.dir.join("staunch-next");
-    std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &next).unwrap();
-    let up = run(
-        staunch().args(["host", "upgrade", "--wait", "--config"]).arg(&h.config).arg("--binary").arg(&next),
-        None,
-        Duration::from_secs(120),
-    );
-    assert_eq!(up.status, 0, "{}\n{}", up.stdout, up.stderr);
+    let next = h.upgrade_to_a_copy();
     assert_eq!(exe(h.pid("vm/n/net0")), next, "the net backend runs the new binary");
     progress(&h, "traffic after the upgrade");
 
@@ -240,14 +233,7 @@ fn kvm_host_rolling_upgrade_and_rejuvenation() {
     h.wait_healthy(&all);
     h.progress("a");
 
-    let next = h.dir.join("staunch-next");
-    std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &next).unwrap();
-    let up = run(
-        staunch().args(["host", "upgrade", "--wait", "--config"]).arg(&h.config).arg("--binary").arg(&next),
-        None,
-        Duration::from_secs(120),
-    );
-    assert_eq!(up.status, 0, "{}\n{}\n{:?}", up.stdout, up.stderr, h.events());
+    let next = h.upgrade_to_a_copy();
     h.wait_healthy(&all);
     for id in all {
         assert_eq!(exe(h.pid(id)), next, "{id} runs the new binary: {}", h.status());

@@ -141,8 +141,14 @@ impl Host {
         self.component(id)["health"] == "healthy"
     }
 
+    /// Healthy in a status written after every event so far: an event is
+    /// logged before the pass that emitted it writes its status, and a
+    /// status read in between still shows the host from before.
     pub fn wait_healthy(&self, ids: &[&str]) {
-        self.wait(&format!("{ids:?} healthy"), Duration::from_secs(90), |h| ids.iter().all(|i| h.healthy(i)));
+        let seen = self.events().last().and_then(|e| e["time_ms"].as_u64()).unwrap_or(0);
+        self.wait(&format!("{ids:?} healthy"), Duration::from_secs(90), |h| {
+            h.status()["time_ms"].as_u64().is_some_and(|t| t > seen) && ids.iter().all(|i| h.healthy(i))
+        });
     }
 
     pub fn pid(&self, id: &str) -> u32 {
@@ -186,6 +192,20 @@ impl Host {
         assert!(!self.run.join("vm").join(vm).join("serial.1.log").exists(), "{vm} was never restarted cold");
         crate::common::check_disk(disk, writes, BLOCKS);
         last
+    }
+
+    /// `staunch host upgrade --wait` to a copy of this build's binary
+    /// (another file: the components must be seen to run it). Returns it.
+    pub fn upgrade_to_a_copy(&self) -> PathBuf {
+        let next = self.dir.join("staunch-next");
+        std::fs::copy(env!("CARGO_BIN_EXE_staunch"), &next).unwrap();
+        let up = run(
+            staunch().args(["host", "upgrade", "--wait", "--config"]).arg(&self.config).arg("--binary").arg(&next),
+            None,
+            Duration::from_secs(120),
+        );
+        assert_eq!(up.status, 0, "{}\n{}\n{:?}", up.stdout, up.stderr, self.events());
+        next
     }
 
     pub fn signal(&self, pid: u32, sig: i32) {
