@@ -114,8 +114,9 @@ pub struct HealthSection {
     #[serde(default = "d_confirm")]
     pub hang_confirm_ms: u64,
     /// A backend that answers but whose current request has not completed
-    /// for this long makes no progress: hung. Longer than a hang: a flush
-    /// to a slow disk may take this long legitimately.
+    /// for this long makes no progress: hung. Longer than a hang (a flush
+    /// to a slow disk may take a second), shorter than the backend's own
+    /// watchdog (3 s), which is the last resort when no supervisor runs.
     #[serde(default = "d_stall")]
     pub stall_ms: u64,
     /// A component that has not answered once this long after its start
@@ -170,7 +171,7 @@ fn d_confirm() -> u64 {
     300
 }
 fn d_stall() -> u64 {
-    1000
+    2000
 }
 fn d_start() -> u64 {
     30_000

@@ -246,6 +246,7 @@ impl Supervisor {
             generation: self.upgrade.as_ref().map(|u| u.generation),
             binary_generation: self.upgrade.as_ref().map(|u| u.binary.clone()),
             halted: self.halted,
+            prev_binary: self.prev_bin.clone(),
         };
         if let Err(e) = crate::state::save(&self.cfg.state_file(), &st) {
             tracing::error!("cannot save the host state: {e}");

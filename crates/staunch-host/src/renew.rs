@@ -60,8 +60,11 @@ fn version_of(bin: &Path) -> Result<String, String> {
 pub struct Renewal {
     pub id: String,
     pub why: Why,
-    /// The process that served when it began.
+    /// The process that served when it began, and the component's leader
+    /// (a VMM's keeper, a backend's first process: it stays through a
+    /// renewal, and changes only if the component was restarted).
     pub from: u32,
+    pub leader: u32,
     pub started: Instant,
     pub started_ms: u64,
     pub binary: PathBuf,
@@ -93,11 +96,13 @@ fn policy(kind: &Kind) -> &'static str {
 
 impl Supervisor {
     pub(crate) fn renew(&mut self) {
-        self.take_upgrade();
+        // A new generation is taken between renewals only, so that the
+        // binary a failed renewal goes back to is the one before it.
         if self.renewal.is_some() {
             self.follow_renewal();
             return;
         }
+        self.take_upgrade();
         if !self.ready
             || self.comps.values().any(|c| matches!(c.health, Health::Starting | Health::Recovering | Health::Hung))
         {
@@ -222,6 +227,7 @@ impl Supervisor {
         let standby_ok = self.comps.get("store-standby").is_some_and(|s| s.health == Health::Healthy);
         let c = self.comps.get_mut(id).expect("chosen from the components");
         let from = c.serving_pid();
+        let leader = c.rec.leader.pid;
         c.renewing = true;
         let (action, done) = match c.rec.kind.clone() {
             Kind::Vmm { vm } => {
@@ -262,6 +268,7 @@ impl Supervisor {
             id: id.to_string(),
             why,
             from,
+            leader,
             started: Instant::now(),
             started_ms: wall_ms(),
             binary,
@@ -285,7 +292,7 @@ impl Supervisor {
                 Err(TryRecvError::Disconnected) => Err("the renewal's thread ended without a word".into()),
             },
         };
-        let (id, from) = (r.id.clone(), r.from);
+        let (id, from, leader) = (r.id.clone(), r.from, r.leader);
         let timeout = Duration::from_millis(self.cfg.rejuvenate.timeout_ms);
         let Some(c) = self.comps.get(&id) else {
             let r = self.renewal.take().expect("checked");
@@ -300,7 +307,11 @@ impl Supervisor {
         let replaced = c.health == Health::Healthy
             && c.serving_pid() != from
             && (from == c.rec.leader.pid || !c.fds.iter().any(|(i, _)| i.pid == from));
+        // A VMM or backend restarted meanwhile (its renewal crashed it, or
+        // something else did) was not renewed: it was repaired.
+        let restarted = !matches!(c.rec.kind, Kind::Store { .. }) && c.rec.leader.pid != leader;
         match asked {
+            _ if restarted => self.renewal_failed("it died and was restarted during its renewal"),
             Ok(true) if replaced => self.renewed(),
             Err(e) => self.renewal_failed(&e),
             _ if c.health == Health::Backoff => {
@@ -370,7 +381,9 @@ impl Supervisor {
             // What starts from now on (repairs too) starts from the binary
             // that worked.
             self.halted = Some(r.generation);
-            if let Some(b) = self.prev_bin.clone() {
+            if let Some(b) =
+                self.prev_bin.clone().filter(|_| self.upgrade.as_ref().is_some_and(|u| u.generation == r.generation))
+            {
                 self.bin = b;
             }
             self.dirty = true;

@@ -26,6 +26,9 @@ pub struct HostState {
     pub binary_generation: Option<std::path::PathBuf>,
     #[serde(default)]
     pub halted: Option<u64>,
+    /// The binary before the accepted generation (a halt goes back to it).
+    #[serde(default)]
+    pub prev_binary: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

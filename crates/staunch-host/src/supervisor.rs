@@ -154,6 +154,7 @@ impl Supervisor {
             self.upgrade = Some(crate::storeio::Upgrade { binary: b, generation: g });
         }
         self.halted = st.halted;
+        self.prev_bin = st.prev_binary;
         for rec in st.components {
             let mut fds = Vec::new();
             for id in std::iter::once(rec.leader).chain(rec.serving) {
@@ -405,9 +406,14 @@ impl Supervisor {
         }
         c.looked = Some(Instant::now());
         let pid = c.serving_pid();
+        // Events of this process: its pid, and not before it was started
+        // (a recycled pid must not inherit an old process's events).
+        let since = c.started_ms;
+        let of = move |e: &serde_json::Value, event: &str, key: &str| {
+            e["event"] == event && e[key] == pid && e["time_ms"].as_u64().unwrap_or(0) >= since
+        };
         if !matches!(c.rec.kind, Kind::Store { standby: true, .. }) {
-            let unsound =
-                staunch_events::read(&events).iter().any(|e| e["event"] == "store-unsound" && e["pid"] == pid);
+            let unsound = staunch_events::read(&events).iter().any(|e| of(e, "store-unsound", "pid"));
             if unsound {
                 self.hung(id, Duration::ZERO, "unsound: its scrub found damage no copy of its own could repair");
             }
@@ -421,8 +427,7 @@ impl Supervisor {
         } else {
             c.stopped_since = None;
         }
-        let lost =
-            staunch_events::read(&events).iter().any(|e| e["event"] == "store-standby-lost" && e["standby_pid"] == pid);
+        let lost = staunch_events::read(&events).iter().any(|e| of(e, "store-standby-lost", "standby_pid"));
         if lost {
             self.hung(id, Duration::ZERO, "the primary dropped it: it stopped acknowledging records");
         }
@@ -635,13 +640,13 @@ impl Supervisor {
             what: format!("starting {id}"),
             err: std::io::Error::other("exited at once"),
         });
-        let rec = Record {
-            leader: ident,
-            serving: None,
-            binary: Some(self.bin.clone()),
-            generation: self.upgrade.as_ref().map_or(0, |u| u.generation),
-            ..c.rec.clone()
+        // The generation a process belongs to is the upgrade's only if it
+        // runs the upgrade's binary (after a halt, new ones run the old).
+        let generation = match &self.upgrade {
+            Some(u) if u.binary == self.bin => u.generation,
+            _ => c.rec.generation,
         };
+        let rec = Record { leader: ident, serving: None, binary: Some(self.bin.clone()), generation, ..c.rec.clone() };
         let mut n = self.component(rec, fd.map(|fd| vec![(ident, fd)]).unwrap_or_default());
         let old = self.comps.remove(id).expect("present");
         n.started_ms = old.started_ms;

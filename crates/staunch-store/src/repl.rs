@@ -1,8 +1,6 @@
 //! Hot standby. The primary streams its log to a follower over a unix
 //! socket beside the client socket (`<socket>.repl`): first a snapshot of
-//! the tree (acknowledged once installed, without the primary's lock held,
-//! then the records committed meanwhile, under it), then every record,
-//! each acknowledged by the follower before the
+//! the tree, then every record, each acknowledged by the follower before the
 //! primary acknowledges the change to its client. So an acknowledged write
 //! is in the follower's memory and log (page cache; synced in batches and
 //! before it serves) before anyone relies on it. When the stream breaks and

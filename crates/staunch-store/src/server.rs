@@ -62,9 +62,6 @@ struct Shared {
     introduced: BTreeSet<u32>,
     /// Hot standbys following the log (normally one).
     followers: Vec<UnixStream>,
-    /// The latest records as replicated (seq, payload): a standby that
-    /// joined from a snapshot catches up from these.
-    recent: std::collections::VecDeque<(u64, Vec<u8>)>,
     events: Option<PathBuf>,
     data: PathBuf,
 }
@@ -105,18 +102,16 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
     let (mut wal, _, _) = Wal::open(&cfg.data)?;
     let mut tree = wal.install(&bytes)?;
     let seq = wal.seq();
-    // Installed: the primary hands records from here on (or a newer
-    // snapshot first, if it changed meanwhile).
-    crate::repl::send(&mut s, &ReplMsg::Ack { seq }).map_err(serr)?;
     tracing::info!(nodes = tree.len(), seq, "standby: following the primary");
     crate::emit(
         cfg.events.as_deref(),
         "store-standby-following",
         serde_json::json!({"component": "store", "nodes": tree.len(), "seq": seq}),
     );
-    // The log (and an installed snapshot) reach the disk in batches, on a
-    // thread of their own: the records' acknowledgements never wait for an
-    // fsync (the primary's own log has made each record durable already).
+    // The log (and the installed snapshot) reach the disk in batches, on a
+    // thread of their own: acknowledging a record never waits for an fsync
+    // (the primary's own log has made it durable already), and the
+    // takeover's sync below makes everything durable before serving.
     let syncing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let syncer = {
         let (on, log, dir) = (syncing.clone(), wal.log_file()?, cfg.data.clone());
@@ -147,12 +142,8 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
                 }
             }
             Ok(ReplMsg::Snapshot { bytes }) => {
-                // The primary found us diverged, or changed while we joined:
-                // start over from its copy, and say so.
+                // The primary found us diverged: start over from its copy.
                 tree = wal.install(&bytes)?;
-                if crate::repl::send(&mut s, &ReplMsg::Ack { seq: wal.seq() }).is_err() {
-                    break Instant::now();
-                }
                 crate::emit(
                     cfg.events.as_deref(),
                     "store-standby-resynced",
@@ -166,8 +157,7 @@ pub fn standby(cfg: &Config) -> Result<Started, StoreError> {
             Err(_) => break Instant::now(),
         }
     };
-    // Not joined: it may be asleep for up to 20 ms, and the takeover's own
-    // sync below makes everything durable anyway.
+    // Not joined: it may be asleep for up to 20 ms.
     syncing.store(false, Ordering::Relaxed);
     drop(syncer);
     if !crate::repl::exited(&primary, Duration::from_millis(200)) {
@@ -197,7 +187,6 @@ fn serve(cfg: &Config, wal: Wal, tree: Tree, replayed: u64, t: Instant) -> Resul
         writers: HashMap::new(),
         introduced: BTreeSet::new(),
         followers: Vec::new(),
-        recent: std::collections::VecDeque::new(),
         events: cfg.events.clone(),
         data: cfg.data.clone(),
     }));
@@ -223,9 +212,12 @@ fn serve(cfg: &Config, wal: Wal, tree: Tree, replayed: u64, t: Instant) -> Resul
                 if !matches!(crate::repl::recv(&mut f), Ok(ReplMsg::Hello)) {
                     continue;
                 }
-                match join(&sh, f) {
-                    Ok(()) => tracing::info!("store: a standby follows"),
-                    Err(e) => tracing::warn!("store: a standby could not join: {e}"),
+                let mut s = lock(&sh);
+                let sent = crate::repl::snapshot_of(&s.tree, s.wal.seq()).and_then(|m| crate::repl::send(&mut f, &m));
+                if sent.is_ok() {
+                    let _ = f.set_read_timeout(Some(Duration::from_secs(1)));
+                    s.followers.push(f);
+                    tracing::info!("store: a standby follows");
                 }
             }
         })
@@ -631,63 +623,13 @@ fn commit_changes(s: &mut Shared, p: &Pending) -> Result<(), XsError> {
     Ok(())
 }
 
-/// Records kept for a joining standby's catch-up.
-const RECENT: usize = 4096;
-
-/// Bring a new standby level with the tree before it is handed records.
-/// A freshly started standby takes tens of milliseconds to install its
-/// first snapshot (its process is cold); writes do not wait for that: the
-/// first snapshot is sent and acknowledged without the lock held. Then,
-/// under the lock, the records committed meanwhile (a snapshot again if
-/// they are no longer all kept), each acknowledged like any record.
-fn join(sh: &Mutex<Shared>, mut f: UnixStream) -> std::io::Result<()> {
-    let f = &mut f;
-    let _ = f.set_read_timeout(Some(Duration::from_secs(5)));
-    let acked = |f: &mut UnixStream, seq: u64| match crate::repl::recv(f)? {
-        ReplMsg::Ack { seq: a } if a == seq => Ok(()),
-        other => Err(std::io::Error::other(format!("standby answered {other:?} to snapshot {seq}"))),
-    };
-    let (first, seq) = {
-        let s = lock(sh);
-        (crate::repl::snapshot_of(&s.tree, s.wal.seq())?, s.wal.seq())
-    };
-    crate::repl::send(f, &first)?;
-    acked(f, seq)?;
-    // From here to the push, no record is committed: the lock is held.
-    let mut s = lock(sh);
-    let now = s.wal.seq();
-    let tail: Vec<(u64, Vec<u8>)> = s.recent.iter().filter(|(q, _)| *q > seq).cloned().collect();
-    if tail.len() as u64 == now - seq && tail.first().is_none_or(|(q, _)| *q == seq + 1) {
-        // The records since the snapshot, all sent, then each one's
-        // acknowledgement (one round trip, not one per record).
-        let seqs: Vec<u64> = tail.iter().map(|(q, _)| *q).collect();
-        for (q, payload) in tail {
-            crate::repl::send(f, &ReplMsg::Record { seq: q, payload })?;
-        }
-        for q in seqs {
-            acked(f, q)?;
-        }
-    } else {
-        crate::repl::send(f, &crate::repl::snapshot_of(&s.tree, now)?)?;
-        acked(f, now)?;
-    }
-    let _ = f.set_read_timeout(Some(Duration::from_secs(1)));
-    let f = f.try_clone()?;
-    s.followers.push(f);
-    Ok(())
-}
-
 /// Hand record `seq` to every standby and wait for each to take it; a
 /// standby that does not answer is dropped (the primary never waits long).
 fn replicate(s: &mut Shared, seq: u64, changes: &crate::tree::Changes) {
-    let Ok(payload) = bincode::serialize(changes) else { return };
-    s.recent.push_back((seq, payload.clone()));
-    while s.recent.len() > RECENT {
-        s.recent.pop_front();
-    }
     if s.followers.is_empty() {
         return;
     }
+    let Ok(payload) = bincode::serialize(changes) else { return };
     let msg = ReplMsg::Record { seq, payload };
     let events = s.events.clone();
     s.followers.retain_mut(|f| {
@@ -764,8 +706,7 @@ fn scrub(s: &mut Shared) -> serde_json::Value {
             }
             Some(ReplMsg::Checked { .. }) => {
                 standby.push("diverged: resynced");
-                let sent = crate::repl::snapshot_of(tree, seq).and_then(|m| crate::repl::send(f, &m));
-                sent.is_ok() && matches!(crate::repl::recv(f), Ok(ReplMsg::Ack { seq: a }) if a == seq)
+                crate::repl::snapshot_of(tree, seq).and_then(|m| crate::repl::send(f, &m)).is_ok()
             }
             _ => false,
         }
