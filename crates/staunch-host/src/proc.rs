@@ -54,6 +54,13 @@ pub fn open(id: Identity) -> Option<OwnedFd> {
     (start_time(id.pid) == Some(id.start) && alive(&fd)).then_some(fd)
 }
 
+/// SIGKILL the process a pidfd refers to (nothing if it is gone: a pidfd
+/// never reaches another process).
+pub fn pidfd_kill(fd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) with a pidfd we own and no siginfo.
+    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0) };
+}
+
 pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };

@@ -51,6 +51,14 @@ fn version_of(bin: &Path) -> Result<String, String> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot run it: {e}"))?;
+    // One that does not answer is killed after 10 s (by pidfd: its pid may
+    // have been reaped and reused by then).
+    if let Ok(fd) = proc::pidfd_open(c.id()) {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(10));
+            proc::pidfd_kill(&fd);
+        });
+    }
     let mut out = String::new();
     let _ = c.stdout.take().expect("piped").take(4096).read_to_string(&mut out);
     let out = out.trim().to_string();
@@ -65,6 +73,9 @@ pub struct Renewal {
     /// renewal, and changes only if the component was restarted).
     pub from: u32,
     pub leader: u32,
+    /// The serving process did not run `binary` when it began: an exec in
+    /// place shows as the same pid now running it.
+    pub exe_changes: bool,
     pub started: Instant,
     pub started_ms: u64,
     pub binary: PathBuf,
@@ -228,6 +239,7 @@ impl Supervisor {
         let c = self.comps.get_mut(id).expect("chosen from the components");
         let from = c.serving_pid();
         let leader = c.rec.leader.pid;
+        let exe_changes = !runs(from, &binary);
         c.renewing = true;
         let (action, done) = match c.rec.kind.clone() {
             Kind::Vmm { vm } => {
@@ -244,7 +256,7 @@ impl Supervisor {
                 let b = binary.clone();
                 (
                     "upgrade through its spare: the frontend keeps its connection",
-                    Some(spawn(move || backend(&ctl, &b, from, timeout))),
+                    Some(spawn(move || backend(&ctl, &b, from, exe_changes, timeout))),
                 )
             }
             Kind::Store { standby: true, .. } => {
@@ -269,6 +281,7 @@ impl Supervisor {
             why,
             from,
             leader,
+            exe_changes,
             started: Instant::now(),
             started_ms: wall_ms(),
             binary,
@@ -304,9 +317,11 @@ impl Supervisor {
         };
         // A VMM's first process stays as its keeper after handing over (it
         // does not touch the guest): the serving process is what counts.
+        let in_place = matches!(c.rec.kind, Kind::Blk { .. } | Kind::Net { .. })
+            && self.renewal.as_ref().is_some_and(|r| r.exe_changes && runs(from, &r.binary));
         let replaced = c.health == Health::Healthy
-            && c.serving_pid() != from
-            && (from == c.rec.leader.pid || !c.fds.iter().any(|(i, _)| i.pid == from));
+            && (in_place
+                || c.serving_pid() != from && (from == c.rec.leader.pid || !c.fds.iter().any(|(i, _)| i.pid == from)));
         // A VMM or backend restarted meanwhile (its renewal crashed it, or
         // something else did) was not renewed: it was repaired.
         let restarted = !matches!(c.rec.kind, Kind::Store { .. }) && c.rec.leader.pid != leader;
@@ -448,7 +463,7 @@ fn vmm(api: &Path, bin: &Path, from: u32, within: Duration) -> Result<(), String
 }
 
 /// Upgrade of a backend through its spare, to `bin`.
-fn backend(ctl: &Path, bin: &Path, from: u32, within: Duration) -> Result<(), String> {
+fn backend(ctl: &Path, bin: &Path, from: u32, exe_changes: bool, within: Duration) -> Result<(), String> {
     let mut s = std::os::unix::net::UnixStream::connect(ctl).map_err(|e| format!("{}: {e}", ctl.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     s.write_all(format!("upgrade {}\n", bin.display()).as_bytes()).map_err(|e| e.to_string())?;
@@ -457,5 +472,16 @@ fn backend(ctl: &Path, bin: &Path, from: u32, within: Duration) -> Result<(), St
     if !line.starts_with("ok") {
         return Err(format!("upgrade refused: {}", line.trim()));
     }
-    until_replaced(&Target::Backend(ctl.to_path_buf()), from, within, |_| None)
+    // With no upgraded spare ready in time the backend execs the new binary
+    // in place: the same pid, running `bin`, is a renewal too.
+    match until_replaced(&Target::Backend(ctl.to_path_buf()), from, within, |_| None) {
+        Err(_) if exe_changes && runs(from, bin) => Ok(()),
+        r => r,
+    }
+}
+
+/// Process `pid` runs the file `bin`.
+pub(crate) fn runs(pid: u32, bin: &Path) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    exe.is_some_and(|e| std::fs::canonicalize(bin).is_ok_and(|b| b == e))
 }
