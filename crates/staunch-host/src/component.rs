@@ -223,6 +223,12 @@ pub fn command(
             let p = VmPaths::new(cfg, vm);
             let d = def.expect("a VMM has its definition");
             let mut c = Command::new(bin);
+            if let Some(from) = &d.restore {
+                // The snapshot holds the VM's configuration (these same
+                // paths: it was saved by this VM's VMM).
+                c.args(["vmm", "restore", "--from"]).arg(from);
+                return (c, p.dir.join("vmm.log"), Some(Target::Vmm(p.api())));
+            }
             c.args(["vmm", "run", "--kernel"]).arg(&d.kernel);
             c.args(["--cmdline", &d.cmdline, "--mem", &d.memory.to_string(), "--vcpus", &d.vcpus.to_string()]);
             c.arg("--api-socket").arg(p.api()).arg("--events").arg(p.vmm_events());

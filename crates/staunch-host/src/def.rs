@@ -81,6 +81,11 @@ pub struct VmDef {
     pub on_poweroff: OnPoweroff,
     #[serde(default)]
     pub state: Desired,
+    /// Start the VMM from this snapshot file instead of the kernel (its
+    /// first boot only: a restart after that is a cold boot from the disks,
+    /// since the disks have moved on from the snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<PathBuf>,
 }
 
 fn d_mem() -> u64 {
@@ -132,6 +137,9 @@ impl VmDef {
         if self.vcpus == 0 || self.vcpus > 64 {
             return Err(err("vcpus", format!("{}: must be 1 to 64", self.vcpus)));
         }
+        if let Some(r) = self.restore.as_ref().filter(|r| !r.is_file()) {
+            return Err(err("restore", format!("{} is not a file", r.display())));
+        }
         for (i, d) in self.disk.iter().enumerate() {
             if !d.path.is_file() {
                 return Err(err(format!("disk/{i}/path"), format!("{} is not a file", d.path.display())));
@@ -159,6 +167,9 @@ impl VmDef {
         m.insert("vcpus".into(), self.vcpus.to_string());
         m.insert("on_poweroff".into(), word(&self.on_poweroff));
         m.insert("state".into(), word(&self.state));
+        if let Some(r) = &self.restore {
+            m.insert("restore".into(), r.display().to_string());
+        }
         for (i, d) in self.disk.iter().enumerate() {
             m.insert(format!("disk/{i}/path"), d.path.display().to_string());
             m.insert(format!("disk/{i}/readonly"), d.readonly.to_string());
@@ -190,13 +201,14 @@ impl VmDef {
             nic: Vec::new(),
             on_poweroff: enum_key(get("on_poweroff"), "on_poweroff")?.unwrap_or_default(),
             state: enum_key(get("state"), "state")?.unwrap_or_default(),
+            restore: get("restore").filter(|r| !r.is_empty()).map(PathBuf::from),
         };
         let mut disks: BTreeMap<usize, (Option<String>, bool)> = BTreeMap::new();
         let mut nics: BTreeMap<usize, NicDef> = BTreeMap::new();
         for (k, v) in keys {
             let parts: Vec<&str> = k.split('/').collect();
             match parts.as_slice() {
-                ["kernel" | "cmdline" | "memory" | "vcpus" | "on_poweroff" | "state"] => {}
+                ["kernel" | "cmdline" | "memory" | "vcpus" | "on_poweroff" | "state" | "restore"] => {}
                 // Directory nodes of the layout carry no value.
                 ["disk" | "nic"] | ["disk" | "nic", _] if v.is_empty() => {}
                 ["disk", i, field] => {

@@ -90,7 +90,10 @@ pub fn definitions(c: &mut Client) -> Result<Definitions> {
 /// (`EAGAIN` inside or at the end) and across a store failover, which
 /// resets the connection (the client reconnects), for up to 5 s. `body`
 /// returns None when it met a conflict (the attempt is aborted).
-fn in_transaction<T>(c: &mut Client, mut body: impl FnMut(&mut Client, u32) -> Result<Option<T>>) -> Result<T> {
+pub fn in_transaction<T, E: From<StoreIoError>>(
+    c: &mut Client,
+    mut body: impl FnMut(&mut Client, u32) -> std::result::Result<Option<T>, E>,
+) -> std::result::Result<T, E> {
     let t = Instant::now();
     loop {
         let tx = match c.transaction_start() {
@@ -100,7 +103,14 @@ fn in_transaction<T>(c: &mut Client, mut body: impl FnMut(&mut Client, u32) -> R
             }
             r => r.map_err(io("transaction"))?.map_err(|e| StoreIoError::Refused("transaction".into(), e))?,
         };
-        let v = body(c, tx)?;
+        let v = match body(c, tx) {
+            Ok(v) => v,
+            Err(e) => {
+                // Not left open on a connection that may be used again.
+                let _ = c.transaction_end(tx, false);
+                return Err(e);
+            }
+        };
         match c.transaction_end(tx, v.is_some()).map_err(io("transaction"))? {
             Ok(_) => {
                 if let Some(v) = v {
@@ -108,13 +118,13 @@ fn in_transaction<T>(c: &mut Client, mut body: impl FnMut(&mut Client, u32) -> R
                 }
             }
             Err(e) if e == "EAGAIN" => {}
-            Err(e) => return Err(StoreIoError::Refused("transaction".into(), e)),
+            Err(e) => return Err(StoreIoError::Refused("transaction".into(), e).into()),
         }
     }
 }
 
 /// Write `value` at `path` in transaction `tx`; false on a conflict.
-fn write_in(c: &mut Client, tx: u32, path: &str, value: &str) -> Result<bool> {
+pub fn write_in(c: &mut Client, tx: u32, path: &str, value: &str) -> Result<bool> {
     match c.write_value(tx, path, value.as_bytes()).map_err(io(path))? {
         Ok(_) => Ok(true),
         Err(e) if e == "EAGAIN" => Ok(false),

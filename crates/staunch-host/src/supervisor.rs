@@ -621,6 +621,14 @@ impl Supervisor {
         if let Some(p) = c.probe.take() {
             p.stop();
         }
+        if matches!(c.rec.kind, Kind::Vmm { .. })
+            && c.rec.boots > 0
+            && let Some(d) = c.rec.def.as_mut()
+        {
+            // A restored guest that is lost boots cold from its disks: its
+            // snapshot is older than they are.
+            d.restore = None;
+        }
         let (cmd, log, _) = command(&self.cfg, &self.bin, &c.rec.kind, c.rec.def.as_ref());
         if let Kind::Vmm { vm } = &c.rec.kind {
             let p = crate::component::VmPaths::new(&self.cfg, vm);

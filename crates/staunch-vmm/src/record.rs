@@ -167,7 +167,13 @@ pub const SNAP_MAGIC: [u8; 8] = *b"STNCHSNP";
 /// the kernel (copy_file_range) from the memfds; holes stay holes.
 pub fn write_snapshot(path: &std::path::Path, rec: &VmRecord, ram: &[&File]) -> Result<u64, RecordError> {
     let framed = encode(rec)?;
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
+    // Written beside its name and renamed into place once whole and synced:
+    // a file under the asked-for name is always a complete snapshot, even
+    // if this process dies halfway.
+    let mut part = path.as_os_str().to_owned();
+    part.push(".partial");
+    let part = std::path::PathBuf::from(part);
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&part)?;
     f.write_all(&SNAP_MAGIC)?;
     f.write_all(&VERSION.to_le_bytes())?;
     f.write_all(&(framed.len() as u64).to_le_bytes())?;
@@ -179,6 +185,10 @@ pub fn write_snapshot(path: &std::path::Path, rec: &VmRecord, ram: &[&File]) -> 
     }
     f.set_len(total)?;
     f.sync_all()?;
+    std::fs::rename(&part, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
     Ok(total)
 }
 

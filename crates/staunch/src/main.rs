@@ -79,6 +79,9 @@ enum Cmd {
     /// The host supervisor: runs the config store, and every VM's backends
     /// and VMM as the store's definitions say, and keeps them running.
     Host(hostcli::HostArgs),
+    /// The toolstack's REST API on a unix socket (docs/api.md): VMs, their
+    /// actions, host components, rolling upgrades, events, metrics.
+    Api(ApiArgs),
     /// A vhost-user-blk backend: serves a disk file to a VMM (Staunch's or
     /// QEMU's) from its own restartable process.
     Blk(backends::BlkArgs),
@@ -157,6 +160,22 @@ enum VmCmd {
     Failpoint { spec: String },
     #[command(flatten)]
     Host(hostcli::StoreVerb),
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    /// The host's configuration (the supervisor's host.toml).
+    #[arg(long, default_value = "/etc/staunch/host.toml")]
+    config: PathBuf,
+    /// Unix socket to serve (default: <run_dir>/api.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also serve on this TCP address (needs --token-file).
+    #[arg(long, requires = "token_file")]
+    listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token TCP clients must send.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -541,6 +560,14 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Campaign(a) => campaign::run(a),
         Cmd::Store(a) => store(a),
+        Cmd::Api(a) => staunch_api::run(staunch_api::Options {
+            config: a.config,
+            socket: a.socket,
+            listen: a.listen,
+            token_file: a.token_file,
+        })
+        .map(|()| 0)
+        .map_err(anyhow::Error::from),
         Cmd::Blk(a) => backends::blk(a),
         Cmd::Net(a) => backends::net(a),
         Cmd::NetPeer(a) => netpeer::run(a).map(|()| 0),
