@@ -100,6 +100,15 @@ impl Api {
         (code, if text.trim().is_empty() { Value::Null } else { j(&text) })
     }
 
+    /// Stop this process and start one armed with `crash`.
+    fn restart(&mut self, crash: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn(crash);
+    }
+
     /// Wait for the process to end (a failpoint's SIGKILL).
     fn died(&mut self) -> bool {
         let mut c = self.child.take().unwrap();
@@ -234,34 +243,61 @@ fn kvm_api_drives_a_vm_through_its_life() {
     assert!(ev.contains("event: operation-finished"), "{ev}");
 }
 
-/// A SIGKILL of the API inside and between an operation's phases: the
-/// next API process resumes it, and the host ends with exactly one VM.
+/// Start an operation with the API armed to SIGKILL itself at `point`,
+/// start a clean API, and return the operation once it ended.
+fn crash_op(h: &Host, api: &mut Api, point: &str, method: &str, path: &str, body: Value) -> Value {
+    api.restart(point);
+    let b = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+    let (code, text) = http(&api.sock, method, path, &[], &b);
+    assert_eq!(code, 202, "{point}: {text}");
+    let id = j(&text)["id"].as_str().unwrap().to_string();
+    assert!(api.died(), "{point}: the failpoint killed the API");
+    api.spawn("");
+    let done = api.op_done(&id, Duration::from_secs(120));
+    assert_eq!(done["status"], "succeeded", "{point}: {done}");
+    let resumed =
+        h.events().iter().filter(|e| e["event"] == "operation-resumed" && e["operation"] == id.as_str()).count();
+    assert_eq!(resumed, 1, "{point}: resumed once");
+    done
+}
+
+/// A SIGKILL of the API inside and between the phases of create,
+/// snapshot, restore and delete: the next API process resumes each
+/// operation once, and the host ends with exactly what the API says.
 #[test]
 fn kvm_api_resumes_an_operation_after_its_crash() {
     require_kvm();
     let h = Host::start("api-crash", "");
+    let mut api = Api::start(&h, "");
     for (i, point) in ["create.define.done", "create.wait-running"].iter().enumerate() {
-        let mut api = Api::start(&h, point);
         let name = format!("c{i}");
-        let (def, _) = blk_def(&h, &name, 2_000);
-        let body = json!({"name": name, "definition": def}).to_string();
-        let (code, text) = http(&api.sock, "POST", "/v1/vms", &[], body.as_bytes());
-        assert_eq!(code, 202, "{text}");
-        let id = j(&text)["id"].as_str().unwrap().to_string();
-        assert!(api.died(), "{point}: the failpoint killed the API");
-        api.spawn("");
-        let done = api.op_done(&id, Duration::from_secs(120));
-        assert_eq!(done["status"], "succeeded", "{point}: {done}");
+        let (def, _) = blk_def(&h, &name, WRITES);
+        let done = crash_op(&h, &mut api, point, "POST", "/v1/vms", json!({"name": name, "definition": def}));
         let phases: Vec<&str> =
             done["history"].as_array().unwrap().iter().map(|m| m["phase"].as_str().unwrap()).collect();
         assert!(phases.contains(&"wait-running"), "{phases:?}");
-        let resumed =
-            h.events().iter().filter(|e| e["event"] == "operation-resumed" && e["operation"] == id.as_str()).count();
-        assert_eq!(resumed, 1, "{point}: resumed once");
         let (_, vms) = api.call("GET", "/v1/vms", Value::Null);
         assert_eq!(vms["vms"].as_array().unwrap().iter().filter(|v| v["name"] == name.as_str()).count(), 1);
         assert_eq!(h.vm_state(&name), "running");
     }
+    h.progress("c0");
+    // Killed after the VMM saved (the file is whole) and before the phase
+    // was recorded: the next process sees the file and does not save again.
+    crash_op(&h, &mut api, "snapshot.save.done", "POST", "/v1/vms/c0/snapshot", json!({"path": "s"}));
+    assert!(h.run.join("snapshots/c0/s").is_file());
+    let saved = staunch_events::read(&h.run.join("vm/c0/vmm-events.jsonl"));
+    assert_eq!(saved.iter().filter(|e| e["event"] == "snapshot").count(), 1, "saved once, not again on resumption");
+    h.wait("c0 stopped", Duration::from_secs(30), |h| h.vm_state("c0") == "stopped");
+    let reports = h.reports("c0");
+    crash_op(&h, &mut api, "restore.wait-running", "POST", "/v1/vms/c0/restore", json!({"path": "s"}));
+    h.wait("the restored guest's reports", Duration::from_secs(90), |h| h.reports("c0") > reports);
+    crash_op(&h, &mut api, "delete.undefine", "DELETE", "/v1/vms/c1", Value::Null);
+    crash_op(&h, &mut api, "delete.wait-gone", "DELETE", "/v1/vms/c0", Value::Null);
+    let (_, vms) = api.call("GET", "/v1/vms", Value::Null);
+    assert_eq!(vms["vms"], json!([]), "both VMs are gone");
+    h.wait("no component of c0 or c1", Duration::from_secs(30), |h| !h.status().to_string().contains("vm/c"));
+    let (_, ops) = api.call("GET", "/v1/operations", Value::Null);
+    assert!(ops["operations"].as_array().unwrap().iter().all(|o| o["status"] == "succeeded"), "{ops}");
 }
 
 /// Bad input: a JSON error with a stable code and no change to the host.
